@@ -1,0 +1,49 @@
+"""tensormoe: multilinear mixture-of-experts layers over factorized weight tensors.
+
+The weights of all experts form one tensor ``W[N_1, ..., N_H, I, O]`` held as a
+CP, Tucker, TT or TR factorization and never built; the forward pass is one
+contraction planned once by opt_einsum.  The same code runs on NumPy, PyTorch
+and JAX, chosen by one flag (:func:`set_backend`, :func:`backend_context`, or the
+``TENSORMOE_BACKEND`` environment variable).
+
+Importing tensormoe imports neither PyTorch nor JAX.
+"""
+
+from .backend import (
+    BackendNotAvailableError,
+    available_backends,
+    backend_context,
+    get_backend,
+    set_backend,
+)
+from .contraction import Plan, get_plan
+from .factorizations import CP, TR, TT, Factorization, Tucker
+from .gates import entmax15, layer_norm, softmax, sparsemax
+from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CP",
+    "CPMMoE",
+    "TR",
+    "TRMMoE",
+    "TT",
+    "TTMMoE",
+    "BackendNotAvailableError",
+    "Factorization",
+    "MMoE",
+    "Plan",
+    "Tucker",
+    "TuckerMMoE",
+    "available_backends",
+    "backend_context",
+    "convert_params",
+    "entmax15",
+    "get_backend",
+    "get_plan",
+    "layer_norm",
+    "set_backend",
+    "softmax",
+    "sparsemax",
+]

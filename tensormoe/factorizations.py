@@ -1,0 +1,504 @@
+"""Factorized weight tensors: CP, Tucker, tensor-train (TT) and tensor-ring (TR).
+
+A factorization describes the weight tensor of all experts,
+``W[n_1, ..., n_H, i, o]``, as a small tensor network.  Each class here holds,
+in one place, everything about its format:
+
+* the shapes of its parameters and the validation of its ranks;
+* the tensor network itself — which index letters each parameter carries — from
+  which the forward equation, the per-expert slice and the accounting derive;
+* an initialisation with a controlled standard deviation of the reconstructed
+  tensor;
+* the reconstruction of the dense tensor through TensorLy (the reference that
+  tests compare with; never used on the forward path).
+
+Modes are ordered ``[N_1, ..., N_H, I, O]``: ``H`` expert modes, then the input
+mode (``in_dim + 1`` when the layer has a bias) and the output mode.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import opt_einsum
+
+from .backend import tensorly_backend
+
+__all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_positive_int(value: Any, argument: str) -> int:
+    """Return ``value`` as an ``int`` or raise naming ``argument``."""
+    if not _is_int(value):
+        raise TypeError(f"{argument} must be a positive integer; got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{argument} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def check_int_sequence(value: Any, argument: str) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{argument} must be an integer or a sequence of integers; got {value!r}")
+    return [check_positive_int(v, f"{argument}[{k}]") for k, v in enumerate(value)]
+
+
+class Factorization:
+    """A factorized weight tensor format (abstract base).
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Mode sizes ``[N_1, ..., N_H, I, O]``.
+    n_experts_modes : int
+        ``H``, the number of leading expert modes.
+
+    Attributes
+    ----------
+    name : str
+        ``"cp"``, ``"tucker"``, ``"tt"`` or ``"tr"``.
+    dims : tuple of int
+        The mode sizes.
+    n_expert_modes : int
+        The number of expert modes ``H``.
+
+    Examples
+    --------
+    >>> f = CP([4, 3, 2], rank=5, n_expert_modes=1)
+    >>> f.param_shapes()
+    {'factor_0': (4, 5), 'factor_1': (3, 5), 'factor_2': (2, 5)}
+    """
+
+    name: str = ""
+    #: how many of the parameters are not expert factors (used by the init)
+    _n_free: int = 2
+
+    def __init__(self, dims: Sequence[int], n_expert_modes: int) -> None:
+        self.dims = tuple(check_positive_int(d, f"dims[{k}]") for k, d in enumerate(dims))
+        self.n_expert_modes = check_positive_int(n_expert_modes, "n_expert_modes")
+        if len(self.dims) != self.n_expert_modes + 2:
+            raise ValueError(f"dims must have n_expert_modes + 2 = {self.n_expert_modes + 2} entries; got {len(self.dims)}")
+
+    # -- the network ---------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        """Number of modes ``d = H + 2``."""
+        return len(self.dims)
+
+    def mode_symbol(self, k: int) -> str:
+        """The einsum letter of mode ``k``."""
+        return opt_einsum.get_symbol(1 + k)
+
+    def rank_symbol(self, k: int) -> str:
+        """The einsum letter of rank index ``k``."""
+        return opt_einsum.get_symbol(1 + self.order + k)
+
+    #: the einsum letter of the batch index
+    batch_symbol = opt_einsum.get_symbol(0)
+
+    def network(self) -> dict[str, str]:
+        """Map each parameter name to the einsum letters of its axes."""
+        raise NotImplementedError
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each parameter, by name, in the order of :meth:`network`."""
+        raise NotImplementedError
+
+    def forward_equation(self) -> str:
+        """Einsum equation of the forward pass.
+
+        Operands: the ``H`` coefficient matrices ``a_h[b, N_h]``, the input
+        ``x[b, I]``, then the parameters in :meth:`network` order; result ``y[b, O]``.
+        """
+        b = self.batch_symbol
+        terms = [b + self.mode_symbol(k) for k in range(self.n_expert_modes + 1)]
+        terms += list(self.network().values())
+        return ",".join(terms) + "->" + b + self.mode_symbol(self.order - 1)
+
+    def dense_equation(self) -> str:
+        """Einsum equation of the forward pass through the dense tensor ``W``.
+
+        Operands: the ``H`` coefficient matrices, the input and ``W``.
+        """
+        b = self.batch_symbol
+        modes = "".join(self.mode_symbol(k) for k in range(self.order))
+        terms = [b + self.mode_symbol(k) for k in range(self.n_expert_modes + 1)] + [modes]
+        return ",".join(terms) + "->" + b + self.mode_symbol(self.order - 1)
+
+    def slice_equation(self) -> str:
+        """Einsum equation of one expert's ``[I, O]`` matrix from the sliced parameters."""
+        expert = {self.mode_symbol(k) for k in range(self.n_expert_modes)}
+        terms = ["".join(c for c in letters if c not in expert) for letters in self.network().values()]
+        return ",".join(terms) + "->" + self.mode_symbol(self.order - 2) + self.mode_symbol(self.order - 1)
+
+    def slice_params(self, params: Mapping[str, Any], index: Sequence[int]) -> list[Any]:
+        """Parameters with each expert mode fixed at ``index`` (operands of :meth:`slice_equation`)."""
+        fixed = {self.mode_symbol(k): int(n) for k, n in enumerate(index)}
+        out = []
+        for name, letters in self.network().items():
+            sl = tuple(fixed.get(c, slice(None)) for c in letters)
+            out.append(params[name][sl])
+        return out
+
+    # -- counting ------------------------------------------------------------------
+    def n_params(self) -> int:
+        """Number of scalars in the factors.
+
+        Examples
+        --------
+        >>> CP([4, 3, 2], rank=5, n_expert_modes=1).n_params()
+        45
+        """
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    # -- initialisation ------------------------------------------------------------
+    def _paths(self) -> int:
+        """Number of rank-index combinations that contribute to one entry at init."""
+        raise NotImplementedError
+
+    def _expert_init(self, rng: np.random.Generator, level: int, shape: tuple[int, ...]) -> np.ndarray:
+        # first level N(1, 1), later levels exactly one: all experts start close to
+        # one shared map, later levels have no effect at init (reference scheme).
+        if level == 0:
+            return rng.normal(1.0, 1.0, size=shape)
+        return np.ones(shape)
+
+    def init(self, rng: np.random.Generator, std: float) -> dict[str, np.ndarray]:
+        """Draw float64 parameters whose reconstructed tensor has entry std ``std``.
+
+        Expert factors start as ``1 + N(0, 1)`` on the first level and exactly one
+        on later levels, so experts begin correlated (correlation 1/2) around a
+        shared map; every other factor is zero-mean normal with the common std
+        ``s`` that makes ``Var(W) = std**2``:
+        ``s = (std**2 / (2 * paths)) ** (1 / (2 * K))`` with ``K`` free factors.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> f = CP([64, 65, 64], rank=32, n_expert_modes=1)
+        >>> p = f.init(np.random.default_rng(0), std=0.1)
+        >>> 0.08 < float(np.std(f.to_dense(p))) < 0.12
+        True
+        """
+        std = float(std)
+        s = (std**2 / (2.0 * self._paths())) ** (1.0 / (2 * self._n_free))
+        params = {}
+        for name, shape in self.param_shapes().items():
+            level = self._expert_level(name)
+            params[name] = self._expert_init(rng, level, shape) if level is not None else rng.normal(0.0, s, size=shape)
+        return params
+
+    def _expert_level(self, name: str) -> int | None:
+        if name.startswith("factor_"):
+            k = int(name.split("_")[1])
+            return k if k < self.n_expert_modes else None
+        return None
+
+    # -- reconstruction ------------------------------------------------------------
+    def to_tensorly(self, params: Mapping[str, Any]) -> Any:
+        """The TensorLy factorized tensor holding ``params`` (no copy)."""
+        raise NotImplementedError
+
+    def _to_tensor(self, tensor: Any) -> Any:
+        raise NotImplementedError
+
+    def to_dense(self, params: Mapping[str, Any]) -> Any:
+        """Reconstruct the full tensor ``W`` with TensorLy on the current backend.
+
+        This builds ``prod(dims)`` elements: for tests and small layers only.
+        """
+        with tensorly_backend():
+            return self._to_tensor(self.to_tensorly(params))
+
+    def describe_ranks(self) -> Any:
+        """The validated ranks in the format's own convention."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dims={list(self.dims)}, ranks={self.describe_ranks()!r})"
+
+
+class CP(Factorization):
+    """CP (CANDECOMP/PARAFAC): ``W = sum_r U_1[:, r] o ... o U_d[:, r]``.
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Mode sizes ``[N_1, ..., N_H, I, O]``.
+    rank : int
+        The CP rank ``R``.
+    n_expert_modes : int
+        ``H``.
+
+    Examples
+    --------
+    >>> CP([8, 5, 6], rank=3, n_expert_modes=1).forward_equation()
+    'ab,ac,be,ce,de->ad'
+    """
+
+    name = "cp"
+
+    def __init__(self, dims: Sequence[int], rank: int, n_expert_modes: int) -> None:
+        super().__init__(dims, n_expert_modes)
+        self.rank = check_positive_int(rank, "rank")
+
+    def describe_ranks(self) -> int:
+        return self.rank
+
+    def network(self) -> dict[str, str]:
+        r = self.rank_symbol(0)
+        return {f"factor_{k}": self.mode_symbol(k) + r for k in range(self.order)}
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f"factor_{k}": (d, self.rank) for k, d in enumerate(self.dims)}
+
+    def _paths(self) -> int:
+        return self.rank
+
+    def to_tensorly(self, params: Mapping[str, Any]) -> Any:
+        from tensorly.cp_tensor import CPTensor
+
+        return CPTensor((None, [params[f"factor_{k}"] for k in range(self.order)]))
+
+    def _to_tensor(self, tensor: Any) -> Any:
+        import tensorly as tl
+
+        return tl.cp_to_tensor(tensor)
+
+
+class Tucker(Factorization):
+    """Tucker: ``W = G x_1 U_1 x_2 ... x_d U_d`` with a core ``G[R_1, ..., R_d]``.
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Mode sizes ``[N_1, ..., N_H, I, O]``.
+    ranks : int or sequence of int
+        One rank per mode; an integer is used for every mode and clipped to each
+        mode's size.  An explicit rank above its mode size is an error.
+    n_expert_modes : int
+        ``H``.
+
+    Examples
+    --------
+    >>> Tucker([8, 5, 6], ranks=4, n_expert_modes=1).ranks
+    (4, 4, 4)
+    >>> Tucker([2, 5, 6], ranks=4, n_expert_modes=1).ranks
+    (2, 4, 4)
+    """
+
+    name = "tucker"
+    _n_free = 3
+
+    def __init__(self, dims: Sequence[int], ranks: int | Sequence[int], n_expert_modes: int) -> None:
+        super().__init__(dims, n_expert_modes)
+        if _is_int(ranks):
+            r = check_positive_int(ranks, "ranks")
+            self.ranks = tuple(min(r, d) for d in self.dims)
+        else:
+            values = check_int_sequence(ranks, "ranks")
+            if len(values) != self.order:
+                raise ValueError(
+                    f"ranks must have one entry per mode ({self.order}: {self.n_expert_modes} expert modes, "
+                    f"input, output); got {len(values)} entries {values!r}"
+                )
+            for k, (r, d) in enumerate(zip(values, self.dims)):
+                if r > d:
+                    raise ValueError(f"ranks[{k}]={r} exceeds the size {d} of mode {k}; expected at most {d}")
+            self.ranks = tuple(values)
+
+    def describe_ranks(self) -> list[int]:
+        return list(self.ranks)
+
+    def network(self) -> dict[str, str]:
+        net = {f"factor_{k}": self.mode_symbol(k) + self.rank_symbol(k) for k in range(self.order)}
+        net["core"] = "".join(self.rank_symbol(k) for k in range(self.order))
+        return net
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {f"factor_{k}": (d, r) for k, (d, r) in enumerate(zip(self.dims, self.ranks))}
+        shapes["core"] = tuple(self.ranks)
+        return shapes
+
+    def _paths(self) -> int:
+        return math.prod(self.ranks)
+
+    def to_tensorly(self, params: Mapping[str, Any]) -> Any:
+        from tensorly.tucker_tensor import TuckerTensor
+
+        return TuckerTensor((params["core"], [params[f"factor_{k}"] for k in range(self.order)]))
+
+    def _to_tensor(self, tensor: Any) -> Any:
+        import tensorly as tl
+
+        return tl.tucker_to_tensor(tensor)
+
+
+class _Chain(Factorization):
+    """Shared logic of TT and TR: cores ``G_k[r_k, d_k, r_{k+1}]`` with ``r_d = r_0``."""
+
+    _ring = False
+
+    def __init__(self, dims: Sequence[int], ranks: Any, n_expert_modes: int) -> None:
+        super().__init__(dims, n_expert_modes)
+        d = self.order
+        if _is_int(ranks):
+            r = check_positive_int(ranks, "ranks")
+            bonds = [r] * (d + 1)
+            if not self._ring:
+                bonds[0] = bonds[-1] = 1
+        elif isinstance(ranks, Sequence) and not isinstance(ranks, (str, bytes)) and ranks and all(
+            isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in ranks
+        ):
+            bonds = self._bonds_from_core_shapes(ranks)
+        else:
+            values = check_int_sequence(ranks, "ranks")
+            if len(values) == d + 1:
+                bonds = values
+            elif len(values) == d - 1 and not self._ring:
+                bonds = [1, *values, 1]
+            elif len(values) == d and self._ring:
+                bonds = [*values, values[0]]
+            else:
+                allowed = f"{d + 1} (all bonds r_0..r_{d})" + (
+                    f" or {d - 1} (inner bonds)" if not self._ring else f" or {d} (r_0..r_{d - 1}, closing on r_0)"
+                )
+                raise ValueError(
+                    f"ranks must be an integer or a list of {allowed} bond ranks for {d} modes; "
+                    f"got {len(values)} entries {values!r}"
+                )
+        self._check_boundary(bonds)
+        self.bonds = tuple(bonds)
+
+    def _bonds_from_core_shapes(self, shapes: Sequence[Sequence[Any]]) -> list[int]:
+        d = self.order
+        if len(shapes) != d:
+            raise ValueError(f"ranks given as core shapes must list {d} cores [r_k, n_k, r_k+1]; got {len(shapes)}")
+        bonds: list[int] = []
+        for k, shape in enumerate(shapes):
+            values = check_int_sequence(shape, f"ranks[{k}]")
+            if len(values) != 3:
+                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {list(shape)!r}")
+            if k and values[0] != bonds[-1]:
+                raise ValueError(f"ranks[{k}][0]={values[0]} must equal ranks[{k - 1}][2]={bonds[-1]} (shared bond)")
+            if values[1] not in self._accepted_sizes(k):
+                raise ValueError(f"ranks[{k}][1]={values[1]} must equal the size {self.dims[k]} of mode {k}")
+            bonds.extend(values[0::2] if not k else values[2:])
+        return bonds
+
+    def _accepted_sizes(self, k: int) -> tuple[int, ...]:
+        # the input mode carries the bias row: in_dim is accepted there as well
+        if k == self.order - 2:
+            return (self.dims[k], self.dims[k] - 1)
+        return (self.dims[k],)
+
+    def _check_boundary(self, bonds: list[int]) -> None:
+        raise NotImplementedError
+
+    def describe_ranks(self) -> list[int]:
+        return list(self.bonds)
+
+    def network(self) -> dict[str, str]:
+        d = self.order
+        bond = [self.rank_symbol(k) for k in range(d)] + [self.rank_symbol(0)]
+        return {f"factor_{k}": bond[k] + self.mode_symbol(k) + bond[k + 1] for k in range(d)}
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f"factor_{k}": (self.bonds[k], n, self.bonds[k + 1]) for k, n in enumerate(self.dims)}
+
+    def _paths(self) -> int:
+        h = self.n_expert_modes
+        return min(self.bonds[: h + 1]) * self.bonds[h + 1]
+
+    def _expert_init(self, rng: np.random.Generator, level: int, shape: tuple[int, ...]) -> np.ndarray:
+        # identity-like slices: expert cores keep one bond index alive along the chain
+        eye = np.eye(shape[0], shape[2])[:, None, :]
+        return eye * super()._expert_init(rng, level, shape)
+
+
+class TT(_Chain):
+    """Tensor train: cores ``G_k[r_k, d_k, r_{k+1}]`` with boundary ranks ``r_0 = r_d = 1``.
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Mode sizes ``[N_1, ..., N_H, I, O]``.
+    ranks : int, sequence of int, or sequence of core shapes
+        An integer for every inner bond; ``d + 1`` bond ranks ``[1, r_1, ..., 1]``;
+        the ``d - 1`` inner ones; or the reference style list of core shapes
+        ``[[1, N, r_1], [r_1, I, r_2], [r_2, O, 1]]``.
+    n_expert_modes : int
+        ``H``.
+
+    Examples
+    --------
+    >>> TT([8, 5, 6], ranks=3, n_expert_modes=1).bonds
+    (1, 3, 3, 1)
+    """
+
+    name = "tt"
+
+    def _check_boundary(self, bonds: list[int]) -> None:
+        if bonds[0] != 1 or bonds[-1] != 1:
+            raise ValueError(
+                f"TT boundary ranks must be 1; got r_0={bonds[0]} and r_{len(bonds) - 1}={bonds[-1]} "
+                "(use TRMMoE for a ring with boundary rank > 1)"
+            )
+
+    def to_tensorly(self, params: Mapping[str, Any]) -> Any:
+        from tensorly.tt_tensor import TTTensor
+
+        return TTTensor([params[f"factor_{k}"] for k in range(self.order)])
+
+    def _to_tensor(self, tensor: Any) -> Any:
+        import tensorly as tl
+
+        return tl.tt_to_tensor(tensor)
+
+
+class TR(_Chain):
+    """Tensor ring: cores ``G_k[r_k, d_k, r_{k+1}]`` closing on ``r_d = r_0``.
+
+    Parameters
+    ----------
+    dims : sequence of int
+        Mode sizes ``[N_1, ..., N_H, I, O]``.
+    ranks : int, sequence of int, or sequence of core shapes
+        An integer for every bond; ``d + 1`` bond ranks with ``r_0 = r_d``; ``d``
+        bond ranks ``r_0..r_{d-1}``; or a list of core shapes.
+    n_expert_modes : int
+        ``H``.
+
+    Examples
+    --------
+    >>> TR([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).bonds
+    (2, 3, 4, 2)
+    """
+
+    name = "tr"
+    _ring = True
+
+    def _check_boundary(self, bonds: list[int]) -> None:
+        if bonds[0] != bonds[-1]:
+            raise ValueError(f"TR boundary ranks must be equal (r_0 = r_d); got r_0={bonds[0]} and r_d={bonds[-1]}")
+
+    def to_tensorly(self, params: Mapping[str, Any]) -> Any:
+        from tensorly.tr_tensor import TRTensor
+
+        return TRTensor([params[f"factor_{k}"] for k in range(self.order)])
+
+    def _to_tensor(self, tensor: Any) -> Any:
+        import tensorly as tl
+
+        return tl.tr_to_tensor(tensor)
+
+
+#: Factorization classes by name.
+FACTORIZATIONS: dict[str, type[Factorization]] = {"cp": CP, "tucker": Tucker, "tt": TT, "tr": TR}

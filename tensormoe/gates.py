@@ -1,0 +1,107 @@
+"""Gate activations: expert coefficients from logits, written once for every backend.
+
+Each activation maps logits ``z[..., N]`` to coefficients on the probability
+simplex (non-negative, summing to one over the last axis):
+
+* :func:`softmax` — dense, ``exp(z) / sum(exp(z))``;
+* :func:`entmax15` — 1.5-entmax (Peters, Niculae & Martins 2019), sparse, the
+  reference MMoE's default, computed exactly by sorting;
+* :func:`sparsemax` — Euclidean projection onto the simplex (Martins & Astudillo 2016).
+
+All three subtract the row maximum first, so large logits neither overflow nor
+lose the support.  :func:`layer_norm` is the optional normalisation of the
+logits before the activation (LayerNorm without affine parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .ops import Ops, get_ops
+
+__all__ = ["ACTIVATIONS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
+
+
+def softmax(z: Any, ops: Ops | None = None) -> Any:
+    """Softmax over the last axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmax(np.array([0.0, 0.0])).tolist()
+    [0.5, 0.5]
+    """
+    ops = ops or get_ops()
+    e = ops.exp(z - ops.max(z))
+    return e / ops.sum(e)
+
+
+def _sorted_support(z: Any, ops: Ops) -> tuple[Any, Any]:
+    """Logits sorted in descending order and the ranks ``1..N`` in their dtype."""
+    return ops.sort_descending(z), ops.arange_like(z, 1, z.shape[-1] + 1)
+
+
+def entmax15(z: Any, ops: Ops | None = None) -> Any:
+    """1.5-entmax over the last axis: ``p = relu(z/2 - tau)**2`` with ``sum(p) = 1``.
+
+    The threshold ``tau`` is found exactly from the sorted logits; coefficients of
+    experts below it are exactly zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> entmax15(np.array([0.0, 0.0])).round(6).tolist()
+    [0.5, 0.5]
+    >>> entmax15(np.array([10.0, 0.0])).round(6).tolist()
+    [1.0, 0.0]
+    """
+    ops = ops or get_ops()
+    z = (z - ops.max(z)) / 2
+    zs, k = _sorted_support(z, ops)
+    mean = ops.cumsum(zs) / k
+    mean_sq = ops.cumsum(zs * zs) / k
+    ss = k * (mean_sq - mean * mean)
+    delta = ops.relu((1 - ss) / k)
+    tau = mean - ops.sqrt(delta)
+    support = ops.count_true(tau <= zs)
+    tau_star = ops.take_last(tau, support - 1)
+    p = ops.relu(z - tau_star)
+    return p * p
+
+
+def sparsemax(z: Any, ops: Ops | None = None) -> Any:
+    """Sparsemax over the last axis: the Euclidean projection of ``z`` onto the simplex.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sparsemax(np.array([0.5, 0.0, -3.0])).tolist()
+    [0.75, 0.25, 0.0]
+    """
+    ops = ops or get_ops()
+    z = z - ops.max(z)
+    zs, k = _sorted_support(z, ops)
+    cs = ops.cumsum(zs)
+    support = ops.count_true(1 + k * zs > cs)
+    tau = (ops.take_last(cs, support - 1) - 1) / support
+    return ops.relu(z - tau)
+
+
+def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
+    """Normalise the last axis to zero mean and unit variance (LayerNorm without affine).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> [round(v, 3) for v in layer_norm(np.array([1.0, 3.0])).tolist()]
+    [-1.0, 1.0]
+    """
+    ops = ops or get_ops()
+    centred = z - ops.mean(z)
+    return centred / ops.sqrt(ops.mean(centred * centred) + eps)
+
+
+#: Gate activations by name.
+ACTIVATIONS = {"softmax": softmax, "entmax15": entmax15, "sparsemax": sparsemax}
+#: Logit normalisations by name (``None`` for none).
+NORMS = {None: None, "layernorm": layer_norm}

@@ -1,0 +1,45 @@
+"""Helpers shared by the tests: installed backends, conversion, rounding tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import tensormoe
+from tensormoe.ops import get_ops, ops_for_array
+
+#: Backends whose framework is installed here.
+BACKENDS = tensormoe.available_backends()
+
+
+def to_numpy(x):
+    """Any backend's array as a float64 NumPy array."""
+    name = ops_for_array(x)
+    return get_ops(name).to_numpy(x).astype(np.float64) if name else np.asarray(x, dtype=np.float64)
+
+
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+
+
+def rounding_tolerance(layer, params_np, x_np, coeffs_np, dtype="float32"):
+    """Elementwise bound on the rounding difference of two evaluations of the layer.
+
+    Both the factorized and the dense forward compute the same multilinear
+    polynomial in the operands, only summing its terms in another order.  For a
+    sum of products evaluated in floating point, the error is at most
+    ``n * eps * sum(|terms|)`` (first order), where ``n`` bounds the number of
+    roundings on any term's way to the result.  ``sum(|terms|)`` is the same
+    contraction over absolute values, computed here in float64; ``n`` is bounded by
+    the total length of all contracted axes plus the number of operands, and the
+    factor 2 covers the two evaluations being compared.
+    """
+    f = layer.factorization
+    import opt_einsum
+
+    ops_abs = [np.abs(a) for a in coeffs_np]
+    x_abs = np.abs(x_np)
+    if layer.bias:
+        x_abs = np.concatenate([x_abs, np.ones((*x_abs.shape[:-1], 1))], axis=-1)
+    operands = [*ops_abs, x_abs] + [np.abs(params_np[n]) for n in f.network()]
+    bound = opt_einsum.contract(f.forward_equation(), *operands)
+    n_round = sum(f.dims) + sum(s for shape in f.param_shapes().values() for s in shape) + len(operands)
+    return 2 * n_round * EPS[dtype] * bound + np.finfo(np.float64).tiny
