@@ -23,6 +23,7 @@ __all__ = [
     "OPTIMIZERS",
     "Plan",
     "cache_info",
+    "check_optimizer",
     "clear_cache",
     "contract",
     "get_plan",
@@ -88,7 +89,13 @@ class _Cache:
 _cache = _Cache(_MAX_PLANS)
 
 
-def _check_optimizer(optimize: Any) -> None:
+def check_optimizer(optimize: Any) -> None:
+    """Raise unless ``optimize`` names a path optimizer opt_einsum (or cotengra) knows.
+
+    Examples
+    --------
+    >>> check_optimizer("greedy")
+    """
     if not isinstance(optimize, str):
         raise TypeError(
             f"optimize must be the name of a path optimizer, e.g. one of {list(OPTIMIZERS)}; "
@@ -149,7 +156,7 @@ def get_plan(
             _cache.data.move_to_end(key)
             _cache.hits += 1
             return plan
-    _check_optimizer(optimize)
+    check_optimizer(optimize)
     path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
     expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
     plan = Plan(

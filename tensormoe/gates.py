@@ -36,6 +36,17 @@ def softmax(z: Any, ops: Ops | None = None) -> Any:
     return e / ops.sum(e)
 
 
+def _shifted(z: Any, ops: Ops, scale: float) -> Any:
+    """``scale * (z - max z)`` clipped below at -2.
+
+    For sparsemax and 1.5-entmax the threshold satisfies ``tau >= max - 1``, so
+    entries below ``-1`` are never in the support; clipping them at ``-2`` leaves
+    the result unchanged and keeps the squares and cumulative sums below finite
+    for any logits (no ``inf - inf``).
+    """
+    return ops.clip_min((z - ops.max(z)) * scale, -2.0)
+
+
 def _sorted_support(z: Any, ops: Ops) -> tuple[Any, Any]:
     """Logits sorted in descending order and the ranks ``1..N`` in their dtype."""
     return ops.sort_descending(z), ops.arange_like(z, 1, z.shape[-1] + 1)
@@ -56,7 +67,7 @@ def entmax15(z: Any, ops: Ops | None = None) -> Any:
     [1.0, 0.0]
     """
     ops = ops or get_ops()
-    z = (z - ops.max(z)) / 2
+    z = _shifted(z, ops, 0.5)
     zs, k = _sorted_support(z, ops)
     mean = ops.cumsum(zs) / k
     mean_sq = ops.cumsum(zs * zs) / k
@@ -79,7 +90,7 @@ def sparsemax(z: Any, ops: Ops | None = None) -> Any:
     [0.75, 0.25, 0.0]
     """
     ops = ops or get_ops()
-    z = z - ops.max(z)
+    z = _shifted(z, ops, 1.0)
     zs, k = _sorted_support(z, ops)
     cs = ops.cumsum(zs)
     support = ops.count_true(1 + k * zs > cs)

@@ -17,6 +17,7 @@ dense weight tensor ``W`` (:meth:`MMoE.dense_forward`).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import gates as _gates
 from .backend import get_backend
-from .contraction import Plan, get_plan
+from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
 from .ops import Ops, get_ops, ops_for_array
 
@@ -171,8 +172,7 @@ class MMoE:
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
         self.seed = int(seed)
-        if not isinstance(optimize, str):
-            raise TypeError(f"optimize must be the name of an opt_einsum path optimizer; got {optimize!r}")
+        check_optimizer(optimize)
         self.optimize = optimize
         self.factorization = self._make_factorization(
             (*self.expert_dims, self.in_dim + int(self.bias), self.out_dim)
@@ -180,6 +180,7 @@ class MMoE:
         self._params: dict[str, Any] = {}
         self._params_backend = ""
         self._converted: dict[str, dict[str, Any]] = {}
+        self._compiled: dict[tuple[str, str], Any] = {}
         self.params = self.init(self.seed)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
@@ -207,6 +208,28 @@ class MMoE:
         first = next(iter(self._params.values()))
         self._params_backend = ops_for_array(first) or get_backend()
         self._converted = {}
+
+    @property
+    def n_params(self) -> int:
+        """Number of trainable scalars: factors (and core) plus gates.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).n_params
+        50
+        """
+        return sum(math.prod(shape) for shape in self.param_shapes().values())
+
+    @property
+    def n_dense_params(self) -> int:
+        """Number of entries of the dense weight tensor ``W`` the factors stand for.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).n_dense_params
+        75
+        """
+        return math.prod(self.factorization.dims)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every parameter: factors (and core), then the gates.
@@ -318,11 +341,19 @@ class MMoE:
                 raise ValueError(
                     f"coefficients[{h}] must have shape {[*batch, n]} to match x; got {list(a.shape)}"
                 )
-            out.append(ops.reshape(a, (math.prod(batch), n)))
+            out.append(a)
         return out
 
     # -- forward ------------------------------------------------------------------
-    def _gate(self, params: Mapping[str, Any], x2: Any, ops: Ops) -> list[Any]:
+    def _run(self, method: str, ops: Ops, *args: Any) -> Any:
+        """Call ``method`` through the backend's compiler (``jax.jit`` on JAX), cached per layer."""
+        key = (method, ops.name)
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = ops.compile(functools.partial(getattr(self, method), ops))
+        return fn(*args)
+
+    def _gate(self, ops: Ops, params: Mapping[str, Any], x2: Any) -> list[Any]:
         activation = _gates.ACTIVATIONS[self.gate]
         norm = _gates.NORMS[self.gate_norm]
         out = []
@@ -332,6 +363,48 @@ class MMoE:
                 logits = norm(logits, ops=ops)
             out.append(activation(logits, ops=ops))
         return out
+
+    def _flat(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> tuple[tuple, list, Any]:
+        """Rows of ``x`` as a matrix, each level's coefficients, and the (bias-extended) input."""
+        lead = tuple(x.shape[:-1])
+        rows = math.prod(lead)
+        x2 = ops.reshape(x, (rows, self.in_dim))
+        if coefficients is None:
+            coeffs = self._gate(ops, params, x2)
+        else:
+            coeffs = [ops.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
+        return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
+
+    def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
+        plan = get_plan(
+            equation, *(tuple(o.shape) for o in operands), backend=ops.name, dtype=self.dtype, optimize=self.optimize
+        )
+        return plan(*operands, backend=ops.einsum_backend)
+
+    def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
+        lead, coeffs, xin = self._flat(ops, params, x, coefficients)
+        operands = [*coeffs, xin, *(params[name] for name in self.factorization.network())]
+        y = self._contract(ops, self.factorization.forward_equation(), operands)
+        return ops.reshape(y, (*lead, self.out_dim))
+
+    def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
+        lead, coeffs, xin = self._flat(ops, params, x, coefficients)
+        weight = self.factorization.to_dense(params)
+        y = self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
+        return ops.reshape(y, (*lead, self.out_dim))
+
+    def _coefficients(self, ops: Ops, params: Mapping[str, Any], x: Any) -> list[Any]:
+        lead = tuple(x.shape[:-1])
+        coeffs = self._gate(ops, params, ops.reshape(x, (math.prod(lead), self.in_dim)))
+        return [ops.reshape(a, (*lead, n)) for a, n in zip(coeffs, self.expert_dims)]
+
+    def _checked(self, params: Any, x: Any, coefficients: Any = None) -> tuple:
+        ops = get_ops()
+        params = self._params_for(params, ops.name)
+        x = self._check_input(x, ops)
+        if coefficients is not None:
+            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops)
+        return ops, params, x, coefficients
 
     def coefficients(self, params: Mapping[str, Any] | None, x: Any) -> list[Any]:
         """Expert coefficients of every level, ``[..., N_h]`` each (rows sum to one).
@@ -350,31 +423,15 @@ class MMoE:
         >>> a.shape, np.allclose(a.sum(-1), 1)
         ((2, 5), True)
         """
-        ops = get_ops()
-        params = self._params_for(params, ops.name)
-        x = self._check_input(x, ops)
-        lead = tuple(x.shape[:-1])
-        coeffs = self._gate(params, ops.reshape(x, (math.prod(lead), self.in_dim)), ops)
-        return [ops.reshape(a, (*lead, n)) for a, n in zip(coeffs, self.expert_dims)]
-
-    def _prepare(self, params: Mapping[str, Any] | None, x: Any, coefficients: Any) -> tuple:
-        ops = get_ops()
-        params = self._params_for(params, ops.name)
-        x = self._check_input(x, ops)
-        lead = tuple(x.shape[:-1])
-        x2 = ops.reshape(x, (math.prod(lead), self.in_dim))
-        if coefficients is None:
-            coeffs = self._gate(params, x2, ops)
-        else:
-            coeffs = self._check_coefficients(coefficients, lead, ops)
-        xin = ops.concat_ones(x2) if self.bias else x2
-        return ops, params, lead, coeffs, xin
+        ops, params, x, _ = self._checked(params, x)
+        return self._run("_coefficients", ops, params, x)
 
     def apply(self, params: Mapping[str, Any] | None, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
         One planned contraction of the coefficients, the input and the factors;
-        the weight tensor is never built.
+        the weight tensor is never built.  On JAX the whole forward (gates
+        included) runs as one ``jax.jit``-compiled function.
 
         Parameters
         ----------
@@ -394,17 +451,8 @@ class MMoE:
         >>> layer.apply(layer.params, np.ones((2, 7, 4), dtype="float32")).shape
         (2, 7, 3)
         """
-        ops, params, lead, coeffs, xin = self._prepare(params, x, coefficients)
-        operands = [*coeffs, xin, *(params[name] for name in self.factorization.network())]
-        plan = get_plan(
-            self.factorization.forward_equation(),
-            *(tuple(o.shape) for o in operands),
-            backend=ops.name,
-            dtype=self.dtype,
-            optimize=self.optimize,
-        )
-        y = plan(*operands, backend=ops.einsum_backend)
-        return ops.reshape(y, (*lead, self.out_dim))
+        ops, params, x, coefficients = self._checked(params, x, coefficients)
+        return self._run("_forward", ops, params, x, coefficients)
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
         """``apply`` with the layer's own parameters on the current backend."""
@@ -439,17 +487,8 @@ class MMoE:
         >>> np.allclose(layer.dense_forward(None, x), layer(x), atol=1e-5)
         True
         """
-        ops, params, lead, coeffs, xin = self._prepare(params, x, coefficients)
-        weight = self.factorization.to_dense(params)
-        operands = [*coeffs, xin, weight]
-        plan = get_plan(
-            self.factorization.dense_equation(),
-            *(tuple(o.shape) for o in operands),
-            backend=ops.name,
-            dtype=self.dtype,
-            optimize=self.optimize,
-        )
-        return ops.reshape(plan(*operands, backend=ops.einsum_backend), (*lead, self.out_dim))
+        ops, params, x, coefficients = self._checked(params, x, coefficients)
+        return self._run("_dense_forward", ops, params, x, coefficients)
 
     def expert_weight(self, params: Mapping[str, Any] | None, index: int | Sequence[int]) -> Any:
         """The ``[I(+1), O]`` matrix of one expert, ``W[n_1, ..., n_H]``, without building ``W``.
@@ -479,14 +518,7 @@ class MMoE:
                 raise ValueError(f"index[{h}]={n!r} is out of range; expected an integer in [0, {size})")
         ops = get_ops()
         operands = self.factorization.slice_params(self._params_for(params, ops.name), index)
-        plan = get_plan(
-            self.factorization.slice_equation(),
-            *(tuple(o.shape) for o in operands),
-            backend=ops.name,
-            dtype=self.dtype,
-            optimize=self.optimize,
-        )
-        return plan(*operands, backend=ops.einsum_backend)
+        return self._contract(ops, self.factorization.slice_equation(), operands)
 
     def plan(self, batch_size: int = 1) -> Plan:
         """The planned forward contraction for ``batch_size`` rows (path, FLOPs, largest intermediate).

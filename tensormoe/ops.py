@@ -75,8 +75,11 @@ class Ops:
     def sqrt(self, x: Any) -> Any:
         return self.xp.sqrt(x)
 
+    def clip_min(self, x: Any, low: float) -> Any:
+        return self.xp.maximum(x, low)
+
     def relu(self, x: Any) -> Any:
-        return self.xp.maximum(x, 0)
+        return self.clip_min(x, 0)
 
     def sort_descending(self, x: Any) -> Any:
         return -self.xp.sort(-x, axis=-1)
@@ -96,6 +99,10 @@ class Ops:
 
     def is_finite_all(self, x: Any) -> bool:
         return bool(self.xp.all(self.xp.isfinite(x)))
+
+    def compile(self, fn: Any) -> Any:
+        """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere)."""
+        return fn
 
 
 class NumpyOps(Ops):
@@ -164,8 +171,8 @@ class TorchOps(Ops):
     def mean(self, x: Any, axis: int = -1) -> Any:
         return self._torch.mean(x, dim=axis, keepdim=True)
 
-    def relu(self, x: Any) -> Any:
-        return self._torch.clamp(x, min=0)
+    def clip_min(self, x: Any, low: float) -> Any:
+        return self._torch.clamp(x, min=low)
 
     def sort_descending(self, x: Any) -> Any:
         return self._torch.sort(x, dim=-1, descending=True).values
@@ -215,6 +222,11 @@ class JaxOps(Ops):
         if x.dtype == self.xp.bfloat16:
             x = x.astype(self.xp.float32)
         return np.asarray(x)
+
+    def compile(self, fn: Any) -> Any:
+        # eager JAX compiles every primitive for every new shape; one jit per
+        # forward compiles once and runs as one program
+        return self._jax.jit(fn)
 
 
 _CLASSES = {"numpy": NumpyOps, "pytorch": TorchOps, "jax": JaxOps}

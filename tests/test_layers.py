@@ -1,0 +1,191 @@
+"""Every factorized forward equals the dense forward through the reconstructed tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import BACKENDS, rounding_tolerance, to_numpy
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tensormoe
+from tensormoe.ops import get_ops
+
+LAYERS = {
+    "cp": lambda i, o, e, r, **kw: tensormoe.CPMMoE(i, o, e, rank=r, **kw),
+    "tucker": lambda i, o, e, r, **kw: tensormoe.TuckerMMoE(i, o, e, ranks=r, **kw),
+    "tt": lambda i, o, e, r, **kw: tensormoe.TTMMoE(i, o, e, ranks=r, **kw),
+    "tr": lambda i, o, e, r, **kw: tensormoe.TRMMoE(i, o, e, ranks=r, **kw),
+}
+
+
+@st.composite
+def layer_configs(draw):
+    """Random layers: factorization, 1-3 expert levels, dims, ranks, batch shape, gate, bias."""
+    kind = draw(st.sampled_from(sorted(LAYERS)))
+    levels = draw(st.integers(1, 3))
+    expert_dims = draw(st.lists(st.integers(1, 5), min_size=levels, max_size=levels))
+    in_dim, out_dim = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    if kind == "tucker":
+        rank = draw(st.one_of(st.integers(1, 4), st.just(None)))
+        if rank is None:  # explicit per-mode ranks within each mode's size
+            dims = [*expert_dims, in_dim + 1, out_dim]
+            rank = [draw(st.integers(1, d)) for d in dims]
+    else:
+        rank = draw(st.integers(1, 4))
+    batch = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    return {
+        "kind": kind,
+        "in_dim": in_dim,
+        "out_dim": out_dim,
+        "expert_dims": expert_dims,
+        "rank": rank,
+        "batch": batch,
+        "bias": True if kind == "tucker" and isinstance(rank, list) else draw(st.booleans()),
+        "gate": draw(st.sampled_from(["entmax15", "softmax", "sparsemax"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def build(cfg, dtype="float32"):
+    return LAYERS[cfg["kind"]](
+        cfg["in_dim"], cfg["out_dim"], cfg["expert_dims"], cfg["rank"], bias=cfg["bias"], gate=cfg["gate"],
+        seed=cfg["seed"], dtype=dtype,
+    )
+
+
+def random_gates(layer, seed):
+    """Non-zero gate weights, so that the coefficients differ between rows."""
+    rng = np.random.default_rng(seed)
+    ops = get_ops()
+    params = dict(layer.params)
+    for h, n in enumerate(layer.expert_dims):
+        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
+    return params
+
+
+@given(cfg=layer_configs())
+def test_factorized_forward_equals_dense_forward(backend, cfg):
+    layer = build(cfg)
+    params = random_gates(layer, cfg["seed"])
+    ops = get_ops()
+    x_np = np.random.default_rng(cfg["seed"] + 1).normal(size=(*cfg["batch"], cfg["in_dim"]))
+    x = ops.asarray(x_np, "float32")
+    y = layer.apply(params, x)
+    y_dense = layer.dense_forward(params, x)
+    assert tuple(y.shape) == (*cfg["batch"], cfg["out_dim"])
+    coeffs = [to_numpy(a) for a in layer.coefficients(params, x)]
+    params_np = {k: to_numpy(v) for k, v in params.items()}
+    tol = rounding_tolerance(layer, params_np, to_numpy(x).reshape(-1, cfg["in_dim"]),
+                             [a.reshape(-1, a.shape[-1]) for a in coeffs])
+    err = np.abs(to_numpy(y) - to_numpy(y_dense)).reshape(tol.shape)
+    assert np.all(err <= tol), f"max error {err.max()} above bound {tol[err > tol].min()}"
+
+
+@given(cfg=layer_configs())
+def test_float64_factorized_equals_dense_and_float32(cfg):
+    """NumPy and PyTorch in float64: the rounding bound shrinks with eps (JAX runs in float32 unless x64 is on)."""
+    for name in [b for b in BACKENDS if b != "jax"]:
+        with tensormoe.backend_context(name):
+            layer = build(cfg, "float64")
+            params = random_gates(layer, cfg["seed"])
+            ops = get_ops()
+            x = ops.asarray(np.random.default_rng(cfg["seed"]).normal(size=(*cfg["batch"], cfg["in_dim"])), "float64")
+            y, y_dense = to_numpy(layer.apply(params, x)), to_numpy(layer.dense_forward(params, x))
+            coeffs = [to_numpy(a).reshape(-1, n) for a, n in zip(layer.coefficients(params, x), layer.expert_dims)]
+            tol = rounding_tolerance(layer, {k: to_numpy(v) for k, v in params.items()},
+                                     to_numpy(x).reshape(-1, cfg["in_dim"]), coeffs, "float64")
+            assert np.all(np.abs(y - y_dense).reshape(tol.shape) <= tol)
+
+
+@given(cfg=layer_configs())
+def test_same_weights_same_outputs_on_every_backend(cfg):
+    outputs = {}
+    x_np = np.random.default_rng(cfg["seed"]).normal(size=(*cfg["batch"], cfg["in_dim"]))
+    for name in BACKENDS:
+        with tensormoe.backend_context(name):
+            layer = build(cfg)
+            params = random_gates(layer, cfg["seed"])
+            outputs[name] = to_numpy(layer.apply(params, get_ops().asarray(x_np, "float32")))
+            ref_params = {k: to_numpy(v) for k, v in params.items()}
+            coeffs = [to_numpy(a).reshape(-1, n) for a, n in
+                      zip(layer.coefficients(params, get_ops().asarray(x_np, "float32")), layer.expert_dims)]
+    x32 = x_np.astype(np.float32).astype(np.float64).reshape(-1, cfg["in_dim"])
+    tol = rounding_tolerance(layer, ref_params, x32, coeffs)
+    base = outputs["numpy"]
+    for name, y in outputs.items():
+        # gates can round differently too; bound the coefficient rounding by a few eps on top
+        assert np.all(np.abs(y - base).reshape(tol.shape) <= 4 * tol + 1e-5 * np.abs(base).max()), name
+
+
+@given(cfg=layer_configs(), data=st.data())
+def test_expert_slice_equals_slice_of_dense_tensor(backend, cfg, data):
+    layer = build(cfg)
+    index = tuple(data.draw(st.integers(0, n - 1)) for n in layer.expert_dims)
+    dense = to_numpy(layer.dense_weight())
+    sliced = to_numpy(layer.expert_weight(None, index))
+    assert sliced.shape == (cfg["in_dim"] + cfg["bias"], cfg["out_dim"])
+    np.testing.assert_allclose(sliced, dense[index], rtol=1e-5, atol=1e-6 * np.abs(dense).max())
+
+
+@given(cfg=layer_configs())
+def test_given_coefficients_are_used(backend, cfg):
+    """Supplying coefficients replaces the gates: one-hot coefficients select one expert's matrix."""
+    layer = build(cfg)
+    ops = get_ops()
+    x_np = np.random.default_rng(cfg["seed"]).normal(size=(*cfg["batch"], cfg["in_dim"]))
+    x = ops.asarray(x_np, "float32")
+    onehot = [np.zeros((*cfg["batch"], n)) for n in layer.expert_dims]
+    for a in onehot:
+        a[..., -1] = 1.0
+    y = to_numpy(layer(x, coefficients=[ops.asarray(a, "float32") for a in onehot]))
+    w = to_numpy(layer.expert_weight(None, tuple(n - 1 for n in layer.expert_dims)))
+    xin = np.concatenate([x_np, np.ones((*cfg["batch"], 1))], -1) if cfg["bias"] else x_np
+    expected = xin @ w
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5 * (np.abs(xin).max() * np.abs(w).sum(0).max() + 1))
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_initial_std_of_reconstructed_tensor(kind):
+    """init_std controls the std of the entries of W (averaged over seeds: entries share factors)."""
+    ranks = {"cp": 16, "tucker": [4, 8, 8], "tt": 8, "tr": 6}[kind]
+    stds = []
+    for seed in range(6):
+        layer = LAYERS[kind](48, 40, [24], ranks, init_std=0.05,
+                             seed=seed, dtype="float64")
+        stds.append(float(np.std(layer.dense_weight())))
+    assert 0.04 < np.sqrt(np.mean(np.square(stds))) < 0.06
+
+
+def test_gates_start_uniform(backend):
+    layer = tensormoe.CPMMoE(6, 3, [4, 5], rank=2)
+    x = get_ops().asarray(np.random.default_rng(0).normal(size=(3, 6)), "float32")
+    for a, n in zip(layer.coefficients(None, x), [4, 5]):
+        np.testing.assert_allclose(to_numpy(a), np.full((3, n), 1 / n), rtol=1e-6)
+
+
+def test_layer_params_follow_the_backend_flag():
+    """One layer, the flag switched: the same numbers on every backend (params converted once)."""
+    layer = tensormoe.TRMMoE(5, 4, [3, 2], ranks=2)
+    x = np.random.default_rng(0).normal(size=(2, 5)).astype("float32")
+    params = random_gates(layer, 0)
+    layer.params = params
+    ref = to_numpy(layer(x))
+    for name in BACKENDS:
+        with tensormoe.backend_context(name):
+            np.testing.assert_allclose(to_numpy(layer(get_ops().asarray(x))), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_reuses_one_plan(backend):
+    from tensormoe import contraction
+
+    layer = tensormoe.CPMMoE(6, 3, [4], rank=2)
+    x = get_ops().asarray(np.ones((5, 6)), "float32")
+    layer(x)
+    before = contraction.cache_info()
+    for _ in range(3):
+        layer(x)
+    after = contraction.cache_info()
+    assert after["misses"] == before["misses"]  # no new path search
+    if backend != "jax":  # under jax.jit the compiled program does not even look the plan up
+        assert after["hits"] == before["hits"] + 3
