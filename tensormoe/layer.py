@@ -215,8 +215,8 @@ class MMoE:
 
         Examples
         --------
-        >>> CPMMoE(4, 3, [5], rank=2).n_params
-        50
+        >>> CPMMoE(4, 3, [5], rank=2).n_params  # factors 5x2 + 5x2 + 3x2, gate 4x5
+        46
         """
         return sum(math.prod(shape) for shape in self.param_shapes().values())
 
