@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import gates as _gates
+from . import routers as _routers
 from .backend import get_backend
 from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
@@ -111,6 +112,13 @@ class MMoE:
         Activation producing each level's coefficients.
     gate_norm : {"layernorm", None}
         Normalisation of the gate logits before the activation.
+    router : str, Router or sequence of them, optional
+        How each level routes (:mod:`tensormoe.routers`): a name
+        (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
+        ``"top<k>"``, ``"expert_choice"``, ``"soft"``) or a :class:`~tensormoe.routers.Router`,
+        for every level, or a list with one per level.  Default: a dense router
+        with ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).
+        Top-k levels contract only the selected experts' factor rows.
     init_std : float, optional
         Standard deviation of the entries of the reconstructed ``W`` at
         initialisation (default ``1 / sqrt(in_dim)``).
@@ -148,6 +156,7 @@ class MMoE:
         dtype: str = "float32",
         seed: int = 0,
         optimize: str = "auto",
+        router: Any = None,
     ) -> None:
         self.in_dim = check_positive_int(in_dim, "in_dim")
         self.out_dim = check_positive_int(out_dim, "out_dim")
@@ -161,6 +170,7 @@ class MMoE:
         if gate_norm not in _gates.NORMS:
             raise ValueError(f"gate_norm={gate_norm!r} is not supported; expected one of {list(_gates.NORMS)}")
         self.gate_norm = gate_norm
+        self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm)
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_dim)
         if not isinstance(init_std, numbers.Real) or isinstance(init_std, bool) or not init_std > 0 or not math.isfinite(init_std):
@@ -240,8 +250,9 @@ class MMoE:
         {'factor_0': (5, 2), 'factor_1': (5, 2), 'factor_2': (3, 2), 'gate_0': (4, 5)}
         """
         shapes = dict(self.factorization.param_shapes())
-        for h, n in enumerate(self.expert_dims):
-            shapes[f"gate_{h}"] = (self.in_dim, n)
+        for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
+            for name, shape in router.param_shapes(self.in_dim, n).items():
+                shapes[f"{name}_{h}"] = shape
         return shapes
 
     def init(self, seed: int | None = None) -> dict[str, Any]:
@@ -260,8 +271,8 @@ class MMoE:
         """
         rng = np.random.default_rng(self.seed if seed is None else seed)
         raw = self.factorization.init(rng, self.init_std)
-        for h, n in enumerate(self.expert_dims):
-            raw[f"gate_{h}"] = np.zeros((self.in_dim, n))
+        for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
+            raw.update({f"{name}_{h}": value for name, value in router.init(self.in_dim, n).items()})
         ops = get_ops()
         return {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
 
@@ -353,16 +364,19 @@ class MMoE:
             fn = self._compiled[key] = ops.compile(functools.partial(getattr(self, method), ops))
         return fn(*args)
 
+    def _level_params(self, params: Mapping[str, Any], h: int) -> dict[str, Any]:
+        """The parameters of level ``h``'s router, under the router's own names."""
+        return {name: params[f"{name}_{h}"] for name in self.routers[h].param_shapes(self.in_dim, self.expert_dims[h])}
+
+    def _route(self, ops: Ops, params: Mapping[str, Any], x3: Any, mask: Any, noise: Any, statistics: bool) -> tuple:
+        """Grouped routings ``[G, T, ...]`` of every level and the rows the experts process."""
+        level_params = [self._level_params(params, h) for h in range(self.hierarchy)]
+        return _routers.route_levels(ops, self.routers, level_params, self.expert_dims, x3, mask, noise, statistics)
+
     def _gate(self, ops: Ops, params: Mapping[str, Any], x2: Any) -> list[Any]:
-        activation = _gates.ACTIVATIONS[self.gate]
-        norm = _gates.NORMS[self.gate_norm]
-        out = []
-        for h in range(self.hierarchy):
-            logits = x2 @ params[f"gate_{h}"]
-            if norm is not None:
-                logits = norm(logits, ops=ops)
-            out.append(activation(logits, ops=ops))
-        return out
+        """Dense coefficients ``[B, N_h]`` of the rows of ``x2`` (one group)."""
+        routing, _ = self._route(ops, params, x2[None], None, None, False)
+        return [r.to_dense(n)[0] for r, n in zip(routing, self.expert_dims)]
 
     def _flat(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> tuple[tuple, list, Any]:
         """Rows of ``x`` as a matrix, each level's coefficients, and the (bias-extended) input."""
@@ -381,22 +395,91 @@ class MMoE:
         )
         return plan(*operands, backend=ops.einsum_backend)
 
-    def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
-        lead, coeffs, xin = self._flat(ops, params, x, coefficients)
-        operands = [*coeffs, xin, *(params[name] for name in self.factorization.network())]
-        y = self._contract(ops, self.factorization.forward_equation(), operands)
-        return ops.reshape(y, (*lead, self.out_dim))
+    def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
+        """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
 
-    def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
-        lead, coeffs, xin = self._flat(ops, params, x, coefficients)
-        weight = self.factorization.to_dense(params)
-        y = self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
-        return ops.reshape(y, (*lead, self.out_dim))
+        Sparse levels (indices given) contract only the gathered factor rows
+        (:meth:`Factorization.gather_params`); ``dense=True`` is the reference
+        through the reconstructed ``W`` with the sparse weights scattered to zeros.
+        """
+        if dense:
+            coeffs = [
+                w if idx is None else ops.scatter_add_last(idx, w, n) for (w, idx), n in zip(levels, self.expert_dims)
+            ]
+            weight = self.factorization.to_dense(params)
+            return self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
+        indices = {h: idx for h, (_, idx) in enumerate(levels) if idx is not None}
+        operands = [*(w for w, _ in levels), xin, *self.factorization.gather_params(params, indices, ops)]
+        return self._contract(ops, self.factorization.routed_equation([h in indices for h in range(len(levels))]), operands)
+
+    def _routed_forward(
+        self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any, routing: Any, mask: Any, noise: Any,
+        statistics: bool, dense: bool,
+    ) -> tuple[Any, Any]:
+        lead = tuple(x.shape[:-1])
+        if coefficients is not None:
+            _, coeffs, xin = self._flat(ops, params, x, coefficients)
+            y = self._contract_levels(ops, params, xin, [(a, None) for a in coeffs], dense)
+            return ops.reshape(y, (*lead, self.out_dim)), None
+        g, t = _routers.group_shape(lead)
+        x3 = ops.reshape(x, (g, t, self.in_dim))
+        if routing is None:
+            soft = next((h for h, r in enumerate(self.routers) if r.soft), None)
+            mask3 = None if mask is None else ops.reshape(mask, (g, t))
+            routing, rows = self._route(ops, params, x3, mask3, noise, statistics)
+        else:
+            soft = next((h for h, r in enumerate(routing) if r.is_soft), None)
+            slots = t if soft is None else routing[soft].weights.shape[-1]
+            routing = [_routers.regroup(ops, r, g, t if h == soft else slots) for h, r in enumerate(routing)]
+            rows = x3 if soft is None else _routers.soft_slots(ops, routing[soft], x3)
+        n_rows = g * rows.shape[1]
+        levels = []
+        for h, (r, n) in enumerate(zip(routing, self.expert_dims)):
+            if h == soft:
+                slots = rows.shape[1]
+                index = _routers.slot_experts(ops, g, slots, slots // n, like=x)
+                levels.append((ops.zeros((n_rows, 1), like=x) + 1, index))
+            elif r.is_sparse:
+                k = r.weights.shape[-1]
+                levels.append((ops.reshape(r.weights, (n_rows, k)), ops.reshape(r.indices, (n_rows, k))))
+            else:
+                levels.append((ops.reshape(r.weights, (n_rows, n)), None))
+        xin = ops.reshape(rows, (n_rows, self.in_dim))
+        xin = ops.concat_ones(xin) if self.bias else xin
+        y = ops.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
+        if soft is not None:
+            y = _routers.soft_combine(ops, routing[soft], y)
+        slot_lead = (*lead[:-1], rows.shape[1])
+        routing = tuple(
+            _routers.ungroup(ops, r, lead if soft is None or h == soft else slot_lead) for h, r in enumerate(routing)
+        )
+        return ops.reshape(y, (*lead, self.out_dim)), routing
+
+    def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
+                 mask: Any = None, noise: Any = None) -> Any:
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False)[0]
+
+    def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
+                              routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, routing is None, False)
+
+    def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
+                       routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, True)[0]
+
+    def _routing(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None,
+                 statistics: bool = True) -> tuple:
+        lead = tuple(x.shape[:-1])
+        g, t = _routers.group_shape(lead)
+        mask3 = None if mask is None else ops.reshape(mask, (g, t))
+        routing, rows = self._route(ops, params, ops.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
+        soft = any(r.is_soft for r in routing)
+        slot_lead = (*lead[:-1], rows.shape[1])
+        return tuple(_routers.ungroup(ops, r, slot_lead if soft and not r.is_soft else lead) for r in routing)
 
     def _coefficients(self, ops: Ops, params: Mapping[str, Any], x: Any) -> list[Any]:
-        lead = tuple(x.shape[:-1])
-        coeffs = self._gate(ops, params, ops.reshape(x, (math.prod(lead), self.in_dim)))
-        return [ops.reshape(a, (*lead, n)) for a, n in zip(coeffs, self.expert_dims)]
+        routing = self._routing(ops, params, x, statistics=False)
+        return [r.to_dense(n) for r, n in zip(routing, self.expert_dims)]
 
     def _checked(self, params: Any, x: Any, coefficients: Any = None) -> tuple:
         ops = get_ops()
@@ -406,8 +489,88 @@ class MMoE:
             coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops)
         return ops, params, x, coefficients
 
+    def _prepared(self, params: Any, x: Any, coefficients: Any, routing: Any, mask: Any, training: Any,
+                  rng: Any) -> tuple:
+        """Checked inputs, plus the routing, the mask as 0/1 and the training noise (if any)."""
+        ops, params, x, coefficients = self._checked(params, x, coefficients)
+        if not isinstance(training, bool):
+            raise TypeError(f"training must be True or False; got {training!r}")
+        lead = tuple(x.shape[:-1])
+        if routing is not None:
+            if coefficients is not None:
+                raise ValueError("give either coefficients= or routing=, not both")
+            routing = self._check_routing(routing, lead, ops)
+        if mask is not None:
+            if coefficients is not None or routing is not None:
+                raise ValueError(
+                    "mask= applies when the routing is computed here; with coefficients= or routing= given, "
+                    "mask the routing where it is computed (layer.route(..., mask=mask))"
+                )
+            mask = _routers.check_mask(ops, mask, lead, x)
+        noise = None
+        if training and coefficients is None and routing is None:
+            g, t = _routers.group_shape(lead)
+            draws, _ = _routers.draw_noise(ops, self.routers, self.expert_dims, g, t, rng, like=x)
+            noise = draws if any(d is not None for d in draws) else None
+        return ops, params, x, coefficients, routing, mask, noise
+
+    def _check_routing(self, routing: Any, lead: tuple[int, ...], ops: Ops) -> list[Any]:
+        if isinstance(routing, _routers.Routing) or not isinstance(routing, Sequence) or len(routing) != self.hierarchy:
+            raise ValueError(
+                f"routing must be a sequence of {self.hierarchy} Routing results (one per level, e.g. from "
+                f"layer.route); got {type(routing).__name__}"
+                + (f" of length {len(routing)}" if isinstance(routing, Sequence) else "")
+            )
+        soft = [h for h, r in enumerate(routing) if isinstance(r, _routers.Routing) and r.is_soft]
+        if len(soft) > 1:
+            raise ValueError(f"at most one level can use Soft MoE routing; routing levels {soft} do")
+        slots = None
+        if soft:
+            w = routing[soft[0]].weights
+            slots = w.shape[-1] if getattr(w, "ndim", 0) else None
+        out = []
+        for h, (r, n) in enumerate(zip(routing, self.expert_dims)):
+            where = f"routing[{h}]"
+            if not isinstance(r, _routers.Routing):
+                raise TypeError(f"{where} must be a tensormoe.routers.Routing; got {type(r).__name__}")
+            rows = lead if not soft or h == soft[0] else (*lead[:-1], slots)
+            if r.is_soft:
+                if slots is None or slots % n:
+                    raise ValueError(f"{where}: Soft MoE weights must have S = slots_per_expert * {n} slots; "
+                                     f"got shape {list(getattr(r.weights, 'shape', []))}")
+                for name in ("weights", "dispatch"):
+                    a = self._check_input(getattr(r, name), ops, f"{where}.{name}", last=slots)
+                    if tuple(a.shape[:-1]) != rows:
+                        raise ValueError(f"{where}.{name} must have shape {[*rows, slots]}; got {list(a.shape)}")
+            elif r.is_sparse:
+                k = getattr(r.weights, "shape", (0,))[-1]
+                w = self._check_input(r.weights, ops, f"{where}.weights", last=k)
+                if tuple(w.shape[:-1]) != rows or tuple(r.indices.shape) != tuple(w.shape):
+                    raise ValueError(
+                        f"{where}: weights and indices must both have shape [{', '.join(map(str, rows))}, k]; "
+                        f"got {list(w.shape)} and {list(r.indices.shape)}"
+                    )
+                if ops_for_array(r.indices) != ops.name or "int" not in ops.dtype_name(r.indices):
+                    raise TypeError(f"{where}.indices must be an integer array of the {ops.name} backend; "
+                                    f"got {type(r.indices).__name__} of dtype {getattr(r.indices, 'dtype', None)}")
+                if ops.is_concrete(r.indices):
+                    values = ops.to_numpy(r.indices)
+                    if values.size and (values.min() < 0 or values.max() >= n):
+                        raise ValueError(f"{where}.indices must lie in [0, {n}); got values in "
+                                         f"[{values.min()}, {values.max()}]")
+            else:
+                w = self._check_input(r.weights, ops, f"{where}.weights", last=n)
+                if tuple(w.shape[:-1]) != rows:
+                    raise ValueError(f"{where}.weights must have shape {[*rows, n]}; got {list(w.shape)}")
+            out.append(r)
+        return out
+
     def coefficients(self, params: Mapping[str, Any] | None, x: Any) -> list[Any]:
-        """Expert coefficients of every level, ``[..., N_h]`` each (rows sum to one).
+        """Expert coefficients of every level, ``[..., N_h]`` each (zero for unselected experts).
+
+        With the default dense routers the rows sum to one; top-k levels give
+        their selected weights scattered into ``N_h`` columns.  Not defined for
+        Soft MoE, which weighs slots (see :meth:`route`).
 
         Parameters
         ----------
@@ -423,15 +586,68 @@ class MMoE:
         >>> a.shape, np.allclose(a.sum(-1), 1)
         ((2, 5), True)
         """
+        if any(r.soft for r in self.routers):
+            raise ValueError("Soft MoE routing weighs slots, not experts: per-token coefficients are not defined; "
+                             "use layer.route(params, x)")
         ops, params, x, _ = self._checked(params, x)
         return self._run("_coefficients", ops, params, x)
 
-    def apply(self, params: Mapping[str, Any] | None, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def route(
+        self, params: Mapping[str, Any] | None, x: Any, *, mask: Any = None, training: bool = False, rng: Any = None
+    ) -> tuple[_routers.Routing, ...]:
+        """Route ``x`` through every level: a :class:`~tensormoe.routers.Routing` per level, with the aux losses.
+
+        Pass the result to :meth:`apply` (``routing=``) to run one or several
+        layers with it; ``tensormoe.routers.aux_loss`` sums the losses.
+
+        Parameters
+        ----------
+        params : mapping or None
+            Parameters (``None``: the layer's own).
+        x : array ``[..., in_dim]``
+        mask : array ``[...]``, optional
+            True (one) for real tokens, false (zero) for padding: padding is routed
+            to no expert and left out of the losses and statistics.
+        training : bool
+            Draw the routers' training noise (noisy top-k); needs ``rng``.
+        rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
+            Source of the noise; an integer seed gives the same noise on every backend.
+
+        Returns
+        -------
+        tuple of Routing
+            Leading axes of ``x`` (for a layer with a Soft MoE level, the other
+            levels route its slots: ``[..., S, ...]``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = CPMMoE(4, 3, [8, 4], rank=2, router=["top2", "entmax15"])
+        >>> top, dense = layer.route(None, np.ones((5, 4), dtype="float32"))
+        >>> top.indices.shape, dense.weights.shape, float(top.load_balancing_loss)
+        ((5, 2), (5, 4), 1.0)
+        """
+        ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng)
+        return self._run("_routing", ops, params, x, mask, noise)
+
+    def apply(
+        self,
+        params: Mapping[str, Any] | None,
+        x: Any,
+        coefficients: Sequence[Any] | None = None,
+        *,
+        routing: Sequence[_routers.Routing] | None = None,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+        return_routing: bool = False,
+    ) -> Any:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
         One planned contraction of the coefficients, the input and the factors;
-        the weight tensor is never built.  On JAX the whole forward (gates
-        included) runs as one ``jax.jit``-compiled function.
+        the weight tensor is never built.  Levels routed sparsely (top-k) gather
+        only their selected experts' factor rows.  On JAX the whole forward
+        (routing included) runs as one ``jax.jit``-compiled function.
 
         Parameters
         ----------
@@ -441,8 +657,19 @@ class MMoE:
         x : array ``[..., in_dim]``
             Input of the current backend and the layer's dtype.
         coefficients : list of arrays ``[..., N_h]``, optional
-            Expert coefficients to use instead of the gates' (e.g. to share one
-            gating between two layers).
+            Dense expert coefficients to use instead of the routers' (e.g. to
+            share one gating between two layers).
+        routing : list of Routing, optional
+            A routing from :meth:`route` (or written by hand, e.g.
+            ``Routing(weights, indices)``) to use instead of routing here.
+        mask : array ``[...]``, optional
+            Padding mask (true for tokens): padding gets no expert, so a zero output.
+        training : bool
+            Draw the routers' training noise; needs ``rng``.
+        rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
+            Source of the training noise.
+        return_routing : bool
+            Also return the routing (with its auxiliary losses): ``(y, routing)``.
 
         Examples
         --------
@@ -450,13 +677,23 @@ class MMoE:
         >>> layer = CPMMoE(4, 3, [5], rank=2)
         >>> layer.apply(layer.params, np.ones((2, 7, 4), dtype="float32")).shape
         (2, 7, 3)
+        >>> y, (r,) = CPMMoE(4, 3, [5], rank=2, router="top1").apply(
+        ...     None, np.ones((6, 4), dtype="float32"), return_routing=True)
+        >>> r.indices.shape, float(r.z_loss) > 0
+        ((6, 1), True)
         """
-        ops, params, x, coefficients = self._checked(params, x, coefficients)
-        return self._run("_forward", ops, params, x, coefficients)
+        ops, params, x, coefficients, routing, mask, noise = self._prepared(
+            params, x, coefficients, routing, mask, training, rng
+        )
+        if return_routing:
+            if coefficients is not None:
+                raise ValueError("return_routing=True needs the routers: it cannot be used with coefficients=")
+            return self._run("_forward_with_routing", ops, params, x, coefficients, routing, mask, noise)
+        return self._run("_forward", ops, params, x, coefficients, routing, mask, noise)
 
-    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
         """``apply`` with the layer's own parameters on the current backend."""
-        return self.apply(None, x, coefficients)
+        return self.apply(None, x, coefficients, **kwargs)
 
     # -- the dense reference ------------------------------------------------------
     def dense_weight(self, params: Mapping[str, Any] | None = None) -> Any:
@@ -472,11 +709,22 @@ class MMoE:
         ops = get_ops()
         return self.factorization.to_dense(self._params_for(params, ops.name))
 
-    def dense_forward(self, params: Mapping[str, Any] | None, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def dense_forward(
+        self,
+        params: Mapping[str, Any] | None,
+        x: Any,
+        coefficients: Sequence[Any] | None = None,
+        *,
+        routing: Sequence[_routers.Routing] | None = None,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+    ) -> Any:
         """The reference forward pass through the reconstructed weight tensor.
 
         ``y[b, o] = sum a_1[b, n_1] ... a_H[b, n_H] W[n_1, ..., n_H, i, o] x[b, i]``
-        (``x`` extended by a one when the layer has a bias).  Equal to
+        (``x`` extended by a one when the layer has a bias), with sparse routings
+        scattered to dense coefficients (zeros for unselected experts).  Equal to
         :meth:`apply` up to floating-point rounding.
 
         Examples
@@ -487,8 +735,10 @@ class MMoE:
         >>> np.allclose(layer.dense_forward(None, x), layer(x), atol=1e-5)
         True
         """
-        ops, params, x, coefficients = self._checked(params, x, coefficients)
-        return self._run("_dense_forward", ops, params, x, coefficients)
+        ops, params, x, coefficients, routing, mask, noise = self._prepared(
+            params, x, coefficients, routing, mask, training, rng
+        )
+        return self._run("_dense_forward", ops, params, x, coefficients, routing, mask, noise)
 
     def expert_weight(self, params: Mapping[str, Any] | None, index: int | Sequence[int]) -> Any:
         """The ``[I(+1), O]`` matrix of one expert, ``W[n_1, ..., n_H]``, without building ``W``.

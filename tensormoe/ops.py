@@ -9,6 +9,8 @@ this interface; the classes only translate names (``axis``/``dim``,
 from __future__ import annotations
 
 import functools
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,64 @@ class Ops:
     def is_finite_all(self, x: Any) -> bool:
         return bool(self.xp.all(self.xp.isfinite(x)))
 
+    # --- routing: selection, gathers and scatters --------------------------------
+    def log(self, x: Any) -> Any:
+        return self.xp.log(x)
+
+    def softplus(self, x: Any) -> Any:
+        """``log(1 + exp(x))`` without overflow."""
+        return self.relu(x) + self.xp.log1p(self.xp.exp(-self.xp.abs(x)))
+
+    def where(self, condition: Any, x: Any, y: Any) -> Any:
+        return self.xp.where(condition, x, y)
+
+    def swap_last(self, x: Any) -> Any:
+        """Swap the last two axes."""
+        return self.xp.swapaxes(x, -1, -2)
+
+    def moveaxis(self, x: Any, source: Sequence[int], destination: Sequence[int]) -> Any:
+        return self.xp.moveaxis(x, tuple(source), tuple(destination))
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        """Zeros of ``shape`` with the dtype (and device) of ``like``."""
+        return self.xp.zeros(shape, dtype=like.dtype)
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        """The ``k`` largest entries of the last axis, descending, and their indices.
+
+        Ties go to the lower index on every backend, so equal logits (e.g. the
+        zero-initialised gates) select the same experts everywhere.
+        """
+        raise NotImplementedError
+
+    def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
+        """``x[index]``: advanced indexing of the leading axes by broadcastable integer arrays."""
+        return x[index]
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        """Zeros ``[..., n]`` with ``values[..., j]`` added at ``index[..., j]`` (duplicates add up)."""
+        raise NotImplementedError
+
+    def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        """Standard normal draws of ``shape`` in the dtype of ``like``, and the generator to use next.
+
+        ``rng`` is an integer seed or a :class:`numpy.random.Generator` (drawn in
+        NumPy in float64 and cast, so every backend gets the same numbers), or on
+        PyTorch a ``torch.Generator`` and on JAX a PRNG key.
+        """
+        if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+            rng = np.random.default_rng(int(rng))
+        if isinstance(rng, np.random.Generator):
+            return self.asarray(rng.standard_normal(shape), self.dtype_name(like), like=like), rng
+        raise TypeError(
+            f"rng must be an integer seed or a numpy.random.Generator on the {self.name} backend; "
+            f"got {type(rng).__name__}"
+        )
+
+    def is_concrete(self, x: Any) -> bool:
+        """Whether ``x`` holds values that can be inspected now (not a JAX tracer)."""
+        return True
+
     def compile(self, fn: Any) -> Any:
         """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere)."""
         return fn
@@ -120,6 +180,15 @@ class NumpyOps(Ops):
 
     def asarray(self, x: Any, dtype: str | None = None, like: Any = None) -> Any:
         return np.asarray(x, dtype=None if dtype is None else self.dtype(dtype))
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        index = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        return np.take_along_axis(x, index, axis=-1), index
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        out = np.zeros((*index.shape[:-1], n), dtype=values.dtype)
+        np.add.at(out, (*np.indices(index.shape, sparse=True)[:-1], index), values)
+        return out
 
 
 class TorchOps(Ops):
@@ -189,6 +258,30 @@ class TorchOps(Ops):
     def count_true(self, mask: Any) -> Any:
         return self._torch.sum(mask, dim=-1, keepdim=True)
 
+    def where(self, condition: Any, x: Any, y: Any) -> Any:
+        return self._torch.where(condition, x, y)
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        return self._torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        # a stable sort, not torch.topk, whose order among ties is unspecified
+        values, index = self._torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[..., :k], index[..., :k]
+
+    def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
+        return x[tuple(i.long() for i in index)]
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        out = self.zeros((*index.shape[:-1], n), like=values)
+        return out.scatter_add(-1, index.long(), values)
+
+    def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, self._torch.Generator):
+            draw = self._torch.randn(shape, generator=rng, dtype=like.dtype, device=rng.device)
+            return draw.to(like.device), rng
+        return super().normal(rng, shape, like)
+
 
 class JaxOps(Ops):
     name = "jax"
@@ -222,6 +315,23 @@ class JaxOps(Ops):
         if x.dtype == self.xp.bfloat16:
             x = x.astype(self.xp.float32)
         return np.asarray(x)
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        # lax.top_k puts the lower index first among equal values
+        return self._jax.lax.top_k(x, k)
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        out = self.xp.zeros((*index.shape[:-1], n), dtype=values.dtype)
+        return out.at[(*self.xp.indices(index.shape, sparse=True)[:-1], index)].add(values)
+
+    def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, self._jax.Array):
+            rng, key = self._jax.random.split(rng)
+            return self._jax.random.normal(key, shape, dtype=like.dtype), rng
+        return super().normal(rng, shape, like)
+
+    def is_concrete(self, x: Any) -> bool:
+        return not isinstance(x, self._jax.core.Tracer)
 
     def compile(self, fn: Any) -> Any:
         # eager JAX compiles every primitive for every new shape; one jit per
