@@ -474,3 +474,28 @@ def test_errors_name_the_argument(numpy_backend):
         layer.apply(None, x, coefficients=[np.ones((2, 4), "float32")], routing=layer.route(None, x))
     with pytest.raises(ValueError, match="Soft MoE"):
         tensormoe.CPMMoE(3, 2, [4], rank=2, router="soft").coefficients(None, x)
+
+
+# -- the example ------------------------------------------------------------------------
+
+
+def test_compare_routers_example_quick(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "compare_routers.py"
+    spec = importlib.util.spec_from_file_location("compare_routers", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plot = tmp_path / "routers.png"
+    rows = example.main(["--quick", "--plot", str(plot)])
+    assert [r["router"] for r in rows] == example.ROUTERS
+    assert plot.stat().st_size > 0
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["entropy"] <= 1.0 + 1e-9
+        assert r["params"] <= 2048  # the same budget for every router
+    active = {r["router"]: r["active"] for r in rows}
+    assert active["top1"] == 1.0 and active["top2"] == 2.0 and active["softmax"] == 16.0
