@@ -20,28 +20,37 @@ from .contraction import Plan, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
+from .routers import DenseRouter, ExpertChoiceRouter, Router, Routing, SoftRouter, TopKRouter, aux_loss, get_router
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CP",
     "CPMMoE",
+    "DenseRouter",
+    "ExpertChoiceRouter",
     "TR",
     "TRMMoE",
     "TT",
     "TTMMoE",
+    "TopKRouter",
     "BackendNotAvailableError",
     "Factorization",
     "MMoE",
     "Plan",
+    "Router",
+    "Routing",
+    "SoftRouter",
     "Tucker",
     "TuckerMMoE",
+    "aux_loss",
     "available_backends",
     "backend_context",
     "convert_params",
     "entmax15",
     "get_backend",
     "get_plan",
+    "get_router",
     "layer_norm",
     "set_backend",
     "softmax",

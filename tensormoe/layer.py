@@ -259,9 +259,10 @@ class MMoE:
         """Draw a fresh set of parameters on the current backend.
 
         The draw is made in float64 NumPy from ``seed`` and then cast, so one seed
-        gives the same weights on every backend.  Gates start at zero (uniform
-        coefficients); factors follow :meth:`Factorization.init` with
-        ``std=init_std``.
+        gives the same weights on every backend.  Dense gates start at zero
+        (uniform coefficients), the gates of selecting routers near zero
+        (:meth:`Router.init <tensormoe.routers.Router.init>`); factors follow
+        :meth:`Factorization.init` with ``std=init_std``.
 
         Examples
         --------
@@ -272,7 +273,7 @@ class MMoE:
         rng = np.random.default_rng(self.seed if seed is None else seed)
         raw = self.factorization.init(rng, self.init_std)
         for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
-            raw.update({f"{name}_{h}": value for name, value in router.init(self.in_dim, n).items()})
+            raw.update({f"{name}_{h}": value for name, value in router.init(self.in_dim, n, rng).items()})
         ops = get_ops()
         return {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
 
@@ -624,7 +625,7 @@ class MMoE:
         >>> import numpy as np
         >>> layer = CPMMoE(4, 3, [8, 4], rank=2, router=["top2", "entmax15"])
         >>> top, dense = layer.route(None, np.ones((5, 4), dtype="float32"))
-        >>> top.indices.shape, dense.weights.shape, float(top.load_balancing_loss)
+        >>> top.indices.shape, dense.weights.shape, round(float(top.load.sum()), 6)
         ((5, 2), (5, 4), 1.0)
         """
         ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng)
@@ -788,9 +789,14 @@ class MMoE:
         )
 
     def __repr__(self) -> str:
+        default = all(
+            isinstance(r, _routers.DenseRouter) and (r.activation, r.norm) == (self.gate, self.gate_norm)
+            for r in self.routers
+        )
+        routing = f"gate={self.gate!r}" if default else f"router={[r.name for r in self.routers]!r}"
         return (
             f"{type(self).__name__}(in_dim={self.in_dim}, out_dim={self.out_dim}, "
-            f"expert_dims={list(self.expert_dims)}, {self._rank_repr()}, bias={self.bias}, gate={self.gate!r})"
+            f"expert_dims={list(self.expert_dims)}, {self._rank_repr()}, bias={self.bias}, {routing})"
         )
 
     def _rank_repr(self) -> str:

@@ -187,7 +187,7 @@ class Router:
 
     Subclasses implement :meth:`route`; parameters are declared by
     :meth:`param_shapes` (a layer stores them as ``{name}_{level}``, e.g.
-    ``gate_0``) and start at zero.
+    ``gate_0``) and drawn by :meth:`init`.
 
     Examples
     --------
@@ -199,14 +199,31 @@ class Router:
     name: str = ""
     #: whether the router mixes tokens into slots (Soft MoE) instead of routing them
     soft: bool = False
+    #: std of the initial gate logits for inputs of unit variance; 0 starts the gate at
+    #: zero (every expert equally likely, the MMoE's choice), a small value breaks the
+    #: ties that make hard selection (top-k, expert choice) pick the lowest indices
+    init_logit_std: float = 0.0
 
     def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the router's parameters, by name."""
         return {"gate": (in_dim, n_experts)}
 
-    def init(self, in_dim: int, n_experts: int) -> dict[str, np.ndarray]:
-        """Float64 parameters, all zero: every expert starts equally likely."""
-        return {name: np.zeros(shape) for name, shape in self.param_shapes(in_dim, n_experts).items()}
+    def init(self, in_dim: int, n_experts: int, rng: np.random.Generator | int | None = None) -> dict[str, np.ndarray]:
+        """Float64 parameters: the gate ``N(0, (init_logit_std / sqrt(in_dim))**2)``, all others zero.
+
+        Examples
+        --------
+        >>> float(abs(DenseRouter().init(4, 3)["gate"]).max()), bool(TopKRouter().init(4, 3, rng=0)["gate"].std() > 0)
+        (0.0, True)
+        """
+        rng = np.random.default_rng(0 if rng is None else rng)
+        out = {}
+        for name, shape in self.param_shapes(in_dim, n_experts).items():
+            if name == "gate" and self.init_logit_std > 0:
+                out[name] = rng.normal(0.0, self.init_logit_std / math.sqrt(in_dim), size=shape)
+            else:
+                out[name] = np.zeros(shape)
+        return out
 
     def check(self, n_experts: int) -> None:
         """Raise if the router cannot route ``n_experts`` experts."""
@@ -350,6 +367,9 @@ class TopKRouter(Router):
     norm : {None, "layernorm"}
         Normalisation of the logits (default none, as in the papers).
 
+    The gate starts near zero (logit std ``0.01`` for unit inputs), the noise
+    weights at zero (noise std ``softplus(0) = 0.69``), as Shazeer et al. did.
+
     Examples
     --------
     >>> import numpy as np
@@ -374,6 +394,8 @@ class TopKRouter(Router):
         self.renormalize = self.k > 1 if renormalize is None else renormalize
         self.norm = _check_norm(norm)
         self.name = f"top{self.k}"
+
+    init_logit_std = 1e-2
 
     def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
         shapes = {"gate": (in_dim, n_experts)}
@@ -439,6 +461,8 @@ class ExpertChoiceRouter(Router):
         self.norm = _check_norm(norm)
         self.name = "expert_choice"
 
+    init_logit_std = 1e-2
+
     def capacity(self, n_tokens: int, n_experts: int) -> int:
         """Tokens per expert in a group of ``n_tokens``: ``ceil(capacity_factor * T / N)``, within ``[1, T]``.
 
@@ -492,6 +516,7 @@ class SoftRouter(Router):
         self.name = "soft"
 
     soft = True
+    init_logit_std = 1e-2
 
     def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
         return {"gate": (in_dim, n_experts * self.slots_per_expert)}

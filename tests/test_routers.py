@@ -178,12 +178,28 @@ def test_top_k_selects_the_largest_logits(backend, k):
 
 
 def test_ties_select_the_lowest_indices_on_every_backend():
-    """Zero-initialised gates tie all experts: every backend picks experts 0..k-1."""
+    """Zero gates tie all experts: every backend picks experts 0..k-1 (tokens 0..c-1 for expert choice)."""
     for name in BACKENDS:
         with tensormoe.backend_context(name):
+            ops = get_ops()
+            x = ops.asarray(np.ones((5, 4)), "float32")
             layer = tensormoe.TTMMoE(4, 3, [6], ranks=2, router="top3")
-            (r,) = layer.route(None, get_ops().asarray(np.ones((5, 4)), "float32"))
+            zero = {**layer.params, "gate_0": ops.asarray(np.zeros((4, 6)), "float32")}
+            (r,) = layer.route(zero, x)
             np.testing.assert_array_equal(to_numpy(r.indices), np.tile([0, 1, 2], (5, 1)))
+            (r,) = tensormoe.TTMMoE(4, 3, [6], ranks=2, router="expert_choice").route(zero, x)
+            assert np.all(to_numpy(r.weights)[:2] > 0) and np.all(to_numpy(r.weights)[2:] == 0)  # c = 2
+
+
+def test_selecting_routers_start_without_ties():
+    """Top-k and expert choice gates start near zero but distinct: probabilities near uniform, no ties."""
+    layer = tensormoe.CPMMoE(16, 3, [8], rank=2, router="top1")
+    x = np.random.default_rng(0).normal(size=(200, 16)).astype("float32")
+    with tensormoe.backend_context("numpy"):
+        (r,) = layer.route(None, x)
+    assert np.allclose(r.probs, 1 / 8, atol=0.01)
+    assert len(np.unique(r.indices)) == 8
+    assert np.all(to_numpy(layer.params["gate_noise_0"]) == 0)
 
 
 def test_noisy_top_k_reference_and_reproducibility():
