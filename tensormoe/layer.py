@@ -6,7 +6,7 @@ convenience, one set of parameters in :attr:`MMoE.params`.  The math lives in
 planned einsum) and :mod:`tensormoe.gates`; this module wires them together and
 checks what users pass in.
 
-Forward pass of one layer, for ``x[..., I]``::
+Forward pass of one layer, for ``x[..., I]``:
 
     a_h = gate(norm(x @ G_h))                     # one coefficient vector per level
     y   = contract(a_1, ..., a_H, [x, 1], *factors)   # never builds W
@@ -130,6 +130,25 @@ class MMoE:
         ``factor_k`` (and ``core`` for Tucker) and one ``gate_h[I, N_h]`` per level.
     factorization : Factorization
         The weight tensor's format, dims and ranks.
+
+    Examples
+    --------
+    A layer is a configuration plus one set of parameters; the functional core
+    is ``init`` and ``apply``:
+
+    >>> import numpy as np
+    >>> layer = CPMMoE(in_dim=6, out_dim=4, expert_dims=[8], rank=3)
+    >>> layer
+    CPMMoE(in_dim=6, out_dim=4, expert_dims=[8], rank=3, bias=True, gate='entmax15')
+    >>> params = layer.init(seed=1)
+    >>> x = np.ones((2, 6), dtype="float32")
+    >>> layer.apply(params, x).shape
+    (2, 4)
+
+    The factorized forward equals the forward through the dense weight tensor:
+
+    >>> bool(np.allclose(layer.apply(params, x), layer.dense_forward(params, x), atol=1e-5))
+    True
     """
 
     factorization: Factorization
@@ -189,16 +208,47 @@ class MMoE:
     # -- parameters ---------------------------------------------------------------
     @property
     def hierarchy(self) -> int:
-        """Number of expert levels ``H``."""
+        """Number of expert levels ``H``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).hierarchy
+        2
+        """
         return len(self.expert_dims)
 
     @property
     def n_experts(self) -> int:
-        """Total number of experts ``N_1 * ... * N_H``."""
+        """Total number of experts ``N_1 * ... * N_H``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).n_experts
+        10
+        """
         return math.prod(self.expert_dims)
 
     @property
     def params(self) -> dict[str, Any]:
+        """The layer's own parameters: ``factor_k`` (and ``core`` for Tucker), ``gate_h``.
+
+        Arrays of the backend that was current when the layer was built, or of
+        whichever backend assigned them last.  Assigning checks names and shapes
+        (:meth:`check_params`); the layer then converts them, once per backend,
+        when it is called on another backend.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> layer.params["factor_1"].shape  # input mode: in_dim + 1 rows (bias)
+        (5, 2)
+        >>> layer.params = {**layer.params, "gate_0": np.ones((4, 5), dtype="float32")}
+        >>> layer.params = {"factor_0": np.ones((5, 2))}
+        Traceback (most recent call last):
+        ...
+        ValueError: params is missing factor_1, factor_2, gate_0 (expected the keys ['factor_0', 'factor_1', 'factor_2', 'gate_0'])
+        """
         return self._params
 
     @params.setter
@@ -413,7 +463,8 @@ class MMoE:
         ----------
         params : mapping or None
             Parameters (``None``: the layer's own).
-        x : array ``[..., in_dim]``
+        x : array of shape [..., in_dim]
+            Input of the current backend and the layer's dtype.
 
         Examples
         --------
@@ -438,9 +489,9 @@ class MMoE:
         params : mapping or None
             Parameters (``None``: the layer's own, converted to the current
             backend if needed).
-        x : array ``[..., in_dim]``
+        x : array of shape [..., in_dim]
             Input of the current backend and the layer's dtype.
-        coefficients : list of arrays ``[..., N_h]``, optional
+        coefficients : list of arrays of shape [..., N_h], optional
             Expert coefficients to use instead of the gates' (e.g. to share one
             gating between two layers).
 
@@ -455,7 +506,16 @@ class MMoE:
         return self._run("_forward", ops, params, x, coefficients)
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
-        """``apply`` with the layer's own parameters on the current backend."""
+        """:meth:`apply` with the layer's own parameters, on the current backend.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = TRMMoE(4, 3, [5], ranks=2)
+        >>> x = np.ones((2, 4), dtype="float32")
+        >>> bool(np.array_equal(layer(x), layer.apply(layer.params, x)))
+        True
+        """
         return self.apply(None, x, coefficients)
 
     # -- the dense reference ------------------------------------------------------
@@ -570,7 +630,13 @@ class CPMMoE(MMoE):
 
     @property
     def rank(self) -> int:
-        """The CP rank."""
+        """The CP rank ``R``.
+
+        Examples
+        --------
+        >>> CPMMoE(16, 8, [32], rank=4).rank
+        4
+        """
         return self.factorization.rank
 
     def _rank_repr(self) -> str:
