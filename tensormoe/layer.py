@@ -216,7 +216,7 @@ class MMoE:
         Examples
         --------
         >>> CPMMoE(4, 3, [5], rank=2).n_params
-        50
+        46
         """
         return sum(math.prod(shape) for shape in self.param_shapes().values())
 
@@ -535,6 +535,26 @@ class MMoE:
         shapes += list(self.factorization.param_shapes().values())
         return get_plan(
             self.factorization.forward_equation(), *shapes, backend=get_backend(), dtype=self.dtype, optimize=self.optimize
+        )
+
+    def cost(self, batch_size: int = 1) -> Any:
+        """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
+
+        Returns a frozen :class:`tensormoe.accounting.Cost`; its FLOPs come from
+        the same plan as :meth:`plan`, and the gates are counted separately.
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> c = layer.cost(batch_size=8)
+        >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
+        (True, True)
+        """
+        from .accounting import factorization_cost
+
+        return factorization_cost(
+            self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
+            optimize=self.optimize,
         )
 
     def __repr__(self) -> str:
