@@ -135,8 +135,13 @@ class Cost:
 
     @property
     def params_vs_dense(self) -> float:
-        """``factor_params / dense_params`` (the compression of ``W``; gates excluded)."""
-        return self.factor_params / self.dense_params
+        """``params / (dense_params + gate_params)``: against a dense MMoE layer with the same gates."""
+        return self.params / (self.dense_params + self.gate_params)
+
+    @property
+    def flops_vs_dense(self) -> float:
+        """``flops / (dense_flops + gate_flops)``: against a dense MMoE layer with the same gates."""
+        return self.flops / (self.dense_flops + self.gate_flops)
 
     @property
     def flops_vs_linear(self) -> float:

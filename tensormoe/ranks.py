@@ -44,7 +44,7 @@ from typing import Any
 from .accounting import Cost, _expert_dims, factorization_cost, gate_params, linear_params, make_factorization
 from .factorizations import FACTORIZATIONS, Factorization, check_positive_int
 
-__all__ = ["KINDS", "Match", "match_rank", "match_ranks", "resolve_budget"]
+__all__ = ["KINDS", "Match", "match_rank", "match_ranks", "minimum_params", "resolve_budget"]
 
 #: Factorizations in the order tables list them.
 KINDS = ("cp", "tucker", "tt", "tr")
@@ -116,6 +116,8 @@ class Match:
     in_dim, out_dim : int
     expert_dims : tuple of int
     bias, count_gates : bool
+    bond_rank : int or None
+        The fixed bond rank of the per-bond TT/TR rule (``None``: uniform).
 
     Examples
     --------
@@ -134,6 +136,19 @@ class Match:
     expert_dims: tuple[int, ...]
     bias: bool = True
     count_gates: bool = True
+    bond_rank: int | None = None
+
+    def ranks_at(self, rank: int) -> Any:
+        """The ranks of the same family at another family parameter ``rank`` (for sweeps).
+
+        Examples
+        --------
+        >>> m = match_rank("tt", 64, 64, [8], 10_000)
+        >>> m.ranks_at(m.rank) == m.ranks, m.ranks_at(2)
+        (True, [1, 2, 2, 1])
+        """
+        dims = make_factorization("cp", self.in_dim, self.out_dim, self.expert_dims, 1, bias=self.bias).dims
+        return _family(self.kind, dims, self.bond_rank)[0](check_positive_int(rank, "rank"))
 
     @property
     def fill(self) -> float:
@@ -165,15 +180,12 @@ class Match:
         >>> layer.factorization.bonds, layer.n_params
         ((2, 2, 27, 2), 1990)
         """
-        from .layer import CPMMoE, TRMMoE, TTMMoE, TuckerMMoE
+        from .layer import make_layer
 
         if "bias" in kwargs and kwargs["bias"] != self.bias:
             raise ValueError(f"bias={kwargs['bias']!r} contradicts the match, made with bias={self.bias}")
         kwargs["bias"] = self.bias
-        if self.kind == "cp":
-            return CPMMoE(self.in_dim, self.out_dim, list(self.expert_dims), rank=self.ranks, **kwargs)
-        cls = {"tucker": TuckerMMoE, "tt": TTMMoE, "tr": TRMMoE}[self.kind]
-        return cls(self.in_dim, self.out_dim, list(self.expert_dims), ranks=self.ranks, **kwargs)
+        return make_layer(self.kind, self.in_dim, self.out_dim, list(self.expert_dims), self.ranks, **kwargs)
 
 
 def _family(kind: str, dims: tuple[int, ...], bond_rank: int | None) -> tuple[Callable[[int], Any], int | None]:
@@ -192,6 +204,47 @@ def _family(kind: str, dims: tuple[int, ...], bond_rank: int | None) -> tuple[Ca
     edge = k if ring else 1
     # bonds r_0 .. r_d; bond d-1 sits between the input core (d-2) and the output core (d-1)
     return (lambda r: [edge] + [k] * (d - 2) + [r] + [edge]), None
+
+
+def minimum_params(
+    kind: str,
+    in_dim: int,
+    out_dim: int,
+    expert_dims: int | Sequence[int],
+    *,
+    bias: bool = True,
+    count_gates: bool = True,
+    bond_rank: int | None = None,
+) -> int:
+    """Parameters of the smallest layer of ``kind``'s family (``r = 1``): the least budget that can be met.
+
+    Examples
+    --------
+    >>> minimum_params("cp", 768, 768, [64]) == (64 + 769 + 768) + 768 * 64
+    True
+    """
+    return _params_of(kind, in_dim, out_dim, expert_dims, bias, count_gates, bond_rank)[0](1)
+
+
+def _params_of(
+    kind: str, in_dim: int, out_dim: int, expert_dims: Any, bias: bool, count_gates: bool, bond_rank: Any
+) -> tuple[Callable[[int], int], Callable[[int], Any], int | None, tuple[int, ...]]:
+    """Parameter count and ranks as functions of the family parameter, its upper limit, the expert dims."""
+    if kind not in FACTORIZATIONS:
+        raise ValueError(f"kind={kind!r} is not a factorization; expected one of {sorted(FACTORIZATIONS)}")
+    if bond_rank is not None and kind not in ("tt", "tr"):
+        raise ValueError(f"bond_rank applies to 'tt' and 'tr' only; got bond_rank={bond_rank!r} with kind={kind!r}")
+    if not isinstance(count_gates, bool):
+        raise TypeError(f"count_gates must be True or False; got {count_gates!r}")
+    experts = _expert_dims(expert_dims)
+    gates = gate_params(in_dim, experts) if count_gates else 0
+    dims = make_factorization("cp", in_dim, out_dim, experts, 1, bias=bias).dims
+    ranks_of, top = _family(kind, dims, bond_rank)
+
+    def params(r: int) -> int:
+        return make_factorization(kind, in_dim, out_dim, experts, ranks_of(r), bias=bias).n_params() + gates
+
+    return params, ranks_of, top, experts
 
 
 def match_rank(
@@ -244,25 +297,12 @@ def match_rank(
     >>> match_rank("tr", 768, 1000, [64], "linear", bond_rank=4).ranks
     [4, 4, 101, 4]
     """
-    if kind not in FACTORIZATIONS:
-        raise ValueError(f"kind={kind!r} is not a factorization; expected one of {sorted(FACTORIZATIONS)}")
-    if bond_rank is not None and kind not in ("tt", "tr"):
-        raise ValueError(f"bond_rank applies to 'tt' and 'tr' only; got bond_rank={bond_rank!r} with kind={kind!r}")
-    if not isinstance(count_gates, bool):
-        raise TypeError(f"count_gates must be True or False; got {count_gates!r}")
-    experts = _expert_dims(expert_dims)
+    params, ranks_of, top, experts = _params_of(kind, in_dim, out_dim, expert_dims, bias, count_gates, bond_rank)
     total = resolve_budget(budget, in_dim, out_dim, experts, bias=bias)
-    gates = gate_params(in_dim, experts) if count_gates else 0
-    dims = make_factorization("cp", in_dim, out_dim, experts, 1, bias=bias).dims
-    ranks_of, top = _family(kind, dims, bond_rank)
-
-    def params(r: int) -> int:
-        return make_factorization(kind, in_dim, out_dim, experts, ranks_of(r), bias=bias).n_params() + gates
-
     smallest = params(1)
     if smallest > total:
         where = f"in_dim={in_dim}, out_dim={out_dim}, expert_dims={list(experts)}"
-        gate_note = f", gates included: {gates:,}" if count_gates else ""
+        gate_note = f", gates included: {gate_params(in_dim, experts):,}" if count_gates else ""
         raise ValueError(
             f"budget={budget!r} ({total:,} parameters) is below the smallest {kind} layer for {where}: ranks "
             f"{ranks_of(1)!r} need {smallest:,} parameters{gate_note}; expected a budget of at least {smallest:,}"
@@ -286,6 +326,7 @@ def match_rank(
         expert_dims=experts,
         bias=bias,
         count_gates=count_gates,
+        bond_rank=bond_rank,
     )
 
 
