@@ -124,7 +124,7 @@ def from_dense(
     bias: bool = True,
     bond_rank: int | None = None,
     n_iter_max: int = 100,
-    tol: float = 1e-8,
+    tol: float = 1e-6,
     seed: int = 0,
     **layer_kwargs: Any,
 ) -> Compressed:
