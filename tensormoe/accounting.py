@@ -242,7 +242,8 @@ def bias_params(factorization: Factorization) -> int:
     letter = factorization.mode_symbol(factorization.order - 2)
     size = factorization.dims[-2]
     shapes = factorization.param_shapes()
-    return sum(math.prod(shapes[name]) // size for name, letters in factorization.network().items() if letter in letters)
+    network = factorization.network()
+    return sum(math.prod(shapes[name]) // size for name, letters in network.items() if letter in letters)
 
 
 def gate_params(in_dim: int, expert_dims: int | Sequence[int]) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -197,7 +198,8 @@ def _dims(args: argparse.Namespace, tensor: np.ndarray | None) -> tuple[int, int
         if found[0] < 1:
             raise _UsageError(f"--tensor of shape {tensor.shape} leaves no input features (use --no-bias?)")
         return found
-    missing = [flag for flag, v in (("--in", args.in_dim), ("--out", args.out_dim), ("--experts", args.experts)) if v is None]
+    given = (("--in", args.in_dim), ("--out", args.out_dim), ("--experts", args.experts))
+    missing = [flag for flag, value in given if value is None]
     if missing:
         raise _UsageError(f"missing {', '.join(missing)} (or give --tensor FILE.npy)")
     return args.in_dim, args.out_dim, list(args.experts)
@@ -226,6 +228,7 @@ def _default_sweep(rank: int) -> list[int]:
 
 def _ranks_command(args: argparse.Namespace, out: Any) -> int:
     from . import accounting
+    from .contraction import check_optimizer
     from .ranks import match_rank, minimum_params, resolve_budget
 
     if args.sweep and args.tensor is None and args.synthetic is None:
@@ -239,9 +242,14 @@ def _ranks_command(args: argparse.Namespace, out: Any) -> int:
     dense_entries = math.prod(dims)
     budget = resolve_budget(args.budget, in_dim, out_dim, experts, bias=bias)
     batch = args.batch
-    from .contraction import check_optimizer
-
     check_optimizer(args.optimize)
+    if args.sweep and dense_entries > args.max_entries:
+        raise _UsageError(
+            f"the sweep's tensor would have {dense_entries:,} entries (> --max-entries {args.max_entries:,}); "
+            "use smaller --in/--out/--experts or raise --max-entries"
+        )
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise _UsageError(f"--plot {args.plot!r}: its folder does not exist")
 
     linear = accounting.linear_params(in_dim, out_dim, bias)
     gate_count = accounting.gate_params(in_dim, experts)
@@ -294,11 +302,6 @@ def _ranks_command(args: argparse.Namespace, out: Any) -> int:
 
     sweep: dict[str, list[tuple[int, Any, int, float, str, float]]] = {}
     if args.sweep:
-        if dense_entries > args.max_entries:
-            raise _UsageError(
-                f"the sweep's tensor would have {dense_entries:,} entries (> --max-entries {args.max_entries:,}); "
-                "use smaller --in/--out/--experts or raise --max-entries"
-            )
         if tensor is None:
             tensor = _synthetic(dims, args.synthetic, args.noise, args.seed)
             what = f"synthetic CP rank {args.synthetic} + {args.noise:g} relative noise"
@@ -334,8 +337,9 @@ def _sweep(tensor: np.ndarray, matches: dict, args: argparse.Namespace, bias: bo
                         tensor, kind=kind, ranks=ranks, bias=bias, n_iter_max=args.n_iter, seed=args.seed,
                         dtype="float64",
                     )
-            except ValueError as err:
-                raise _UsageError(f"{kind} at ranks {ranks}: {err}") from None
+            except ValueError as err:  # e.g. a CP rank ALS cannot solve for: report it and go on
+                print(f"tensormoe: {kind} at ranks {ranks} skipped: {err}", file=sys.stderr)
+                continue
             seconds = time.perf_counter() - start
             params = done.layer.n_params if match.count_gates else done.layer.factorization.n_params()
             short = done.method.split(" ")[0].rsplit(".", 1)[-1]

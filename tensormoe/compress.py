@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .backend import backend_context
+from .contraction import contract
 from .factorizations import Factorization, check_positive_int
 from .layer import MMoE, make_layer
 from .ops import get_ops, ops_for_array
@@ -383,6 +385,9 @@ def from_linear(
     if layout == "out_in":
         w = w.T
     in_dim, out_dim = w.shape
+    std = 1.0 / math.sqrt(in_dim) if gate_std is None else gate_std
+    if isinstance(std, bool) or not isinstance(std, numbers.Real) or not std >= 0 or not math.isfinite(std):
+        raise ValueError(f"gate_std must be a finite number >= 0; got {gate_std!r}")
     has_bias = bias is not None
     if has_bias:
         b = _as_float64(bias, "bias")
@@ -391,8 +396,6 @@ def from_linear(
         matrix = np.concatenate([w, b[None, :]], axis=0)
     else:
         matrix = w
-    if "bias" in layer_kwargs:
-        raise TypeError("from_linear takes the bias vector as `bias`; the layer has a bias exactly when one is given")
     chosen = _ranks_from(kind, ranks, budget, in_dim, out_dim, _list(expert_dims), has_bias, bond_rank)
     layer = make_layer(kind, in_dim, out_dim, expert_dims, chosen, bias=has_bias, seed=seed, **layer_kwargs)
     f = layer.factorization
@@ -404,20 +407,14 @@ def from_linear(
     _EXACT[kind](params, f, left, right)
 
     rng = np.random.default_rng(seed)
-    std = 1.0 / math.sqrt(in_dim) if gate_std is None else float(gate_std)
-    if not std >= 0 or not math.isfinite(std):
-        raise ValueError(f"gate_std must be a finite number >= 0; got {gate_std!r}")
     for h, n in enumerate(layer.expert_dims):
         params[f"gate_{h}"] = rng.normal(0.0, std, size=(in_dim, n)) if std > 0 else np.zeros((in_dim, n))
     _set_params(layer, params)
 
     # every expert holds the same matrix: compare one of them (W itself may be far too large)
     cast = _layer_params_float64(layer)
-    with backend_context("numpy"):
-        from .contraction import contract
-
-        last = [n - 1 for n in layer.expert_dims]
-        expert = contract(f.slice_equation(), *f.slice_params(cast, last), backend="numpy", dtype="float64")
+    last = [n - 1 for n in layer.expert_dims]
+    expert = contract(f.slice_equation(), *f.slice_params(cast, last), backend="numpy", dtype="float64")
     numerical_rank = int(np.count_nonzero(s > s[0] * max(matrix.shape) * np.finfo(np.float64).eps)) if s.size else 0
     if _capacity(f) >= numerical_rank:
         method = "exact: SVD of the linear layer"

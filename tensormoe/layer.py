@@ -665,7 +665,9 @@ class TRMMoE(MMoE):
 LAYERS: dict[str, type[MMoE]] = {"cp": CPMMoE, "tucker": TuckerMMoE, "tt": TTMMoE, "tr": TRMMoE}
 
 
-def make_layer(kind: str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], ranks: Any, **kwargs: Any) -> MMoE:
+def make_layer(
+    kind: str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], ranks: Any, **kwargs: Any
+) -> MMoE:
     """Build the layer of factorization ``kind``; ``ranks`` is CP's ``rank`` or the others' ``ranks``.
 
     Parameters

@@ -44,7 +44,8 @@ def test_table_lists_every_factorization_with_its_matched_ranks_and_costs(capsys
 
 def test_budget_below_a_familys_minimum_is_shown_not_fatal(capsys):
     # cp, 8 -> 8, 4 experts: rank r costs r * (4 + 9 + 8) plus 8 * 4 gates, so 60 buys r = 1 and 40 buys nothing
-    code, out, _ = run(["ranks", "--in", "8", "--out", "8", "--experts", "4", "--budget", "60", "--kinds", "cp"], capsys)
+    code, out, _ = run(["ranks", "--in", "8", "--out", "8", "--experts", "4", "--budget", "60", "--kinds", "cp"],
+                       capsys)
     assert code == 0 and rows(out)["cp"][1:3] == ["R=1", "53"]
     code, out, _ = run(["ranks", "--in", "8", "--out", "8", "--experts", "4", "--budget", "40"], capsys)
     assert code == 0 and "needs >= 53" in " ".join(rows(out)["cp"])
@@ -72,6 +73,17 @@ def test_sweep_of_a_tensor_file(tmp_path, capsys):
     assert "MMoE 5 -> 5, experts [4]" in out and "tensor_train" in out and "tucker" in out
 
 
+def test_sweep_reports_ranks_a_decomposition_cannot_take_and_goes_on(tmp_path, capsys):
+    path = tmp_path / "small.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(2, 3, 2)))
+    code, out, err = run(["ranks", "--tensor", str(path), "--no-bias", "--no-gates", "--kinds", "cp",
+                          "--sweep-ranks", "1,5",
+                          "--budget", "1.0"], capsys)
+    assert code == 0
+    assert "cp at ranks 5 skipped: rank=5 exceeds 4" in err  # ALS needs rank <= min over modes of the others' product
+    assert "R=1" in out.split("reconstruction error")[1]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -86,6 +98,8 @@ def test_sweep_of_a_tensor_file(tmp_path, capsys):
         (["ranks", "--in", "8", "--out", "8", "--experts", "4", "--optimize", "fastest"], "optimize='fastest'"),
         (["ranks", "--in", "99", "--out", "99", "--experts", "99", "--synthetic", "2", "--max-entries", "1000"],
          "--max-entries"),
+        (["ranks", "--in", "8", "--out", "8", "--experts", "4", "--plot", "/nonexistent/dir/r.png"],
+         "folder does not exist"),
         (["ranks", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         ([], "a command is required"),
     ],
