@@ -383,8 +383,12 @@ def _plot(path: str, matches: dict, sweep: dict, args: argparse.Namespace, linea
     for ax, title, xlabel in zip(axes, titles, xlabels):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for axis, counts in ((ax.xaxis, xlabel == "parameters"), (ax.yaxis, title != "relative error")):
-            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        for axis, counts, limits in (
+            (ax.xaxis, xlabel == "parameters", ax.get_xlim()),
+            (ax.yaxis, title != "relative error", ax.get_ylim()),
+        ):
+            decades = math.log10(max(limits) / max(min(limits), 1e-300))
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)))
             axis.set_major_formatter(EngFormatter(sep="") if counts else FuncFormatter(_tick))
             axis.set_minor_formatter(NullFormatter())
         ax.set_title(title)
