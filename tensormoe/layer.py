@@ -31,7 +31,7 @@ from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
 from .ops import Ops, get_ops, ops_for_array
 
-__all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params"]
+__all__ = ["CPMMoE", "LAYERS", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params", "make_layer"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -597,6 +597,26 @@ class MMoE:
             self.factorization.forward_equation(), *shapes, backend=get_backend(), dtype=self.dtype, optimize=self.optimize
         )
 
+    def cost(self, batch_size: int = 1) -> Any:
+        """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
+
+        Returns a frozen :class:`tensormoe.accounting.Cost`; its FLOPs come from
+        the same plan as :meth:`plan`, and the gates are counted separately.
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> c = layer.cost(batch_size=8)
+        >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
+        (True, True)
+        """
+        from .accounting import factorization_cost
+
+        return factorization_cost(
+            self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
+            optimize=self.optimize,
+        )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(in_dim={self.in_dim}, out_dim={self.out_dim}, "
@@ -705,3 +725,41 @@ class TRMMoE(MMoE):
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
         return TR(dims, self._ranks, len(self.expert_dims))
+
+
+#: Layer classes by factorization name.
+LAYERS: dict[str, type[MMoE]] = {"cp": CPMMoE, "tucker": TuckerMMoE, "tt": TTMMoE, "tr": TRMMoE}
+"""Layer classes by factorization name.
+
+Examples
+--------
+>>> LAYERS["tt"].__name__
+'TTMMoE'
+"""
+
+
+def make_layer(
+    kind: str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], ranks: Any, **kwargs: Any
+) -> MMoE:
+    """Build the layer of factorization ``kind``; ``ranks`` is CP's ``rank`` or the others' ``ranks``.
+
+    Parameters
+    ----------
+    kind : {"cp", "tucker", "tt", "tr"}
+    in_dim, out_dim : int
+    expert_dims : int or sequence of int
+    ranks : int or sequence
+        As the layer class takes them.
+    **kwargs
+        Passed on to the layer class (``bias``, ``gate``, ``seed``, ...).
+
+    Examples
+    --------
+    >>> make_layer("cp", 4, 3, [5], 2)
+    CPMMoE(in_dim=4, out_dim=3, expert_dims=[5], rank=2, bias=True, gate='entmax15')
+    """
+    if kind not in LAYERS:
+        raise ValueError(f"kind={kind!r} is not a factorization; expected one of {sorted(LAYERS)}")
+    if kind == "cp":
+        return CPMMoE(in_dim, out_dim, expert_dims, rank=ranks, **kwargs)
+    return LAYERS[kind](in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
