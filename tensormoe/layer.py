@@ -6,7 +6,7 @@ convenience, one set of parameters in :attr:`MMoE.params`.  The math lives in
 planned einsum) and :mod:`tensormoe.gates`; this module wires them together and
 checks what users pass in.
 
-Forward pass of one layer, for ``x[..., I]``::
+Forward pass of one layer, for ``x[..., I]``:
 
     a_h = gate(norm(x @ G_h))                     # one coefficient vector per level
     y   = contract(a_1, ..., a_H, [x, 1], *factors)   # never builds W
@@ -32,7 +32,7 @@ from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
 from .ops import Ops, get_ops, ops_for_array
 
-__all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params"]
+__all__ = ["CPMMoE", "LAYERS", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params", "make_layer"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -138,6 +138,25 @@ class MMoE:
         ``factor_k`` (and ``core`` for Tucker) and one ``gate_h[I, N_h]`` per level.
     factorization : Factorization
         The weight tensor's format, dims and ranks.
+
+    Examples
+    --------
+    A layer is a configuration plus one set of parameters; the functional core
+    is ``init`` and ``apply``:
+
+    >>> import numpy as np
+    >>> layer = CPMMoE(in_dim=6, out_dim=4, expert_dims=[8], rank=3)
+    >>> layer
+    CPMMoE(in_dim=6, out_dim=4, expert_dims=[8], rank=3, bias=True, gate='entmax15')
+    >>> params = layer.init(seed=1)
+    >>> x = np.ones((2, 6), dtype="float32")
+    >>> layer.apply(params, x).shape
+    (2, 4)
+
+    The factorized forward equals the forward through the dense weight tensor:
+
+    >>> bool(np.allclose(layer.apply(params, x), layer.dense_forward(params, x), atol=1e-5))
+    True
     """
 
     factorization: Factorization
@@ -199,16 +218,47 @@ class MMoE:
     # -- parameters ---------------------------------------------------------------
     @property
     def hierarchy(self) -> int:
-        """Number of expert levels ``H``."""
+        """Number of expert levels ``H``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).hierarchy
+        2
+        """
         return len(self.expert_dims)
 
     @property
     def n_experts(self) -> int:
-        """Total number of experts ``N_1 * ... * N_H``."""
+        """Total number of experts ``N_1 * ... * N_H``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).n_experts
+        10
+        """
         return math.prod(self.expert_dims)
 
     @property
     def params(self) -> dict[str, Any]:
+        """The layer's own parameters: ``factor_k`` (and ``core`` for Tucker), ``gate_h``.
+
+        Arrays of the backend that was current when the layer was built, or of
+        whichever backend assigned them last.  Assigning checks names and shapes
+        (:meth:`check_params`); the layer then converts them, once per backend,
+        when it is called on another backend.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> layer.params["factor_1"].shape  # input mode: in_dim + 1 rows (bias)
+        (5, 2)
+        >>> layer.params = {**layer.params, "gate_0": np.ones((4, 5), dtype="float32")}
+        >>> layer.params = {"factor_0": np.ones((5, 2))}
+        Traceback (most recent call last):
+        ...
+        ValueError: params is missing factor_1, factor_2, gate_0 (expected the keys ['factor_0', 'factor_1', 'factor_2', 'gate_0'])
+        """
         return self._params
 
     @params.setter
@@ -577,7 +627,8 @@ class MMoE:
         ----------
         params : mapping or None
             Parameters (``None``: the layer's own).
-        x : array ``[..., in_dim]``
+        x : array of shape [..., in_dim]
+            Input of the current backend and the layer's dtype.
 
         Examples
         --------
@@ -655,15 +706,15 @@ class MMoE:
         params : mapping or None
             Parameters (``None``: the layer's own, converted to the current
             backend if needed).
-        x : array ``[..., in_dim]``
+        x : array of shape [..., in_dim]
             Input of the current backend and the layer's dtype.
-        coefficients : list of arrays ``[..., N_h]``, optional
+        coefficients : list of arrays of shape [..., N_h], optional
             Dense expert coefficients to use instead of the routers' (e.g. to
             share one gating between two layers).
         routing : list of Routing, optional
             A routing from :meth:`route` (or written by hand, e.g.
             ``Routing(weights, indices)``) to use instead of routing here.
-        mask : array ``[...]``, optional
+        mask : array of shape [...], optional
             Padding mask (true for tokens): padding gets no expert, so a zero output.
         training : bool
             Draw the routers' training noise; needs ``rng``.
@@ -693,7 +744,19 @@ class MMoE:
         return self._run("_forward", ops, params, x, coefficients, routing, mask, noise)
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
-        """``apply`` with the layer's own parameters on the current backend."""
+        """:meth:`apply` with the layer's own parameters, on the current backend.
+
+        Keyword arguments (``routing``, ``mask``, ``training``, ``rng``,
+        ``return_routing``) are passed on to :meth:`apply`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = TRMMoE(4, 3, [5], ranks=2)
+        >>> x = np.ones((2, 4), dtype="float32")
+        >>> bool(np.array_equal(layer(x), layer.apply(layer.params, x)))
+        True
+        """
         return self.apply(None, x, coefficients, **kwargs)
 
     # -- the dense reference ------------------------------------------------------
@@ -788,6 +851,26 @@ class MMoE:
             self.factorization.forward_equation(), *shapes, backend=get_backend(), dtype=self.dtype, optimize=self.optimize
         )
 
+    def cost(self, batch_size: int = 1) -> Any:
+        """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
+
+        Returns a frozen :class:`tensormoe.accounting.Cost`; its FLOPs come from
+        the same plan as :meth:`plan`, and the gates are counted separately.
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> c = layer.cost(batch_size=8)
+        >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
+        (True, True)
+        """
+        from .accounting import factorization_cost
+
+        return factorization_cost(
+            self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
+            optimize=self.optimize,
+        )
+
     def __repr__(self) -> str:
         default = all(
             isinstance(r, _routers.DenseRouter) and (r.activation, r.norm) == (self.gate, self.gate_norm)
@@ -826,7 +909,13 @@ class CPMMoE(MMoE):
 
     @property
     def rank(self) -> int:
-        """The CP rank."""
+        """The CP rank ``R``.
+
+        Examples
+        --------
+        >>> CPMMoE(16, 8, [32], rank=4).rank
+        4
+        """
         return self.factorization.rank
 
     def _rank_repr(self) -> str:
@@ -895,3 +984,41 @@ class TRMMoE(MMoE):
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
         return TR(dims, self._ranks, len(self.expert_dims))
+
+
+#: Layer classes by factorization name.
+LAYERS: dict[str, type[MMoE]] = {"cp": CPMMoE, "tucker": TuckerMMoE, "tt": TTMMoE, "tr": TRMMoE}
+"""Layer classes by factorization name.
+
+Examples
+--------
+>>> LAYERS["tt"].__name__
+'TTMMoE'
+"""
+
+
+def make_layer(
+    kind: str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], ranks: Any, **kwargs: Any
+) -> MMoE:
+    """Build the layer of factorization ``kind``; ``ranks`` is CP's ``rank`` or the others' ``ranks``.
+
+    Parameters
+    ----------
+    kind : {"cp", "tucker", "tt", "tr"}
+    in_dim, out_dim : int
+    expert_dims : int or sequence of int
+    ranks : int or sequence
+        As the layer class takes them.
+    **kwargs
+        Passed on to the layer class (``bias``, ``gate``, ``seed``, ...).
+
+    Examples
+    --------
+    >>> make_layer("cp", 4, 3, [5], 2)
+    CPMMoE(in_dim=4, out_dim=3, expert_dims=[5], rank=2, bias=True, gate='entmax15')
+    """
+    if kind not in LAYERS:
+        raise ValueError(f"kind={kind!r} is not a factorization; expected one of {sorted(LAYERS)}")
+    if kind == "cp":
+        return CPMMoE(in_dim, out_dim, expert_dims, rank=ranks, **kwargs)
+    return LAYERS[kind](in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
