@@ -176,7 +176,13 @@ class Factorization:
         return self.routed_equation([False] * self.n_expert_modes)
 
     def selection_symbol(self, level: int) -> str:
-        """The einsum letter of the selected-expert axis ``k`` of a sparse level."""
+        """The einsum letter of the selected-expert axis ``k`` of a sparse level.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).selection_symbol(0)
+        'h'
+        """
         return opt_einsum.get_symbol(1 + 2 * self.order + level)
 
     def _sparse_letters(self, sparse: Sequence[bool]) -> dict[str, str]:

@@ -311,7 +311,7 @@ class MMoE:
         The draw is made in float64 NumPy from ``seed`` and then cast, so one seed
         gives the same weights on every backend.  Dense gates start at zero
         (uniform coefficients), the gates of selecting routers near zero
-        (:meth:`Router.init <tensormoe.routers.Router.init>`); factors follow
+        (:meth:`tensormoe.routers.Router.init`); factors follow
         :meth:`Factorization.init` with ``std=init_std``.
 
         Examples

@@ -272,48 +272,122 @@ class Ops:
 
     # --- routing: selection, gathers and scatters --------------------------------
     def log(self, x: Any) -> Any:
+        """Natural logarithm.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").log(np.array([1.0]))
+        array([0.])
+        """
         return self.xp.log(x)
 
     def softplus(self, x: Any) -> Any:
-        """``log(1 + exp(x))`` without overflow."""
+        """``log(1 + exp(x))`` without overflow.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").softplus(np.array([0.0, 1000.0])).round(4).tolist()
+        [0.6931, 1000.0]
+        """
         return self.relu(x) + self.xp.log1p(self.xp.exp(-self.xp.abs(x)))
 
     def where(self, condition: Any, x: Any, y: Any) -> Any:
+        """``x`` where ``condition`` holds, else ``y`` (broadcast).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").where(np.array([True, False]), np.array([1.0, 2.0]), -1.0)
+        array([ 1., -1.])
+        """
         return self.xp.where(condition, x, y)
 
     def swap_last(self, x: Any) -> Any:
-        """Swap the last two axes."""
+        """Swap the last two axes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").swap_last(np.zeros((2, 3, 4))).shape
+        (2, 4, 3)
+        """
         return self.xp.swapaxes(x, -1, -2)
 
     def moveaxis(self, x: Any, source: Sequence[int], destination: Sequence[int]) -> Any:
+        """Move axes ``source`` to positions ``destination``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").moveaxis(np.zeros((2, 3, 4)), [1], [0]).shape
+        (3, 2, 4)
+        """
         return self.xp.moveaxis(x, tuple(source), tuple(destination))
 
     def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
-        """Zeros of ``shape`` with the dtype (and device) of ``like``."""
+        """Zeros of ``shape`` with the dtype (and device) of ``like``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").zeros((2,), like=np.ones(1, dtype="float32"))
+        array([0., 0.], dtype=float32)
+        """
         return self.xp.zeros(shape, dtype=like.dtype)
 
     def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
         """The ``k`` largest entries of the last axis, descending, and their indices.
 
-        Ties go to the lower index on every backend, so equal logits (e.g. the
-        zero-initialised gates) select the same experts everywhere.
+        Ties go to the lower index on every backend, so equal logits (e.g. zero
+        gates) select the same experts everywhere.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").top_k(np.array([[1.0, 3.0, 3.0, 0.0]]), 2)
+        (array([[3., 3.]]), array([[1, 2]]))
         """
         raise NotImplementedError
 
     def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
-        """``x[index]``: advanced indexing of the leading axes by broadcastable integer arrays."""
+        """``x[index]``: the leading axes indexed by broadcastable integer arrays.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").gather(np.arange(6.0).reshape(3, 2), (np.array([[2, 0]]),))
+        array([[[4., 5.],
+                [0., 1.]]])
+        """
         return x[index]
 
     def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
-        """Zeros ``[..., n]`` with ``values[..., j]`` added at ``index[..., j]`` (duplicates add up)."""
+        """Zeros ``[..., n]`` with ``values[..., j]`` added at ``index[..., j]`` (duplicates add up).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").scatter_add_last(np.array([[2, 0, 2]]), np.array([[1.0, 2.0, 3.0]]), 4)
+        array([[2., 0., 4., 0.]])
+        """
         raise NotImplementedError
 
     def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
         """Standard normal draws of ``shape`` in the dtype of ``like``, and the generator to use next.
 
-        ``rng`` is an integer seed or a :class:`numpy.random.Generator` (drawn in
+        ``rng`` is an integer seed or a ``numpy.random.Generator`` (drawn in
         NumPy in float64 and cast, so every backend gets the same numbers), or on
-        PyTorch a ``torch.Generator`` and on JAX a PRNG key.
+        PyTorch a ``torch.Generator`` and on JAX a PRNG key (drawn natively).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ops = get_ops("numpy")
+        >>> draw, rng = ops.normal(0, (2,), like=np.zeros(1))
+        >>> bool(np.array_equal(draw, np.random.default_rng(0).standard_normal(2)))
+        True
         """
         if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
             rng = np.random.default_rng(int(rng))
@@ -325,7 +399,14 @@ class Ops:
         )
 
     def is_concrete(self, x: Any) -> bool:
-        """Whether ``x`` holds values that can be inspected now (not a JAX tracer)."""
+        """Whether ``x`` holds values that can be inspected now (not a JAX tracer).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").is_concrete(np.zeros(1))
+        True
+        """
         return True
 
     def compile(self, fn: Any) -> Any:

@@ -6,19 +6,17 @@ Mixture of Experts", 2024) every router produces *dispatch* weights (what each
 expert reads) and *combine* weights (how its output is mixed back); they differ
 in which of them are sparse and who chooses:
 
-========================  =================  ===========================================================
-router                    returns            chooses
-========================  =================  ===========================================================
-:class:`DenseRouter`      dense ``[..., N]`` every token weighs all experts: softmax, 1.5-entmax or
-                                             sparsemax of its logits (the MMoE default: 1.5-entmax)
-:class:`TopKRouter`       sparse ``[..., k]`` each token keeps its ``k`` best experts (Shazeer et al. 2017
-                          + indices          noisy top-k; Switch ``k=1``; GShard ``k=2``)
-:class:`ExpertChoice\\    dense ``[..., N]`` each expert takes its ``c`` best tokens of the group
-Router`                                      (Zhou et al. 2022), ``c = capacity_factor * T / N``
-:class:`SoftRouter`       dispatch, combine  each slot reads a softmax mixture of the group's tokens,
-                          ``[..., S]``       each token a softmax mixture of the slots (Soft MoE,
-                                             Puigcerver et al. 2024)
-========================  =================  ===========================================================
+* :class:`DenseRouter` -- every token weighs all ``N`` experts with softmax,
+  1.5-entmax or sparsemax of its logits (the MMoE default: 1.5-entmax); dense
+  weights ``[..., N]``.
+* :class:`TopKRouter` -- token choice: each token keeps its ``k`` best experts
+  (Shazeer et al. 2017 noisy top-k; Switch ``k=1``; GShard ``k=2``); sparse
+  weights ``[..., k]`` with their expert ``indices``.
+* :class:`ExpertChoiceRouter` -- each expert takes its ``c`` best tokens of the
+  group, ``c = capacity_factor * T / N`` (Zhou et al. 2022); dense weights.
+* :class:`SoftRouter` -- Soft MoE (Puigcerver et al. 2024): each slot reads a
+  softmax mixture of the group's tokens, each token a softmax mixture of the
+  slots; ``dispatch`` and combine weights ``[..., S]``.
 
 Groups.  Expert choice and Soft MoE act on a *group* of tokens: for inputs
 ``[..., T, I]`` of three or more axes the group is the second-to-last axis (the
@@ -75,7 +73,7 @@ class Routing(NamedTuple):
     Leading axes follow the routed input ``x[..., I]``.  Which fields are set
     depends on the router: ``indices`` is set by sparse (top-k) routers,
     ``dispatch`` by Soft MoE; the statistics are set by :meth:`Router.__call__`,
-    :meth:`tensormoe.MMoE.route` and ``apply(..., return_routing=True)``.
+    :meth:`tensormoe.layer.MMoE.route` and ``apply(..., return_routing=True)``.
 
     Attributes
     ----------
@@ -127,12 +125,26 @@ class Routing(NamedTuple):
 
     @property
     def is_sparse(self) -> bool:
-        """Whether the routing selects experts by index (top-k)."""
+        """Whether the routing selects experts by index (top-k).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> Routing(np.ones((2, 1)), np.zeros((2, 1), int)).is_sparse, Routing(np.ones((2, 3))).is_sparse
+        (True, False)
+        """
         return self.indices is not None
 
     @property
     def is_soft(self) -> bool:
-        """Whether this is a Soft MoE slot routing (``dispatch`` is set)."""
+        """Whether this is a Soft MoE slot routing (``dispatch`` is set).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> Routing(np.full((3, 2), 0.5), dispatch=np.full((3, 2), 1 / 3)).is_soft
+        True
+        """
         return self.dispatch is not None
 
     def to_dense(self, n_experts: int) -> Any:
@@ -205,7 +217,13 @@ class Router:
     init_logit_std: float = 0.0
 
     def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the router's parameters, by name."""
+        """Shapes of the router's parameters, by name, for ``in_dim`` features and ``n_experts`` experts.
+
+        Examples
+        --------
+        >>> DenseRouter().param_shapes(4, 3), SoftRouter(slots_per_expert=2).param_shapes(4, 3)
+        ({'gate': (4, 3)}, {'gate': (4, 6)})
+        """
         return {"gate": (in_dim, n_experts)}
 
     def init(self, in_dim: int, n_experts: int, rng: np.random.Generator | int | None = None) -> dict[str, np.ndarray]:
@@ -226,28 +244,66 @@ class Router:
         return out
 
     def check(self, n_experts: int) -> None:
-        """Raise if the router cannot route ``n_experts`` experts."""
+        """Raise if the router cannot route ``n_experts`` experts.
+
+        Examples
+        --------
+        >>> TopKRouter(k=2).check(8)
+        >>> TopKRouter(k=2).check(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: k=2 exceeds the 1 experts of the level; expected k <= 1
+        """
 
     @property
     def noisy(self) -> bool:
-        """Whether the router draws noise in training mode."""
+        """Whether the router draws noise in training mode.
+
+        Examples
+        --------
+        >>> TopKRouter().noisy, TopKRouter(noise=None).noisy, DenseRouter().noisy
+        (True, False, False)
+        """
         return False
 
     def slots(self, n_experts: int) -> int | None:
-        """Number of slots per group (Soft MoE), or ``None`` for routers that route tokens."""
+        """Number of slots per group (Soft MoE), or ``None`` for routers that route tokens.
+
+        Examples
+        --------
+        >>> SoftRouter(slots_per_expert=2).slots(3), TopKRouter().slots(3) is None
+        (6, True)
+        """
         return None
 
     def logits(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
-        """``x @ gate``, normalised when the router has a ``norm``."""
+        """``x @ gate``, normalised when the router has a ``norm``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.ops import get_ops
+        >>> DenseRouter(norm=None).logits(get_ops("numpy"), {"gate": np.eye(2)}, np.array([[1.0, 2.0]]))
+        array([[1., 2.]])
+        """
         z = x @ params["gate"]
         norm = _gates.NORMS[getattr(self, "norm", None)]
         return z if norm is None else norm(z, ops=ops)
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
-        """Route a grouped input ``x[G, T, I]`` (internal; no statistics).
+        """Route a grouped input ``x[G, T, I]``, without statistics (the layers' entry point).
 
         ``mask`` is ``None`` or a float array ``[G, T]`` of ones (tokens) and zeros
         (padding); ``noise`` is ``None`` or standard normal draws ``[G, T, N]``.
+        Subclasses implement this; :meth:`__call__` adds checks and statistics.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.ops import get_ops
+        >>> r = TopKRouter(k=1).route(get_ops("numpy"), {"gate": np.eye(3)}, np.eye(3)[None])
+        >>> r.indices[0, :, 0].tolist()
+        [0, 1, 2]
         """
         raise NotImplementedError
 
@@ -349,7 +405,9 @@ class TopKRouter(Router):
 
     ``logits = x @ gate (+ noise * softplus(x @ gate_noise) in training)``; the
     ``k`` largest are kept, weighted by their softmax probabilities.  The layer
-    then contracts only those ``k`` rows of the expert factors.
+    then contracts only those ``k`` rows of the expert factors.  The gate starts
+    near zero (logit std ``0.01`` for unit inputs) and the noise weights at zero
+    (noise std ``softplus(0) = 0.69``), as Shazeer et al. did.
 
     Parameters
     ----------
@@ -366,9 +424,6 @@ class TopKRouter(Router):
         probability, as in Switch, so the router still receives gradients.
     norm : {None, "layernorm"}
         Normalisation of the logits (default none, as in the papers).
-
-    The gate starts near zero (logit std ``0.01`` for unit inputs), the noise
-    weights at zero (noise std ``softplus(0) = 0.69``), as Shazeer et al. did.
 
     Examples
     --------
@@ -707,8 +762,14 @@ def aux_loss(routings: Routing | Sequence[Routing], load_balancing: float = 1e-2
 
 # -- names ---------------------------------------------------------------------------
 
-#: Router names accepted by :func:`get_router` (``"top<k>"`` for any ``k``).
 ROUTERS = ("entmax15", "softmax", "sparsemax", "top1", "top2", "top<k>", "expert_choice", "soft")
+"""Router names accepted by :func:`get_router` (``"top<k>"`` for any ``k``).
+
+Examples
+--------
+>>> [get_router(name).name for name in ("top2", "expert_choice", "soft")]
+['top2', 'expert_choice', 'soft']
+"""
 
 
 def get_router(spec: str | Router, gate_norm: str | None = "layernorm") -> Router:
