@@ -215,8 +215,8 @@ class MMoE:
 
         Examples
         --------
-        >>> CPMMoE(4, 3, [5], rank=2).n_params
-        50
+        >>> CPMMoE(4, 3, [5], rank=2).n_params  # factors 5*2 + 5*2 + 3*2, gate 4*5
+        46
         """
         return sum(math.prod(shape) for shape in self.param_shapes().values())
 
