@@ -209,12 +209,12 @@ class Factorization:
     def _to_tensor(self, tensor: Any) -> Any:
         raise NotImplementedError
 
-    def to_dense(self, params: Mapping[str, Any]) -> Any:
-        """Reconstruct the full tensor ``W`` with TensorLy on the current backend.
+    def to_dense(self, params: Mapping[str, Any], backend: str | None = None) -> Any:
+        """Reconstruct the full tensor ``W`` with TensorLy on ``backend`` (default: the current one).
 
         This builds ``prod(dims)`` elements: for tests and small layers only.
         """
-        with tensorly_backend():
+        with tensorly_backend(backend):
             return self._to_tensor(self.to_tensorly(params))
 
     def describe_ranks(self) -> Any:

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from . import gates as _gates
-from .backend import get_backend
+from .backend import _normalise, get_backend
 from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
 from .ops import Ops, get_ops, ops_for_array
 
-__all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params"]
+__all__ = ["LAYERS", "CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params", "layer_from_config"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -62,6 +62,11 @@ def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype:
         array = get_ops(source).to_numpy(value) if source else np.asarray(value)
         out[name] = target.asarray(array, dtype or _dtype_name(value))
     return out
+
+
+def _ops(backend: str | None) -> Ops:
+    """The ops of ``backend`` (normalised, e.g. ``"torch"``), or of the current backend."""
+    return get_ops(None if backend is None else _normalise(backend))
 
 
 def _dtype_name(x: Any) -> str:
@@ -303,31 +308,36 @@ class MMoE:
         return self._converted[backend]
 
     # -- inputs -------------------------------------------------------------------
-    def _check_input(self, x: Any, ops: Ops, argument: str = "x", last: int | None = None) -> Any:
+    def _check_input(
+        self, x: Any, ops: Ops, argument: str = "x", last: int | None = None, expected: str | None = None
+    ) -> Any:
         last = self.in_dim if last is None else last
+        expected = expected or self.dtype
         source = ops_for_array(x)
         if source is None:
             raise TypeError(
-                f"{argument} must be an array of the current backend {ops.name!r}; got {type(x).__name__}"
+                f"{argument} must be an array of the backend {ops.name!r} this call computes on; got {type(x).__name__}"
             )
         if source != ops.name:
             raise TypeError(
-                f"{argument} is a {source} array but the current backend is {ops.name!r}; convert it, "
+                f"{argument} is a {source} array but this call computes on the backend {ops.name!r}; convert it, "
                 f"or switch with tensormoe.set_backend({source!r})"
             )
         if x.ndim < 1 or x.shape[-1] != last:
             raise ValueError(f"{argument} must have shape [..., {last}]; got shape {tuple(x.shape)}")
         dtype = ops.dtype_name(x)
         if dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{argument} must be a floating-point array of dtype {self.dtype}; got dtype {dtype}")
-        if dtype != self.dtype:
+            raise TypeError(f"{argument} must be a floating-point array of dtype {expected}; got dtype {dtype}")
+        if dtype != expected:
             raise TypeError(
-                f"{argument} has dtype {dtype} but the layer's parameters are {self.dtype}; cast {argument} "
-                f"to {self.dtype} or build the layer with dtype={dtype!r}"
+                f"{argument} has dtype {dtype} but the layer's parameters are {expected}; cast {argument} "
+                f"to {expected} or build the layer with dtype={dtype!r}"
             )
         return x
 
-    def _check_coefficients(self, coefficients: Any, batch: tuple[int, ...], ops: Ops) -> list[Any]:
+    def _check_coefficients(
+        self, coefficients: Any, batch: tuple[int, ...], ops: Ops, expected: str | None = None
+    ) -> list[Any]:
         if not isinstance(coefficients, Sequence) or len(coefficients) != self.hierarchy:
             raise ValueError(
                 f"coefficients must be a list of {self.hierarchy} arrays (one per level, shapes "
@@ -336,7 +346,7 @@ class MMoE:
             )
         out = []
         for h, (a, n) in enumerate(zip(coefficients, self.expert_dims)):
-            a = self._check_input(a, ops, f"coefficients[{h}]", last=n)
+            a = self._check_input(a, ops, f"coefficients[{h}]", last=n, expected=expected)
             if tuple(a.shape[:-1]) != batch:
                 raise ValueError(
                     f"coefficients[{h}] must have shape {[*batch, n]} to match x; got {list(a.shape)}"
@@ -377,7 +387,11 @@ class MMoE:
 
     def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
         plan = get_plan(
-            equation, *(tuple(o.shape) for o in operands), backend=ops.name, dtype=self.dtype, optimize=self.optimize
+            equation,
+            *(tuple(o.shape) for o in operands),
+            backend=ops.name,
+            dtype=ops.dtype_name(operands[-1]),
+            optimize=self.optimize,
         )
         return plan(*operands, backend=ops.einsum_backend)
 
@@ -389,7 +403,7 @@ class MMoE:
 
     def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
         lead, coeffs, xin = self._flat(ops, params, x, coefficients)
-        weight = self.factorization.to_dense(params)
+        weight = self.factorization.to_dense(params, backend=ops.name)
         y = self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
         return ops.reshape(y, (*lead, self.out_dim))
 
@@ -398,15 +412,22 @@ class MMoE:
         coeffs = self._gate(ops, params, ops.reshape(x, (math.prod(lead), self.in_dim)))
         return [ops.reshape(a, (*lead, n)) for a, n in zip(coeffs, self.expert_dims)]
 
-    def _checked(self, params: Any, x: Any, coefficients: Any = None) -> tuple:
-        ops = get_ops()
+    def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> tuple:
+        ops = _ops(backend)
         params = self._params_for(params, ops.name)
-        x = self._check_input(x, ops)
+        # inputs must match the parameters in use (a torch module cast with .half() included)
+        expected = self._params_dtype(params, ops)
+        x = self._check_input(x, ops, expected=expected)
         if coefficients is not None:
-            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops)
+            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops, expected)
         return ops, params, x, coefficients
 
-    def coefficients(self, params: Mapping[str, Any] | None, x: Any) -> list[Any]:
+    def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
+        name = next(iter(self.factorization.network()))
+        value = params.get(name) if isinstance(params, Mapping) else None
+        return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
+
+    def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
         """Expert coefficients of every level, ``[..., N_h]`` each (rows sum to one).
 
         Parameters
@@ -414,6 +435,8 @@ class MMoE:
         params : mapping or None
             Parameters (``None``: the layer's own).
         x : array ``[..., in_dim]``
+        backend : str, optional
+            Compute on this backend instead of the current one (see :meth:`apply`).
 
         Examples
         --------
@@ -423,10 +446,17 @@ class MMoE:
         >>> a.shape, np.allclose(a.sum(-1), 1)
         ((2, 5), True)
         """
-        ops, params, x, _ = self._checked(params, x)
+        ops, params, x, _ = self._checked(params, x, backend=backend)
         return self._run("_coefficients", ops, params, x)
 
-    def apply(self, params: Mapping[str, Any] | None, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def apply(
+        self,
+        params: Mapping[str, Any] | None,
+        x: Any,
+        coefficients: Sequence[Any] | None = None,
+        *,
+        backend: str | None = None,
+    ) -> Any:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
         One planned contraction of the coefficients, the input and the factors;
@@ -443,6 +473,10 @@ class MMoE:
         coefficients : list of arrays ``[..., N_h]``, optional
             Expert coefficients to use instead of the gates' (e.g. to share one
             gating between two layers).
+        backend : str, optional
+            Compute on this backend whatever the global flag says (the
+            framework shells :mod:`tensormoe.torch` and :mod:`tensormoe.jax`
+            pass it).  ``x`` and ``params`` must then be arrays of it.
 
         Examples
         --------
@@ -450,8 +484,10 @@ class MMoE:
         >>> layer = CPMMoE(4, 3, [5], rank=2)
         >>> layer.apply(layer.params, np.ones((2, 7, 4), dtype="float32")).shape
         (2, 7, 3)
+        >>> layer.apply(layer.params, np.ones((2, 4), dtype="float32"), backend="numpy").shape
+        (2, 3)
         """
-        ops, params, x, coefficients = self._checked(params, x, coefficients)
+        ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
         return self._run("_forward", ops, params, x, coefficients)
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
@@ -472,12 +508,19 @@ class MMoE:
         ops = get_ops()
         return self.factorization.to_dense(self._params_for(params, ops.name))
 
-    def dense_forward(self, params: Mapping[str, Any] | None, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def dense_forward(
+        self,
+        params: Mapping[str, Any] | None,
+        x: Any,
+        coefficients: Sequence[Any] | None = None,
+        *,
+        backend: str | None = None,
+    ) -> Any:
         """The reference forward pass through the reconstructed weight tensor.
 
         ``y[b, o] = sum a_1[b, n_1] ... a_H[b, n_H] W[n_1, ..., n_H, i, o] x[b, i]``
         (``x`` extended by a one when the layer has a bias).  Equal to
-        :meth:`apply` up to floating-point rounding.
+        :meth:`apply` up to floating-point rounding; arguments as in :meth:`apply`.
 
         Examples
         --------
@@ -487,10 +530,12 @@ class MMoE:
         >>> np.allclose(layer.dense_forward(None, x), layer(x), atol=1e-5)
         True
         """
-        ops, params, x, coefficients = self._checked(params, x, coefficients)
+        ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
         return self._run("_dense_forward", ops, params, x, coefficients)
 
-    def expert_weight(self, params: Mapping[str, Any] | None, index: int | Sequence[int]) -> Any:
+    def expert_weight(
+        self, params: Mapping[str, Any] | None, index: int | Sequence[int], *, backend: str | None = None
+    ) -> Any:
         """The ``[I(+1), O]`` matrix of one expert, ``W[n_1, ..., n_H]``, without building ``W``.
 
         With a bias the last row is that expert's bias.
@@ -501,6 +546,8 @@ class MMoE:
             Parameters (``None``: the layer's own).
         index : int or sequence of int
             The expert's index on every level (an integer for one level).
+        backend : str, optional
+            Compute on this backend instead of the current one.
 
         Examples
         --------
@@ -516,7 +563,7 @@ class MMoE:
         for h, (n, size) in enumerate(zip(index, self.expert_dims)):
             if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 0 <= n < size:
                 raise ValueError(f"index[{h}]={n!r} is out of range; expected an integer in [0, {size})")
-        ops = get_ops()
+        ops = _ops(backend)
         operands = self.factorization.slice_params(self._params_for(params, ops.name), index)
         return self._contract(ops, self.factorization.slice_equation(), operands)
 
@@ -536,6 +583,38 @@ class MMoE:
         return get_plan(
             self.factorization.forward_equation(), *shapes, backend=get_backend(), dtype=self.dtype, optimize=self.optimize
         )
+
+    # -- configuration ------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this layer, as plain JSON-serialisable values.
+
+        ``"class"`` names the layer class; the ranks are given in their validated
+        form.  :func:`layer_from_config` is the inverse (with freshly initialised
+        parameters).
+
+        Examples
+        --------
+        >>> cfg = CPMMoE(4, 3, [5, 2], rank=2, gate="softmax").config()
+        >>> cfg["class"], cfg["expert_dims"], cfg["rank"], cfg["gate"]
+        ('CPMMoE', [5, 2], 2, 'softmax')
+        """
+        return {
+            "class": type(self).__name__,
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "expert_dims": list(self.expert_dims),
+            **self._rank_config(),
+            "bias": self.bias,
+            "gate": self.gate,
+            "gate_norm": self.gate_norm,
+            "init_std": self.init_std,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "optimize": self.optimize,
+        }
+
+    def _rank_config(self) -> dict[str, Any]:
+        return {"ranks": self.factorization.describe_ranks()}
 
     def __repr__(self) -> str:
         return (
@@ -575,6 +654,9 @@ class CPMMoE(MMoE):
 
     def _rank_repr(self) -> str:
         return f"rank={self.rank}"
+
+    def _rank_config(self) -> dict[str, Any]:
+        return {"rank": self.rank}
 
 
 class TuckerMMoE(MMoE):
@@ -639,3 +721,50 @@ class TRMMoE(MMoE):
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
         return TR(dims, self._ranks, len(self.expert_dims))
+
+
+#: The layer classes by name, as :meth:`MMoE.config` names them.
+LAYERS: dict[str, type[MMoE]] = {cls.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}
+
+
+def layer_from_config(config: Mapping[str, Any]) -> MMoE:
+    """Build a layer from :meth:`MMoE.config` output (parameters freshly initialised from its seed).
+
+    Parameters
+    ----------
+    config : mapping
+        ``"class"`` (one of :data:`LAYERS`) and that class's constructor arguments.
+
+    Raises
+    ------
+    ValueError
+        If the class is unknown or an argument is missing or not accepted.
+
+    Examples
+    --------
+    >>> layer = TTMMoE(4, 3, [5], ranks=2)
+    >>> copy = layer_from_config(layer.config())
+    >>> copy.config() == layer.config()
+    True
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (the output of MMoE.config()); got {type(config).__name__}")
+    name = config.get("class")
+    if name not in LAYERS:
+        raise ValueError(f"config['class']={name!r} is not a layer class; expected one of {sorted(LAYERS)}")
+    cls = LAYERS[name]
+    kwargs = {k: v for k, v in config.items() if k != "class"}
+    rank_key = "rank" if cls is CPMMoE else "ranks"
+    required = ("in_dim", "out_dim", "expert_dims", rank_key)
+    missing = [k for k in required if k not in kwargs]
+    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize"}
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if missing or unknown:
+        raise ValueError(
+            f"config for {name} "
+            + " and ".join(
+                p for p in (missing and f"is missing {missing}", unknown and f"has unknown keys {unknown}") if p
+            )
+            + f"; expected the keys ['class', {', '.join(repr(k) for k in sorted(allowed))}]"
+        )
+    return cls(**kwargs)
