@@ -191,6 +191,14 @@ class MMoE:
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy / pickle (a torch module holding this layer, an EMA copy):
+        # the caches hold framework handles and compiled functions; they refill on use
+        state = self.__dict__.copy()
+        state["_compiled"] = {}
+        state["_converted"] = {}
+        return state
+
     # -- parameters ---------------------------------------------------------------
     @property
     def hierarchy(self) -> int:
@@ -386,14 +394,7 @@ class MMoE:
         return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
 
     def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
-        plan = get_plan(
-            equation,
-            *(tuple(o.shape) for o in operands),
-            backend=ops.name,
-            dtype=ops.dtype_name(operands[-1]),
-            optimize=self.optimize,
-        )
-        return plan(*operands, backend=ops.einsum_backend)
+        return ops.contract(equation, operands, self.optimize)
 
     def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
         lead, coeffs, xin = self._flat(ops, params, x, coefficients)
