@@ -79,6 +79,10 @@ class Ops:
     def clip_min(self, x: Any, low: float) -> Any:
         return self.xp.maximum(x, low)
 
+    def where(self, condition: Any, x: Any, y: Any) -> Any:
+        """``x`` where ``condition`` holds, else ``y`` (either may be a Python scalar)."""
+        return self.xp.where(condition, x, y)
+
     def relu(self, x: Any) -> Any:
         return self.clip_min(x, 0)
 
