@@ -9,6 +9,7 @@ and JAX, chosen by one flag (:func:`set_backend`, :func:`backend_context`, or th
 Importing tensormoe imports neither PyTorch nor JAX.
 """
 
+from .accounting import Cost
 from .backend import (
     BackendNotAvailableError,
     available_backends,
@@ -16,10 +17,12 @@ from .backend import (
     get_backend,
     set_backend,
 )
+from .compress import Compressed, from_dense, from_linear
 from .contraction import Plan, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
+from .ranks import Match, match_rank, match_ranks
 
 __version__ = "0.1.0"
 
@@ -31,8 +34,11 @@ __all__ = [
     "TT",
     "TTMMoE",
     "BackendNotAvailableError",
+    "Compressed",
+    "Cost",
     "Factorization",
     "MMoE",
+    "Match",
     "Plan",
     "Tucker",
     "TuckerMMoE",
@@ -40,9 +46,13 @@ __all__ = [
     "backend_context",
     "convert_params",
     "entmax15",
+    "from_dense",
+    "from_linear",
     "get_backend",
     "get_plan",
     "layer_norm",
+    "match_rank",
+    "match_ranks",
     "set_backend",
     "softmax",
     "sparsemax",

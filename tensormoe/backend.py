@@ -37,13 +37,22 @@ __all__ = [
     "set_backend",
 ]
 
-#: Names accepted by :func:`set_backend`, with the module each one needs and
-#: the ``pip`` extra that installs it.
 BACKENDS: dict[str, tuple[str, str]] = {
     "numpy": ("numpy", "numpy"),
     "pytorch": ("torch", "torch"),
     "jax": ("jax", "jax"),
 }
+"""Names accepted by :func:`set_backend`, with the module each one needs and the ``pip`` extra that installs it.
+
+``"torch"`` is accepted as an alias of ``"pytorch"``.
+
+Examples
+--------
+>>> BACKENDS["pytorch"]
+('torch', 'torch')
+>>> sorted(BACKENDS)
+['jax', 'numpy', 'pytorch']
+"""
 
 _ALIASES = {"torch": "pytorch"}
 

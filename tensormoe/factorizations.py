@@ -57,7 +57,7 @@ class Factorization:
     ----------
     dims : sequence of int
         Mode sizes ``[N_1, ..., N_H, I, O]``.
-    n_experts_modes : int
+    n_expert_modes : int
         ``H``, the number of leading expert modes.
 
     Attributes
@@ -89,26 +89,69 @@ class Factorization:
     # -- the network ---------------------------------------------------------------
     @property
     def order(self) -> int:
-        """Number of modes ``d = H + 2``."""
+        """Number of modes ``d = H + 2``.
+
+        Examples
+        --------
+        >>> CP([8, 4, 5, 6], rank=3, n_expert_modes=2).order
+        4
+        """
         return len(self.dims)
 
     def mode_symbol(self, k: int) -> str:
-        """The einsum letter of mode ``k``."""
+        """The einsum letter of mode ``k``.
+
+        Letters are assigned in a fixed order: the batch index first, then the
+        ``d`` modes, then the rank (bond) indices.
+
+        Examples
+        --------
+        >>> f = CP([8, 5, 6], rank=3, n_expert_modes=1)
+        >>> f.batch_symbol, [f.mode_symbol(k) for k in range(f.order)]
+        ('a', ['b', 'c', 'd'])
+        """
         return opt_einsum.get_symbol(1 + k)
 
     def rank_symbol(self, k: int) -> str:
-        """The einsum letter of rank index ``k``."""
+        """The einsum letter of rank index ``k``.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).rank_symbol(0)
+        'e'
+        """
         return opt_einsum.get_symbol(1 + self.order + k)
 
     #: the einsum letter of the batch index
     batch_symbol = opt_einsum.get_symbol(0)
 
     def network(self) -> dict[str, str]:
-        """Map each parameter name to the einsum letters of its axes."""
+        """Map each parameter name to the einsum letters of its axes.
+
+        This is the tensor network of the format: the forward, dense and slice
+        equations, the parameter shapes and the accounting all derive from it.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).network()
+        {'factor_0': 'be', 'factor_1': 'ce', 'factor_2': 'de'}
+        >>> Tucker([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).network()
+        {'factor_0': 'be', 'factor_1': 'cf', 'factor_2': 'dg', 'core': 'efg'}
+        >>> TR([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).network()
+        {'factor_0': 'ebf', 'factor_1': 'fcg', 'factor_2': 'gde'}
+        """
         raise NotImplementedError
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of each parameter, by name, in the order of :meth:`network`."""
+        """Shape of each parameter, by name, in the order of :meth:`network`.
+
+        Examples
+        --------
+        >>> Tucker([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).param_shapes()
+        {'factor_0': (8, 2), 'factor_1': (5, 3), 'factor_2': (6, 4), 'core': (2, 3, 4)}
+        >>> TT([8, 5, 6], ranks=3, n_expert_modes=1).param_shapes()
+        {'factor_0': (1, 8, 3), 'factor_1': (3, 5, 3), 'factor_2': (3, 6, 1)}
+        """
         raise NotImplementedError
 
     def forward_equation(self) -> str:
@@ -116,6 +159,19 @@ class Factorization:
 
         Operands: the ``H`` coefficient matrices ``a_h[b, N_h]``, the input
         ``x[b, I]``, then the parameters in :meth:`network` order; result ``y[b, O]``.
+
+        Examples
+        --------
+        With one expert level, ``a`` is the batch, ``b`` the experts, ``c`` the
+        input, ``d`` the output and ``e`` the CP rank:
+
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).forward_equation()
+        'ab,ac,be,ce,de->ad'
+
+        Each further level adds one coefficient matrix and one factor:
+
+        >>> CP([8, 4, 5, 6], rank=3, n_expert_modes=2).forward_equation()
+        'ab,ac,ad,bf,cf,df,ef->ae'
         """
         b = self.batch_symbol
         terms = [b + self.mode_symbol(k) for k in range(self.n_expert_modes + 1)]
@@ -126,6 +182,11 @@ class Factorization:
         """Einsum equation of the forward pass through the dense tensor ``W``.
 
         Operands: the ``H`` coefficient matrices, the input and ``W``.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).dense_equation()
+        'ab,ac,bcd->ad'
         """
         b = self.batch_symbol
         modes = "".join(self.mode_symbol(k) for k in range(self.order))
@@ -133,13 +194,33 @@ class Factorization:
         return ",".join(terms) + "->" + b + self.mode_symbol(self.order - 1)
 
     def slice_equation(self) -> str:
-        """Einsum equation of one expert's ``[I, O]`` matrix from the sliced parameters."""
+        """Einsum equation of one expert's ``[I, O]`` matrix from the sliced parameters.
+
+        Operands: the output of :meth:`slice_params`.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).slice_equation()
+        'e,ce,de->cd'
+        """
         expert = {self.mode_symbol(k) for k in range(self.n_expert_modes)}
         terms = ["".join(c for c in letters if c not in expert) for letters in self.network().values()]
         return ",".join(terms) + "->" + self.mode_symbol(self.order - 2) + self.mode_symbol(self.order - 1)
 
     def slice_params(self, params: Mapping[str, Any], index: Sequence[int]) -> list[Any]:
-        """Parameters with each expert mode fixed at ``index`` (operands of :meth:`slice_equation`)."""
+        """Parameters with each expert mode fixed at ``index`` (operands of :meth:`slice_equation`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> f = CP([8, 5, 6], rank=3, n_expert_modes=1)
+        >>> p = f.init(np.random.default_rng(0), std=0.1)
+        >>> [a.shape for a in f.slice_params(p, [2])]
+        [(3,), (5, 3), (6, 3)]
+        >>> w2 = np.einsum(f.slice_equation(), *f.slice_params(p, [2]))
+        >>> np.allclose(w2, f.to_dense(p)[2])
+        True
+        """
         fixed = {self.mode_symbol(k): int(n) for k, n in enumerate(index)}
         out = []
         for name, letters in self.network().items():
@@ -203,7 +284,15 @@ class Factorization:
 
     # -- reconstruction ------------------------------------------------------------
     def to_tensorly(self, params: Mapping[str, Any]) -> Any:
-        """The TensorLy factorized tensor holding ``params`` (no copy)."""
+        """The TensorLy factorized tensor holding ``params`` (no copy).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> f = TT([8, 5, 6], ranks=3, n_expert_modes=1)
+        >>> type(f.to_tensorly(f.init(np.random.default_rng(0), std=0.1))).__name__
+        'TTTensor'
+        """
         raise NotImplementedError
 
     def _to_tensor(self, tensor: Any) -> Any:
@@ -213,12 +302,30 @@ class Factorization:
         """Reconstruct the full tensor ``W`` with TensorLy on ``backend`` (default: the current one).
 
         This builds ``prod(dims)`` elements: for tests and small layers only.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> f = Tucker([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1)
+        >>> f.to_dense(f.init(np.random.default_rng(0), std=0.1)).shape
+        (8, 5, 6)
         """
         with tensorly_backend(backend):
             return self._to_tensor(self.to_tensorly(params))
 
     def describe_ranks(self) -> Any:
-        """The validated ranks in the format's own convention."""
+        """The validated ranks in the format's own convention.
+
+        CP: the rank; Tucker: one rank per mode; TT and TR: the ``d + 1`` bond
+        ranks ``[r_0, ..., r_d]`` (``r_d = r_0``).
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).describe_ranks()
+        3
+        >>> TT([8, 5, 6], ranks=3, n_expert_modes=1).describe_ranks()
+        [1, 3, 3, 1]
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -500,5 +607,13 @@ class TR(_Chain):
         return tl.tr_to_tensor(tensor)
 
 
-#: Factorization classes by name.
 FACTORIZATIONS: dict[str, type[Factorization]] = {"cp": CP, "tucker": Tucker, "tt": TT, "tr": TR}
+"""Factorization classes by name.
+
+Examples
+--------
+>>> sorted(FACTORIZATIONS)
+['cp', 'tr', 'tt', 'tucker']
+>>> FACTORIZATIONS["tr"] is TR
+True
+"""

@@ -115,7 +115,22 @@ def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
     return centred / ops.sqrt(ops.mean(centred * centred) + eps)
 
 
-#: Gate activations by name.
 ACTIVATIONS = {"softmax": softmax, "entmax15": entmax15, "sparsemax": sparsemax}
-#: Logit normalisations by name (``None`` for none).
+"""Gate activations by name: the values accepted by the layers' ``gate=`` argument.
+
+Examples
+--------
+>>> sorted(ACTIVATIONS)
+['entmax15', 'softmax', 'sparsemax']
+>>> ACTIVATIONS["entmax15"] is entmax15
+True
+"""
+
 NORMS = {None: None, "layernorm": layer_norm}
+"""Logit normalisations by name (``None`` for none): the layers' ``gate_norm=`` values.
+
+Examples
+--------
+>>> list(NORMS)
+[None, 'layernorm']
+"""

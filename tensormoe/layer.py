@@ -6,7 +6,7 @@ convenience, one set of parameters in :attr:`MMoE.params`.  The math lives in
 planned einsum) and :mod:`tensormoe.gates`; this module wires them together and
 checks what users pass in.
 
-Forward pass of one layer, for ``x[..., I]``::
+Forward pass of one layer, for ``x[..., I]``:
 
     a_h = gate(norm(x @ G_h))                     # one coefficient vector per level
     y   = contract(a_1, ..., a_H, [x, 1], *factors)   # never builds W
@@ -31,7 +31,17 @@ from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
 from .ops import Ops, get_ops, ops_for_array
 
-__all__ = ["LAYERS", "CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params", "layer_from_config"]
+__all__ = [
+    "CPMMoE",
+    "LAYERS",
+    "MMoE",
+    "TRMMoE",
+    "TTMMoE",
+    "TuckerMMoE",
+    "convert_params",
+    "layer_from_config",
+    "make_layer",
+]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -135,6 +145,25 @@ class MMoE:
         ``factor_k`` (and ``core`` for Tucker) and one ``gate_h[I, N_h]`` per level.
     factorization : Factorization
         The weight tensor's format, dims and ranks.
+
+    Examples
+    --------
+    A layer is a configuration plus one set of parameters; the functional core
+    is ``init`` and ``apply``:
+
+    >>> import numpy as np
+    >>> layer = CPMMoE(in_dim=6, out_dim=4, expert_dims=[8], rank=3)
+    >>> layer
+    CPMMoE(in_dim=6, out_dim=4, expert_dims=[8], rank=3, bias=True, gate='entmax15')
+    >>> params = layer.init(seed=1)
+    >>> x = np.ones((2, 6), dtype="float32")
+    >>> layer.apply(params, x).shape
+    (2, 4)
+
+    The factorized forward equals the forward through the dense weight tensor:
+
+    >>> bool(np.allclose(layer.apply(params, x), layer.dense_forward(params, x), atol=1e-5))
+    True
     """
 
     factorization: Factorization
@@ -202,16 +231,47 @@ class MMoE:
     # -- parameters ---------------------------------------------------------------
     @property
     def hierarchy(self) -> int:
-        """Number of expert levels ``H``."""
+        """Number of expert levels ``H``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).hierarchy
+        2
+        """
         return len(self.expert_dims)
 
     @property
     def n_experts(self) -> int:
-        """Total number of experts ``N_1 * ... * N_H``."""
+        """Total number of experts ``N_1 * ... * N_H``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).n_experts
+        10
+        """
         return math.prod(self.expert_dims)
 
     @property
     def params(self) -> dict[str, Any]:
+        """The layer's own parameters: ``factor_k`` (and ``core`` for Tucker), ``gate_h``.
+
+        Arrays of the backend that was current when the layer was built, or of
+        whichever backend assigned them last.  Assigning checks names and shapes
+        (:meth:`check_params`); the layer then converts them, once per backend,
+        when it is called on another backend.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> layer.params["factor_1"].shape  # input mode: in_dim + 1 rows (bias)
+        (5, 2)
+        >>> layer.params = {**layer.params, "gate_0": np.ones((4, 5), dtype="float32")}
+        >>> layer.params = {"factor_0": np.ones((5, 2))}
+        Traceback (most recent call last):
+        ...
+        ValueError: params is missing factor_1, factor_2, gate_0 (expected the keys ['factor_0', 'factor_1', 'factor_2', 'gate_0'])
+        """
         return self._params
 
     @params.setter
@@ -228,7 +288,7 @@ class MMoE:
 
         Examples
         --------
-        >>> CPMMoE(4, 3, [5], rank=2).n_params  # factors 5*2 + 5*2 + 3*2, gate 4*5
+        >>> CPMMoE(4, 3, [5], rank=2).n_params  # factors 5x2 + 5x2 + 3x2, gate 4x5
         46
         """
         return sum(math.prod(shape) for shape in self.param_shapes().values())
@@ -435,7 +495,8 @@ class MMoE:
         ----------
         params : mapping or None
             Parameters (``None``: the layer's own).
-        x : array ``[..., in_dim]``
+        x : array of shape [..., in_dim]
+            Input of the current backend and the layer's dtype.
         backend : str, optional
             Compute on this backend instead of the current one (see :meth:`apply`).
 
@@ -469,9 +530,9 @@ class MMoE:
         params : mapping or None
             Parameters (``None``: the layer's own, converted to the current
             backend if needed).
-        x : array ``[..., in_dim]``
+        x : array of shape [..., in_dim]
             Input of the current backend and the layer's dtype.
-        coefficients : list of arrays ``[..., N_h]``, optional
+        coefficients : list of arrays of shape [..., N_h], optional
             Expert coefficients to use instead of the gates' (e.g. to share one
             gating between two layers).
         backend : str, optional
@@ -492,7 +553,16 @@ class MMoE:
         return self._run("_forward", ops, params, x, coefficients)
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
-        """``apply`` with the layer's own parameters on the current backend."""
+        """:meth:`apply` with the layer's own parameters, on the current backend.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = TRMMoE(4, 3, [5], ranks=2)
+        >>> x = np.ones((2, 4), dtype="float32")
+        >>> bool(np.array_equal(layer(x), layer.apply(layer.params, x)))
+        True
+        """
         return self.apply(None, x, coefficients)
 
     # -- the dense reference ------------------------------------------------------
@@ -585,6 +655,26 @@ class MMoE:
             self.factorization.forward_equation(), *shapes, backend=get_backend(), dtype=self.dtype, optimize=self.optimize
         )
 
+    def cost(self, batch_size: int = 1) -> Any:
+        """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
+
+        Returns a frozen :class:`tensormoe.accounting.Cost`; its FLOPs come from
+        the same plan as :meth:`plan`, and the gates are counted separately.
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> c = layer.cost(batch_size=8)
+        >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
+        (True, True)
+        """
+        from .accounting import factorization_cost
+
+        return factorization_cost(
+            self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
+            optimize=self.optimize,
+        )
+
     # -- configuration ------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this layer, as plain JSON-serialisable values.
@@ -650,7 +740,13 @@ class CPMMoE(MMoE):
 
     @property
     def rank(self) -> int:
-        """The CP rank."""
+        """The CP rank ``R``.
+
+        Examples
+        --------
+        >>> CPMMoE(16, 8, [32], rank=4).rank
+        4
+        """
         return self.factorization.rank
 
     def _rank_repr(self) -> str:
@@ -724,8 +820,42 @@ class TRMMoE(MMoE):
         return TR(dims, self._ranks, len(self.expert_dims))
 
 
-#: The layer classes by name, as :meth:`MMoE.config` names them.
-LAYERS: dict[str, type[MMoE]] = {cls.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}
+#: Layer classes by factorization name.
+LAYERS: dict[str, type[MMoE]] = {"cp": CPMMoE, "tucker": TuckerMMoE, "tt": TTMMoE, "tr": TRMMoE}
+"""Layer classes by factorization name.
+
+Examples
+--------
+>>> LAYERS["tt"].__name__
+'TTMMoE'
+"""
+
+
+def make_layer(
+    kind: str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], ranks: Any, **kwargs: Any
+) -> MMoE:
+    """Build the layer of factorization ``kind``; ``ranks`` is CP's ``rank`` or the others' ``ranks``.
+
+    Parameters
+    ----------
+    kind : {"cp", "tucker", "tt", "tr"}
+    in_dim, out_dim : int
+    expert_dims : int or sequence of int
+    ranks : int or sequence
+        As the layer class takes them.
+    **kwargs
+        Passed on to the layer class (``bias``, ``gate``, ``seed``, ...).
+
+    Examples
+    --------
+    >>> make_layer("cp", 4, 3, [5], 2)
+    CPMMoE(in_dim=4, out_dim=3, expert_dims=[5], rank=2, bias=True, gate='entmax15')
+    """
+    if kind not in LAYERS:
+        raise ValueError(f"kind={kind!r} is not a factorization; expected one of {sorted(LAYERS)}")
+    if kind == "cp":
+        return CPMMoE(in_dim, out_dim, expert_dims, rank=ranks, **kwargs)
+    return LAYERS[kind](in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
 
 
 def layer_from_config(config: Mapping[str, Any]) -> MMoE:
@@ -734,7 +864,7 @@ def layer_from_config(config: Mapping[str, Any]) -> MMoE:
     Parameters
     ----------
     config : mapping
-        ``"class"`` (one of :data:`LAYERS`) and that class's constructor arguments.
+        ``"class"`` (the name of a class in :data:`LAYERS`) and that class's constructor arguments.
 
     Raises
     ------
@@ -750,10 +880,11 @@ def layer_from_config(config: Mapping[str, Any]) -> MMoE:
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping (the output of MMoE.config()); got {type(config).__name__}")
+    classes = {cls.__name__: cls for cls in LAYERS.values()}
     name = config.get("class")
-    if name not in LAYERS:
-        raise ValueError(f"config['class']={name!r} is not a layer class; expected one of {sorted(LAYERS)}")
-    cls = LAYERS[name]
+    if name not in classes:
+        raise ValueError(f"config['class']={name!r} is not a layer class; expected one of {sorted(classes)}")
+    cls = classes[name]
     kwargs = {k: v for k, v in config.items() if k != "class"}
     rank_key = "rank" if cls is CPMMoE else "ranks"
     required = ("in_dim", "out_dim", "expert_dims", rank_key)

@@ -24,6 +24,13 @@ _DTYPES = ("float16", "bfloat16", "float32", "float64")
 class Ops:
     """Array operations of one backend (abstract).
 
+    The gates and the layer are written once against this interface; one
+    subclass per framework translates names (``axis``/``dim``,
+    ``keepdims``/``keepdim``) and array creation (device, dtype).  Reductions
+    work on the last axis and keep it, so results broadcast against the input.
+    Use :func:`get_ops` to get the instance of a backend; a new backend is one
+    more subclass.
+
     Examples
     --------
     >>> ops = get_ops("numpy")
@@ -38,75 +45,249 @@ class Ops:
 
     # --- arrays -----------------------------------------------------------------
     def is_array(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").is_array(np.zeros(2)), get_ops("numpy").is_array([0.0])
+        (True, False)
+        """
         raise NotImplementedError
 
     def dtype(self, name: str) -> Any:
+        """The framework's dtype object for a dtype name (``"float32"``, ...).
+
+        Examples
+        --------
+        >>> get_ops("numpy").dtype("float32")
+        dtype('float32')
+        """
         raise NotImplementedError
 
     def dtype_name(self, x: Any) -> str:
+        """The dtype name of an array, without the framework's prefix.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").dtype_name(np.zeros(2, dtype="float32"))
+        'float32'
+        """
         return str(x.dtype).replace("torch.", "")
 
     def asarray(self, x: Any, dtype: str | None = None, like: Any = None) -> Any:
+        """An array of this backend from ``x`` (any array or nested list).
+
+        ``dtype`` is a dtype name (default: keep ``x``'s); ``like`` is an array whose
+        device the result should share (PyTorch).  Never cuts autograd: a tensor of
+        this backend is returned as is (cast if needed), not copied through TensorLy.
+
+        Examples
+        --------
+        >>> get_ops("numpy").asarray([1, 2], "float32")
+        array([1., 2.], dtype=float32)
+        """
         raise NotImplementedError
 
     def to_numpy(self, x: Any) -> np.ndarray:
+        """A NumPy array with the values of ``x``, detached from autograd.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").to_numpy(np.ones(2))
+        array([1., 1.])
+        """
         return np.asarray(x)
 
     def concat_ones(self, x: Any) -> Any:
-        """Append a column of ones on the last axis (the bias input)."""
+        """Append a column of ones on the last axis (the bias input).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").concat_ones(np.zeros((2, 2)))
+        array([[0., 0., 1.],
+               [0., 0., 1.]])
+        """
         ones = self.xp.ones((*x.shape[:-1], 1), dtype=x.dtype)
         return self.xp.concatenate([x, ones], axis=-1)
 
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        """``x`` with a new shape.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").reshape(np.zeros((2, 3, 4)), (6, 4)).shape
+        (6, 4)
+        """
         return self.xp.reshape(x, shape)
 
     # --- reductions and elementwise --------------------------------------------
     def max(self, x: Any, axis: int = -1) -> Any:
+        """Maximum over ``axis``, keeping it (size one).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").max(np.array([[3.0, 1.0, 2.0]]))
+        array([[3.]])
+        """
         return self.xp.max(x, axis=axis, keepdims=True)
 
     def sum(self, x: Any, axis: int = -1) -> Any:
+        """Sum over ``axis``, keeping it (size one).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").sum(np.array([[3.0, 1.0, 2.0]]))
+        array([[6.]])
+        """
         return self.xp.sum(x, axis=axis, keepdims=True)
 
     def mean(self, x: Any, axis: int = -1) -> Any:
+        """Mean over ``axis``, keeping it (size one).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").mean(np.array([[3.0, 1.0, 2.0]]))
+        array([[2.]])
+        """
         return self.xp.mean(x, axis=axis, keepdims=True)
 
     def exp(self, x: Any) -> Any:
+        """Elementwise exponential.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").exp(np.zeros(2))
+        array([1., 1.])
+        """
         return self.xp.exp(x)
 
     def sqrt(self, x: Any) -> Any:
+        """Elementwise square root.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").sqrt(np.array([4.0, 9.0]))
+        array([2., 3.])
+        """
         return self.xp.sqrt(x)
 
     def clip_min(self, x: Any, low: float) -> Any:
+        """Elementwise ``max(x, low)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").clip_min(np.array([3.0, 1.0, 2.0]), 2.0)
+        array([3., 2., 2.])
+        """
         return self.xp.maximum(x, low)
 
     def where(self, condition: Any, x: Any, y: Any) -> Any:
-        """``x`` where ``condition`` holds, else ``y`` (either may be a Python scalar)."""
+        """``x`` where ``condition`` holds, else ``y`` (either may be a Python scalar).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").where(np.array([True, False]), np.array([1.0, 2.0]), 0.0).tolist()
+        [1.0, 0.0]
+        """
         return self.xp.where(condition, x, y)
 
     def relu(self, x: Any) -> Any:
+        """Elementwise ``max(x, 0)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").relu(np.array([-1.0, 2.0]))
+        array([0., 2.])
+        """
         return self.clip_min(x, 0)
 
     def sort_descending(self, x: Any) -> Any:
+        """``x`` sorted in descending order along the last axis.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").sort_descending(np.array([[3.0, 1.0, 2.0]]))
+        array([[3., 2., 1.]])
+        """
         return -self.xp.sort(-x, axis=-1)
 
     def cumsum(self, x: Any) -> Any:
+        """Cumulative sum along the last axis.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").cumsum(np.array([[3.0, 1.0, 2.0]]))
+        array([[3., 4., 6.]])
+        """
         return self.xp.cumsum(x, axis=-1)
 
     def arange_like(self, x: Any, start: int, stop: int) -> Any:
+        """``start, ..., stop - 1`` in ``x``'s dtype (and on its device).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").arange_like(np.zeros(1, dtype="float32"), 1, 4)
+        array([1., 2., 3.], dtype=float32)
+        """
         return self.xp.arange(start, stop, dtype=x.dtype)
 
     def take_last(self, x: Any, index: Any) -> Any:
-        """``x[..., index[..., 0]]`` keeping a trailing axis of size one."""
+        """``x[..., index[..., 0]]`` keeping a trailing axis of size one.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").take_last(np.array([[3.0, 1.0, 2.0]]), np.array([[2]]))
+        array([[2.]])
+        """
         return self.xp.take_along_axis(x, index, axis=-1)
 
     def count_true(self, mask: Any) -> Any:
+        """Number of true entries along the last axis, keeping it (size one).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").count_true(np.array([[True, False, True]]))
+        array([[2]])
+        """
         return self.xp.sum(mask, axis=-1, keepdims=True)
 
     def is_finite_all(self, x: Any) -> bool:
+        """Whether every entry of ``x`` is finite (a Python bool).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").is_finite_all(np.array([1.0, np.inf]))
+        False
+        """
         return bool(self.xp.all(self.xp.isfinite(x)))
 
     def compile(self, fn: Any) -> Any:
-        """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere)."""
+        """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere).
+
+        Examples
+        --------
+        >>> get_ops("numpy").compile(len) is len
+        True
+        """
         return fn
 
     # --- contraction --------------------------------------------------------------

@@ -18,14 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensormoe
-from tensormoe.layer import LAYERS
-
-CONSTRUCTORS = {
-    "cp": lambda i, o, e, r, **kw: LAYERS["CPMMoE"](i, o, e, rank=r, **kw),
-    "tucker": lambda i, o, e, r, **kw: LAYERS["TuckerMMoE"](i, o, e, ranks=r, **kw),
-    "tt": lambda i, o, e, r, **kw: LAYERS["TTMMoE"](i, o, e, ranks=r, **kw),
-    "tr": lambda i, o, e, r, **kw: LAYERS["TRMMoE"](i, o, e, ranks=r, **kw),
-}
+from tensormoe.layer import LAYERS, make_layer
 
 
 @st.composite
@@ -33,7 +26,7 @@ def configs(draw, max_size=4):
     """Factorization, 1-3 expert levels, small dims and ranks, bias, gate, batch size, seed."""
     levels = draw(st.integers(1, 3))
     return {
-        "kind": draw(st.sampled_from(sorted(CONSTRUCTORS))),
+        "kind": draw(st.sampled_from(sorted(LAYERS))),
         "expert_dims": draw(st.lists(st.integers(1, max_size), min_size=levels, max_size=levels)),
         "in_dim": draw(st.integers(1, max_size)),
         "out_dim": draw(st.integers(1, max_size)),
@@ -47,9 +40,9 @@ def configs(draw, max_size=4):
 
 def build(cfg, dtype="float32"):
     with tensormoe.backend_context("numpy"):
-        return CONSTRUCTORS[cfg["kind"]](
-            cfg["in_dim"], cfg["out_dim"], cfg["expert_dims"], cfg["rank"], bias=cfg["bias"], gate=cfg["gate"],
-            seed=cfg["seed"], dtype="float64",
+        return make_layer(
+            cfg["kind"], cfg["in_dim"], cfg["out_dim"], cfg["expert_dims"], cfg["rank"], bias=cfg["bias"],
+            gate=cfg["gate"], seed=cfg["seed"], dtype="float64",
         )
 
 
@@ -154,7 +147,7 @@ def test_torch_gate_gradients_equal_dense_gradients(cfg):
 
 
 @needs_torch
-@pytest.mark.parametrize("kind", sorted(CONSTRUCTORS))
+@pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_torch_gradients_match_finite_differences(kind):
     """torch.autograd.gradcheck (central differences, float64) through the module's forward."""
     from tensormoe.torch import wrap

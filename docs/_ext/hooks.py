@@ -1,0 +1,80 @@
+"""mkdocs hooks: generated tables on the API index page, so they cannot fall behind the code.
+
+A page containing the line ``<!-- tensormoe:modules -->`` gets, in its place, a
+table of the package's public modules (first line of each module docstring);
+``<!-- tensormoe:public-names -->`` becomes a table of every name in
+``tensormoe.__all__``, grouped by the module that defines it, each linked to its
+entry on that module's API page.  Links are autorefs, so ``mkdocs build
+--strict`` fails if a module has no API page.
+
+Loaded by ``hooks:`` in ``mkdocs.yml``; not part of the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pathlib
+import pkgutil
+import re
+import sys
+from typing import Any
+
+PACKAGE = "tensormoe"
+_ROLE = re.compile(r":(?:py:)?\w+:`~?([^`]+)`")
+
+
+def _package(config: Any):
+    root = str(pathlib.Path(config.config_file_path).parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(PACKAGE)
+
+
+def _summary(obj: Any) -> str:
+    """First paragraph of the docstring, on one line, safe inside a Markdown table cell."""
+    text = (inspect.getdoc(obj) or "").split("\n\n", 1)[0]
+    text = _ROLE.sub(r"``\1``", " ".join(text.split()))
+    return text.replace("|", "\\|")
+
+
+def _public_modules(package: Any) -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def modules_table(package: Any) -> str:
+    rows = ["| module | what it holds |", "| --- | --- |"]
+    for name in _public_modules(package):
+        path = f"{PACKAGE}.{name}"
+        try:
+            summary = _summary(importlib.import_module(path))
+        except ModuleNotFoundError as err:  # a framework shell whose framework is not installed here
+            summary = f"(needs {err.name})"
+        rows.append(f"| [`{path}`][{path}] | {summary} |")
+    return "\n".join(rows)
+
+
+def names_table(package: Any) -> str:
+    groups: dict[str, list[str]] = {}
+    for name in package.__all__:
+        obj = getattr(package, name)
+        if inspect.isclass(obj) or inspect.isroutine(obj):
+            module, target = obj.__module__, f"{obj.__module__}.{obj.__qualname__}"
+            kind = "class" if inspect.isclass(obj) else "function"
+        else:
+            module, target, kind = PACKAGE, f"{PACKAGE}.{name}", "constant"
+        groups.setdefault(module, []).append(f"| [`{name}`][{target}] | {kind} | {_summary(obj)} |")
+    parts = []
+    for module in sorted(groups):
+        table = "\n".join(["| name | kind | summary |", "| --- | --- | --- |", *groups[module]])
+        parts.append(f"**From [`{module}`][{module}]**\n\n{table}")
+    return "\n\n".join(parts)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Replace the table markers of a page with the generated tables."""
+    if "<!-- tensormoe:" not in markdown:
+        return markdown
+    package = _package(config)
+    markdown = markdown.replace("<!-- tensormoe:modules -->", modules_table(package))
+    return markdown.replace("<!-- tensormoe:public-names -->", names_table(package))
