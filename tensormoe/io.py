@@ -53,10 +53,23 @@ from .ops import get_ops, ops_for_array
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "layer_from_file", "read_config", "save"]
 
-#: Name of the format, stored in every file.
 FORMAT = "tensormoe"
-#: Version of the format written by :func:`save`.
+"""Name of the format, stored in the header of every file.
+
+Examples
+--------
+>>> FORMAT
+'tensormoe'
+"""
+
 FORMAT_VERSION = 1
+"""Version of the format that :func:`save` writes and :func:`load` reads.
+
+Examples
+--------
+>>> FORMAT_VERSION
+1
+"""
 
 _HEADER = "__tensormoe__"
 # configuration entries that must agree between a file and the layer it is loaded into

@@ -80,6 +80,13 @@ class MMoE:
         The functional layer (static: configuration, factorization, math).
     params : dict of str to jax.Array
         The leaves: factors (and the Tucker core) and one gate per level.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> layer = TTMMoE(8, 4, [6, 2], ranks=2)
+    >>> isinstance(layer, MMoE), len(jax.tree_util.tree_leaves(layer))
+    (True, 6)
     """
 
     core_class: type[_layer.MMoE] = _layer.MMoE
@@ -92,11 +99,28 @@ class MMoE:
 
     # -- pytree ----------------------------------------------------------------------
     def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[_Static, tuple[str, ...]]]:
+        """The leaves (parameters, in name order) and the static part (the functional layer, the names).
+
+        Examples
+        --------
+        >>> leaves, (static, names) = CPMMoE(4, 3, [5], rank=2).tree_flatten()
+        >>> names, [leaf.shape for leaf in leaves][:2]
+        (('factor_0', 'factor_1', 'factor_2', 'gate_0'), [(5, 2), (5, 2)])
+        """
         names = tuple(self.params)
         return tuple(self.params[name] for name in names), (self._static, names)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[_Static, tuple[str, ...]], leaves: Sequence[Any]) -> MMoE:
+        """Rebuild a layer from :meth:`tree_flatten`'s output (leaves are not checked: JAX passes placeholders).
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> leaves, aux = layer.tree_flatten()
+        >>> CPMMoE.tree_unflatten(aux, leaves).layer is layer.layer
+        True
+        """
         static, names = aux
         out = cls.__new__(cls)
         out._static = static
@@ -110,7 +134,13 @@ class MMoE:
     # -- construction ----------------------------------------------------------------
     @property
     def layer(self) -> _layer.MMoE:
-        """The functional layer (:class:`tensormoe.MMoE`)."""
+        """The functional layer (:class:`tensormoe.MMoE`): configuration and math, static under ``jax.jit``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).layer
+        CPMMoE(in_dim=4, out_dim=3, expert_dims=[5], rank=2, bias=True, gate='entmax15')
+        """
         return self._static.layer
 
     @classmethod

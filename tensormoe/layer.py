@@ -377,20 +377,29 @@ class MMoE:
 
     # -- inputs -------------------------------------------------------------------
     def _check_input(
-        self, x: Any, ops: Ops, argument: str = "x", last: int | None = None, expected: str | None = None
+        self,
+        x: Any,
+        ops: Ops,
+        argument: str = "x",
+        last: int | None = None,
+        expected: str | None = None,
+        explicit: bool = False,
     ) -> Any:
         last = self.in_dim if last is None else last
         expected = expected or self.dtype
+        # explicit: the caller named the backend (backend=...), whatever the global flag says
+        where = f"this call computes on {ops.name!r} (backend={ops.name!r})" if explicit else (
+            f"the current backend is {ops.name!r}"
+        )
         source = ops_for_array(x)
         if source is None:
-            raise TypeError(
-                f"{argument} must be an array of the backend {ops.name!r} this call computes on; got {type(x).__name__}"
-            )
+            which = f"the backend {ops.name!r} this call computes on" if explicit else f"the current backend {ops.name!r}"
+            raise TypeError(f"{argument} must be an array of {which}; got {type(x).__name__}")
         if source != ops.name:
-            raise TypeError(
-                f"{argument} is a {source} array but this call computes on the backend {ops.name!r}; convert it, "
-                f"or switch with tensormoe.set_backend({source!r})"
+            hint = f"convert it to a {ops.name} array" if explicit else (
+                f"convert it, or switch with tensormoe.set_backend({source!r})"
             )
+            raise TypeError(f"{argument} is a {source} array but {where}; {hint}")
         if x.ndim < 1 or x.shape[-1] != last:
             raise ValueError(f"{argument} must have shape [..., {last}]; got shape {tuple(x.shape)}")
         dtype = ops.dtype_name(x)
@@ -404,7 +413,7 @@ class MMoE:
         return x
 
     def _check_coefficients(
-        self, coefficients: Any, batch: tuple[int, ...], ops: Ops, expected: str | None = None
+        self, coefficients: Any, batch: tuple[int, ...], ops: Ops, expected: str | None = None, explicit: bool = False
     ) -> list[Any]:
         if not isinstance(coefficients, Sequence) or len(coefficients) != self.hierarchy:
             raise ValueError(
@@ -414,7 +423,7 @@ class MMoE:
             )
         out = []
         for h, (a, n) in enumerate(zip(coefficients, self.expert_dims)):
-            a = self._check_input(a, ops, f"coefficients[{h}]", last=n, expected=expected)
+            a = self._check_input(a, ops, f"coefficients[{h}]", last=n, expected=expected, explicit=explicit)
             if tuple(a.shape[:-1]) != batch:
                 raise ValueError(
                     f"coefficients[{h}] must have shape {[*batch, n]} to match x; got {list(a.shape)}"
@@ -478,9 +487,10 @@ class MMoE:
         params = self._params_for(params, ops.name)
         # inputs must match the parameters in use (a torch module cast with .half() included)
         expected = self._params_dtype(params, ops)
-        x = self._check_input(x, ops, expected=expected)
+        explicit = backend is not None
+        x = self._check_input(x, ops, expected=expected, explicit=explicit)
         if coefficients is not None:
-            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops, expected)
+            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops, expected, explicit)
         return ops, params, x, coefficients
 
     def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:

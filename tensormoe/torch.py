@@ -56,6 +56,13 @@ class MMoE(nn.Module):
         Its ``params`` are this module's parameters.
     params : torch.nn.ParameterDict
         Factors (and the Tucker core) and one gate ``gate_h[in_dim, N_h]`` per level.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = TuckerMMoE(8, 4, [6, 2], ranks=2)
+    >>> isinstance(layer, MMoE), layer(torch.ones(3, 8)).shape
+    (True, torch.Size([3, 4]))
     """
 
     core_class: type[_layer.MMoE] = _layer.MMoE
@@ -114,6 +121,16 @@ class MMoE(nn.Module):
             On the module's device, in its dtype.
         coefficients : list of torch.Tensor ``[..., N_h]``, optional
             Expert coefficients to use instead of the gates'.
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> layer(torch.ones(2, 7, 4)).shape
+        torch.Size([2, 7, 3])
+        >>> onehot = torch.nn.functional.one_hot(torch.tensor([4, 4]), 5).float()
+        >>> torch.allclose(layer(torch.ones(2, 4), [onehot]), torch.ones(2, 5) @ layer.expert_weight(4))
+        True
         """
         return self.layer.apply(self._params(), x, coefficients, backend=_BACKEND)
 
@@ -177,22 +194,56 @@ class MMoE(nn.Module):
 
     @property
     def in_dim(self) -> int:
+        """Input features.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).in_dim
+        4
+        """
         return self.layer.in_dim
 
     @property
     def out_dim(self) -> int:
+        """Output features.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).out_dim
+        3
+        """
         return self.layer.out_dim
 
     @property
     def expert_dims(self) -> tuple[int, ...]:
+        """Experts per level ``(N_1, ..., N_H)``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5, 2], rank=2).expert_dims
+        (5, 2)
+        """
         return self.layer.expert_dims
 
     @property
     def factorization(self) -> Any:
-        """The weight tensor's format (:class:`tensormoe.Factorization`)."""
+        """The weight tensor's format (:class:`tensormoe.Factorization`).
+
+        Examples
+        --------
+        >>> TRMMoE(4, 3, [5], ranks=2).factorization
+        TR(dims=[5, 5, 3], ranks=[2, 2, 2, 2])
+        """
         return self.layer.factorization
 
     def extra_repr(self) -> str:
+        """The functional layer's arguments, shown inside the module's ``repr``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).extra_repr()
+        "in_dim=4, out_dim=3, expert_dims=[5], rank=2, bias=True, gate='entmax15'"
+        """
         return repr(self.layer).split("(", 1)[1][:-1]
 
     # -- io protocol (tensormoe.io) ------------------------------------------------
@@ -221,7 +272,13 @@ class CPMMoE(MMoE):
 
     @property
     def rank(self) -> int:
-        """The CP rank."""
+        """The CP rank.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).rank
+        2
+        """
         return self.layer.rank
 
 
@@ -336,10 +393,28 @@ class MMoEMLP(nn.Module):
             second.params[f"gate_{h}"].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``second(activation(first(x, a)), a)`` with ``a = first.coefficients(x)``."""
+        """``second(activation(first(x, a)), a)`` with ``a = first.coefficients(x)``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> mlp = MMoEMLP(CPMMoE(8, 16, [4], rank=2), CPMMoE(16, 8, [4], rank=2))
+        >>> x = torch.randn(3, 8)
+        >>> a = mlp.first.coefficients(x)
+        >>> torch.allclose(mlp(x), mlp.second(torch.nn.functional.gelu(mlp.first(x, a)), a))
+        True
+        """
         a = self.first.coefficients(x)
         return self.second(self.activation(self.first(x, a)), a)
 
     def coefficients(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The shared expert coefficients (the first layer's gates)."""
+        """The shared expert coefficients (the first layer's gates).
+
+        Examples
+        --------
+        >>> import torch
+        >>> mlp = MMoEMLP(CPMMoE(8, 16, [4], rank=2), CPMMoE(16, 8, [4], rank=2))
+        >>> [a.shape for a in mlp.coefficients(torch.ones(3, 8))]
+        [torch.Size([3, 4])]
+        """
         return self.first.coefficients(x)
