@@ -41,6 +41,7 @@ import numpy as np
 
 import tensormoe
 from tensormoe import io
+from tensormoe.ranks import match_rank
 
 CLASSES = 10
 HIDDEN = 64
@@ -67,15 +68,10 @@ def load_data(seed: int) -> Data:
     return Data(norm(x_train), y_train.astype(np.int64), norm(x_test), y_test.astype(np.int64))
 
 
-def mmoe_config(in_dim: int, out_dim: int, experts: int, budget: int, seed: int) -> dict[str, Any]:
-    """A CP MMoE config with the largest rank whose parameter count (gates included) fits ``budget``."""
-    rank = 0
-    with tensormoe.backend_context("numpy"):
-        while tensormoe.CPMMoE(in_dim, out_dim, [experts], rank=rank + 1).n_params <= budget:
-            rank += 1
-    if rank == 0:
-        raise ValueError(f"experts={experts}: even rank 1 exceeds the budget of {budget} parameters")
-    return {"class": "CPMMoE", "in_dim": in_dim, "out_dim": out_dim, "expert_dims": [experts], "rank": rank,
+def mmoe_config(in_dim: int, out_dim: int, experts: int, seed: int) -> dict[str, Any]:
+    """The CP MMoE with the largest rank whose parameters, gates included, fit a linear layer's."""
+    match = match_rank("cp", in_dim, out_dim, [experts], "linear")
+    return {"class": "CPMMoE", "in_dim": in_dim, "out_dim": out_dim, "expert_dims": [experts], "rank": match.ranks,
             "seed": seed}
 
 
@@ -245,8 +241,7 @@ def serve_numpy(kind: str, data: Data, config: dict[str, Any], args: argparse.Na
     """Train with an autodiff backend, then evaluate in NumPy from the exported weights."""
     trainer = train_torch if "pytorch" in tensormoe.available_backends() else train_jax
     trained = trainer(kind, data, config, args)
-    folder = args.save or tempfile.mkdtemp(prefix="tensormoe-digits-")
-    path = os.path.join(folder, "hidden.npz")
+    path = os.path.join(args.save or tempfile.mkdtemp(prefix="tensormoe-digits-"), "hidden.npz")
     arrays = trained.export(path)
     if kind == "mmoe":
         layer = io.layer_from_file(path, backend="numpy")  # the NumPy layer, from the file alone
@@ -347,13 +342,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train both models on ``backend`` for each seed; print and return their results."""
+    if backend == "numpy" and args.save is None:
+        args.save = tempfile.mkdtemp(prefix="tensormoe-digits-")  # one folder for all seeds
     runs: dict[str, list[dict[str, float]]] = {"mmoe": [], "linear": []}
     results: dict[str, Any] = {"backend": backend, "plot": args.plot}
     for repeat in range(args.repeats):
         seed = args.seed + repeat
         data = load_data(seed)
         budget = data.x_train.shape[1] * HIDDEN + HIDDEN  # the linear hidden layer's parameters
-        config = mmoe_config(data.x_train.shape[1], HIDDEN, args.experts, budget, seed)
+        config = mmoe_config(data.x_train.shape[1], HIDDEN, args.experts, seed)
         for kind in ("mmoe", "linear"):
             trained = TRAINERS[backend](kind, data, config, argparse.Namespace(**{**vars(args), "seed": seed}))
             row = {"accuracy": float((trained.logits(data.x_test).argmax(1) == data.y_test).mean()),

@@ -194,7 +194,9 @@ class _File:
             if dtype.hasobject:
                 raise self._error(f"entry {member!r} holds pickled (object) data, which is never loaded")
             if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > info.file_size:
-                raise self._error(f"entry {member!r} claims shape {shape} of {dtype}, more than its {info.file_size} bytes")
+                raise self._error(
+                    f"entry {member!r} claims shape {shape} of {dtype}, more than its {info.file_size} bytes"
+                )
             fp.seek(0)
             try:
                 return np.lib.format.read_array(fp, allow_pickle=False)

@@ -393,7 +393,9 @@ class MMoE:
         )
         source = ops_for_array(x)
         if source is None:
-            which = f"the backend {ops.name!r} this call computes on" if explicit else f"the current backend {ops.name!r}"
+            which = f"the backend {ops.name!r} this call computes on" if explicit else (
+                f"the current backend {ops.name!r}"
+            )
             raise TypeError(f"{argument} must be an array of {which}; got {type(x).__name__}")
         if source != ops.name:
             hint = f"convert it to a {ops.name} array" if explicit else (

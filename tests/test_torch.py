@@ -82,7 +82,9 @@ def test_module_computes_on_torch_whatever_the_flag(flag):
 
 def test_wrong_inputs_name_the_argument():
     module = MODULES["cp"]()
-    message = r"x is a numpy array but this call computes on .pytorch. \(backend=.pytorch.\); convert it to a pytorch array"
+    message = (
+        r"x is a numpy array but this call computes on .pytorch. \(backend=.pytorch.\); convert it to a pytorch array"
+    )
     with pytest.raises(TypeError, match=message):
         module(np.ones((2, 6), dtype="float32"))
     with pytest.raises(TypeError, match=r"x has dtype float64 but the layer's parameters are float32"):
