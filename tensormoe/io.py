@@ -3,7 +3,7 @@
 The format is a NumPy ``.npz`` archive (a zip of ``.npy`` files) holding
 
 * ``__tensormoe__.npy`` — a ``uint8`` array of UTF-8 JSON: the format name and
-  version, the layer's configuration (:meth:`tensormoe.MMoE.config`) and the
+  version, the layer's configuration (:meth:`tensormoe.layer.MMoE.config`) and the
   dtype of every parameter;
 * ``<name>.npy`` — one floating-point array per parameter (``factor_0``, ...,
   ``core`` for Tucker, ``gate_0``, ...), stored in its own dtype; ``bfloat16``,
@@ -13,7 +13,7 @@ Reading is safe: every member is read with ``allow_pickle=False``, the
 configuration is plain JSON, and members other than these are refused, so
 loading a file never executes code from it.  A file that is truncated,
 corrupted (the zip's CRC checks), holds a pickle, or does not fit the target
-(another factorization, configuration or shape) raises a :class:`ValueError`
+(another factorization, configuration or shape) raises a ``ValueError``
 that names the problem, before anything in the target layer is changed.
 
 The layer may be a functional :class:`tensormoe.MMoE`, a
