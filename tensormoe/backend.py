@@ -241,9 +241,9 @@ def backend_context(name: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def tensorly_backend() -> Iterator[None]:
-    """Make TensorLy compute on tensormoe's current backend in this thread (internal)."""
-    with backend_context(get_backend()):
+def tensorly_backend(name: str | None = None) -> Iterator[None]:
+    """Make TensorLy compute on backend ``name`` (default: tensormoe's current one) in this thread (internal)."""
+    with backend_context(name or get_backend()):
         yield
 
 

@@ -382,8 +382,8 @@ class Factorization:
     def _to_tensor(self, tensor: Any) -> Any:
         raise NotImplementedError
 
-    def to_dense(self, params: Mapping[str, Any]) -> Any:
-        """Reconstruct the full tensor ``W`` with TensorLy on the current backend.
+    def to_dense(self, params: Mapping[str, Any], backend: str | None = None) -> Any:
+        """Reconstruct the full tensor ``W`` with TensorLy on ``backend`` (default: the current one).
 
         This builds ``prod(dims)`` elements: for tests and small layers only.
 
@@ -394,7 +394,7 @@ class Factorization:
         >>> f.to_dense(f.init(np.random.default_rng(0), std=0.1)).shape
         (8, 5, 6)
         """
-        with tensorly_backend():
+        with tensorly_backend(backend):
             return self._to_tensor(self.to_tensorly(params))
 
     def describe_ranks(self) -> Any:

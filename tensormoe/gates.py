@@ -72,8 +72,11 @@ def entmax15(z: Any, ops: Ops | None = None) -> Any:
     mean = ops.cumsum(zs) / k
     mean_sq = ops.cumsum(zs * zs) / k
     ss = k * (mean_sq - mean * mean)
-    delta = ops.relu((1 - ss) / k)
-    tau = mean - ops.sqrt(delta)
+    delta = (1 - ss) / k
+    # sqrt(relu(delta)), with a finite gradient where delta <= 0: those entries are never
+    # the threshold, but a plain sqrt would send 0 * inf = NaN back through them on JAX
+    positive = delta > 0
+    tau = mean - ops.where(positive, ops.sqrt(ops.where(positive, delta, 1.0)), 0.0)
     support = ops.count_true(tau <= zs)
     tau_star = ops.take_last(tau, support - 1)
     p = ops.relu(z - tau_star)

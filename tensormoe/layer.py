@@ -27,12 +27,22 @@ import numpy as np
 
 from . import gates as _gates
 from . import routers as _routers
-from .backend import get_backend
+from .backend import _normalise, get_backend
 from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
 from .ops import Ops, get_ops, ops_for_array
 
-__all__ = ["CPMMoE", "LAYERS", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "convert_params", "make_layer"]
+__all__ = [
+    "CPMMoE",
+    "LAYERS",
+    "MMoE",
+    "TRMMoE",
+    "TTMMoE",
+    "TuckerMMoE",
+    "convert_params",
+    "layer_from_config",
+    "make_layer",
+]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -63,6 +73,11 @@ def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype:
         array = get_ops(source).to_numpy(value) if source else np.asarray(value)
         out[name] = target.asarray(array, dtype or _dtype_name(value))
     return out
+
+
+def _ops(backend: str | None) -> Ops:
+    """The ops of ``backend`` (normalised, e.g. ``"torch"``), or of the current backend."""
+    return get_ops(None if backend is None else _normalise(backend))
 
 
 def _dtype_name(x: Any) -> str:
@@ -190,6 +205,7 @@ class MMoE:
             raise ValueError(f"gate_norm={gate_norm!r} is not supported; expected one of {list(_gates.NORMS)}")
         self.gate_norm = gate_norm
         self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm)
+        self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_dim)
         if not isinstance(init_std, numbers.Real) or isinstance(init_std, bool) or not init_std > 0 or not math.isfinite(init_std):
@@ -214,6 +230,14 @@ class MMoE:
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
         raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy / pickle (a torch module holding this layer, an EMA copy):
+        # the caches hold framework handles and compiled functions; they refill on use
+        state = self.__dict__.copy()
+        state["_compiled"] = {}
+        state["_converted"] = {}
+        return state
 
     # -- parameters ---------------------------------------------------------------
     @property
@@ -365,31 +389,47 @@ class MMoE:
         return self._converted[backend]
 
     # -- inputs -------------------------------------------------------------------
-    def _check_input(self, x: Any, ops: Ops, argument: str = "x", last: int | None = None) -> Any:
+    def _check_input(
+        self,
+        x: Any,
+        ops: Ops,
+        argument: str = "x",
+        last: int | None = None,
+        expected: str | None = None,
+        explicit: bool = False,
+    ) -> Any:
         last = self.in_dim if last is None else last
+        expected = expected or self.dtype
+        # explicit: the caller named the backend (backend=...), whatever the global flag says
+        where = f"this call computes on {ops.name!r} (backend={ops.name!r})" if explicit else (
+            f"the current backend is {ops.name!r}"
+        )
         source = ops_for_array(x)
         if source is None:
-            raise TypeError(
-                f"{argument} must be an array of the current backend {ops.name!r}; got {type(x).__name__}"
+            which = f"the backend {ops.name!r} this call computes on" if explicit else (
+                f"the current backend {ops.name!r}"
             )
+            raise TypeError(f"{argument} must be an array of {which}; got {type(x).__name__}")
         if source != ops.name:
-            raise TypeError(
-                f"{argument} is a {source} array but the current backend is {ops.name!r}; convert it, "
-                f"or switch with tensormoe.set_backend({source!r})"
+            hint = f"convert it to a {ops.name} array" if explicit else (
+                f"convert it, or switch with tensormoe.set_backend({source!r})"
             )
+            raise TypeError(f"{argument} is a {source} array but {where}; {hint}")
         if x.ndim < 1 or x.shape[-1] != last:
             raise ValueError(f"{argument} must have shape [..., {last}]; got shape {tuple(x.shape)}")
         dtype = ops.dtype_name(x)
         if dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{argument} must be a floating-point array of dtype {self.dtype}; got dtype {dtype}")
-        if dtype != self.dtype:
+            raise TypeError(f"{argument} must be a floating-point array of dtype {expected}; got dtype {dtype}")
+        if dtype != expected:
             raise TypeError(
-                f"{argument} has dtype {dtype} but the layer's parameters are {self.dtype}; cast {argument} "
-                f"to {self.dtype} or build the layer with dtype={dtype!r}"
+                f"{argument} has dtype {dtype} but the layer's parameters are {expected}; cast {argument} "
+                f"to {expected} or build the layer with dtype={dtype!r}"
             )
         return x
 
-    def _check_coefficients(self, coefficients: Any, batch: tuple[int, ...], ops: Ops) -> list[Any]:
+    def _check_coefficients(
+        self, coefficients: Any, batch: tuple[int, ...], ops: Ops, expected: str | None = None, explicit: bool = False
+    ) -> list[Any]:
         if not isinstance(coefficients, Sequence) or len(coefficients) != self.hierarchy:
             raise ValueError(
                 f"coefficients must be a list of {self.hierarchy} arrays (one per level, shapes "
@@ -398,7 +438,7 @@ class MMoE:
             )
         out = []
         for h, (a, n) in enumerate(zip(coefficients, self.expert_dims)):
-            a = self._check_input(a, ops, f"coefficients[{h}]", last=n)
+            a = self._check_input(a, ops, f"coefficients[{h}]", last=n, expected=expected, explicit=explicit)
             if tuple(a.shape[:-1]) != batch:
                 raise ValueError(
                     f"coefficients[{h}] must have shape {[*batch, n]} to match x; got {list(a.shape)}"
@@ -441,10 +481,7 @@ class MMoE:
         return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
 
     def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
-        plan = get_plan(
-            equation, *(tuple(o.shape) for o in operands), backend=ops.name, dtype=self.dtype, optimize=self.optimize
-        )
-        return plan(*operands, backend=ops.einsum_backend)
+        return ops.contract(equation, operands, self.optimize)
 
     def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
         """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
@@ -457,7 +494,7 @@ class MMoE:
             coeffs = [
                 w if idx is None else ops.scatter_add_last(idx, w, n) for (w, idx), n in zip(levels, self.expert_dims)
             ]
-            weight = self.factorization.to_dense(params)
+            weight = self.factorization.to_dense(params, backend=ops.name)
             return self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
         indices = {h: idx for h, (_, idx) in enumerate(levels) if idx is not None}
         operands = [*(w for w, _ in levels), xin, *self.factorization.gather_params(params, indices, ops)]
@@ -532,18 +569,26 @@ class MMoE:
         routing = self._routing(ops, params, x, statistics=False)
         return [r.to_dense(n) for r, n in zip(routing, self.expert_dims)]
 
-    def _checked(self, params: Any, x: Any, coefficients: Any = None) -> tuple:
-        ops = get_ops()
+    def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> tuple:
+        ops = _ops(backend)
         params = self._params_for(params, ops.name)
-        x = self._check_input(x, ops)
+        # inputs must match the parameters in use (a torch module cast with .half() included)
+        expected = self._params_dtype(params, ops)
+        explicit = backend is not None
+        x = self._check_input(x, ops, expected=expected, explicit=explicit)
         if coefficients is not None:
-            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops)
+            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops, expected, explicit)
         return ops, params, x, coefficients
 
+    def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
+        name = next(iter(self.factorization.network()))
+        value = params.get(name) if isinstance(params, Mapping) else None
+        return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
+
     def _prepared(self, params: Any, x: Any, coefficients: Any, routing: Any, mask: Any, training: Any,
-                  rng: Any) -> tuple:
+                  rng: Any, backend: str | None = None) -> tuple:
         """Checked inputs, plus the routing, the mask as 0/1 and the training noise (if any)."""
-        ops, params, x, coefficients = self._checked(params, x, coefficients)
+        ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
         if not isinstance(training, bool):
             raise TypeError(f"training must be True or False; got {training!r}")
         lead = tuple(x.shape[:-1])
@@ -616,7 +661,7 @@ class MMoE:
             out.append(r)
         return out
 
-    def coefficients(self, params: Mapping[str, Any] | None, x: Any) -> list[Any]:
+    def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
         """Expert coefficients of every level, ``[..., N_h]`` each (zero for unselected experts).
 
         With the default dense routers the rows sum to one; top-k levels give
@@ -629,6 +674,8 @@ class MMoE:
             Parameters (``None``: the layer's own).
         x : array of shape [..., in_dim]
             Input of the current backend and the layer's dtype.
+        backend : str, optional
+            Compute on this backend instead of the current one (see :meth:`apply`).
 
         Examples
         --------
@@ -641,11 +688,18 @@ class MMoE:
         if any(r.soft for r in self.routers):
             raise ValueError("Soft MoE routing weighs slots, not experts: per-token coefficients are not defined; "
                              "use layer.route(params, x)")
-        ops, params, x, _ = self._checked(params, x)
+        ops, params, x, _ = self._checked(params, x, backend=backend)
         return self._run("_coefficients", ops, params, x)
 
     def route(
-        self, params: Mapping[str, Any] | None, x: Any, *, mask: Any = None, training: bool = False, rng: Any = None
+        self,
+        params: Mapping[str, Any] | None,
+        x: Any,
+        *,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+        backend: str | None = None,
     ) -> tuple[_routers.Routing, ...]:
         """Route ``x`` through every level: a :class:`~tensormoe.routers.Routing` per level, with the aux losses.
 
@@ -664,6 +718,8 @@ class MMoE:
             Draw the routers' training noise (noisy top-k); needs ``rng``.
         rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
             Source of the noise; an integer seed gives the same noise on every backend.
+        backend : str, optional
+            Compute on this backend instead of the current one (see :meth:`apply`).
 
         Returns
         -------
@@ -679,7 +735,7 @@ class MMoE:
         >>> top.indices.shape, dense.weights.shape, round(float(top.load.sum()), 6)
         ((5, 2), (5, 4), 1.0)
         """
-        ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng)
+        ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng, backend)
         return self._run("_routing", ops, params, x, mask, noise)
 
     def apply(
@@ -693,6 +749,7 @@ class MMoE:
         training: bool = False,
         rng: Any = None,
         return_routing: bool = False,
+        backend: str | None = None,
     ) -> Any:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
@@ -722,6 +779,10 @@ class MMoE:
             Source of the training noise.
         return_routing : bool
             Also return the routing (with its auxiliary losses): ``(y, routing)``.
+        backend : str, optional
+            Compute on this backend whatever the global flag says (the
+            framework shells :mod:`tensormoe.torch` and :mod:`tensormoe.jax`
+            pass it).  ``x`` and ``params`` must then be arrays of it.
 
         Examples
         --------
@@ -733,9 +794,11 @@ class MMoE:
         ...     None, np.ones((6, 4), dtype="float32"), return_routing=True)
         >>> r.indices.shape, float(r.z_loss) > 0
         ((6, 1), True)
+        >>> layer.apply(layer.params, np.ones((2, 4), dtype="float32"), backend="numpy").shape
+        (2, 3)
         """
         ops, params, x, coefficients, routing, mask, noise = self._prepared(
-            params, x, coefficients, routing, mask, training, rng
+            params, x, coefficients, routing, mask, training, rng, backend
         )
         if return_routing:
             if coefficients is not None:
@@ -783,13 +846,14 @@ class MMoE:
         mask: Any = None,
         training: bool = False,
         rng: Any = None,
+        backend: str | None = None,
     ) -> Any:
         """The reference forward pass through the reconstructed weight tensor.
 
         ``y[b, o] = sum a_1[b, n_1] ... a_H[b, n_H] W[n_1, ..., n_H, i, o] x[b, i]``
         (``x`` extended by a one when the layer has a bias), with sparse routings
         scattered to dense coefficients (zeros for unselected experts).  Equal to
-        :meth:`apply` up to floating-point rounding.
+        :meth:`apply` up to floating-point rounding; arguments as in :meth:`apply`.
 
         Examples
         --------
@@ -800,11 +864,13 @@ class MMoE:
         True
         """
         ops, params, x, coefficients, routing, mask, noise = self._prepared(
-            params, x, coefficients, routing, mask, training, rng
+            params, x, coefficients, routing, mask, training, rng, backend
         )
         return self._run("_dense_forward", ops, params, x, coefficients, routing, mask, noise)
 
-    def expert_weight(self, params: Mapping[str, Any] | None, index: int | Sequence[int]) -> Any:
+    def expert_weight(
+        self, params: Mapping[str, Any] | None, index: int | Sequence[int], *, backend: str | None = None
+    ) -> Any:
         """The ``[I(+1), O]`` matrix of one expert, ``W[n_1, ..., n_H]``, without building ``W``.
 
         With a bias the last row is that expert's bias.
@@ -815,6 +881,8 @@ class MMoE:
             Parameters (``None``: the layer's own).
         index : int or sequence of int
             The expert's index on every level (an integer for one level).
+        backend : str, optional
+            Compute on this backend instead of the current one.
 
         Examples
         --------
@@ -830,7 +898,7 @@ class MMoE:
         for h, (n, size) in enumerate(zip(index, self.expert_dims)):
             if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 0 <= n < size:
                 raise ValueError(f"index[{h}]={n!r} is out of range; expected an integer in [0, {size})")
-        ops = get_ops()
+        ops = _ops(backend)
         operands = self.factorization.slice_params(self._params_for(params, ops.name), index)
         return self._contract(ops, self.factorization.slice_equation(), operands)
 
@@ -870,6 +938,46 @@ class MMoE:
             self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
             optimize=self.optimize,
         )
+
+    # -- configuration ------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this layer, as plain JSON-serialisable values.
+
+        ``"class"`` names the layer class; the ranks are given in their validated
+        form.  :func:`layer_from_config` is the inverse (with freshly initialised
+        parameters).
+
+        Examples
+        --------
+        >>> cfg = CPMMoE(4, 3, [5, 2], rank=2, gate="softmax").config()
+        >>> cfg["class"], cfg["expert_dims"], cfg["rank"], cfg["gate"], cfg["router"]
+        ('CPMMoE', [5, 2], 2, 'softmax', None)
+        """
+        router = self._router_arg
+        names = router if isinstance(router, list) else [router]
+        if not all(r is None or isinstance(r, str) for r in names):
+            raise ValueError(
+                "config() describes routers by name only; this layer was built with Router objects "
+                f"({self.routers!r}): rebuild them yourself, or pass router names"
+            )
+        return {
+            "class": type(self).__name__,
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "expert_dims": list(self.expert_dims),
+            **self._rank_config(),
+            "bias": self.bias,
+            "gate": self.gate,
+            "gate_norm": self.gate_norm,
+            "init_std": self.init_std,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "optimize": self.optimize,
+            "router": router,
+        }
+
+    def _rank_config(self) -> dict[str, Any]:
+        return {"ranks": self.factorization.describe_ranks()}
 
     def __repr__(self) -> str:
         default = all(
@@ -920,6 +1028,9 @@ class CPMMoE(MMoE):
 
     def _rank_repr(self) -> str:
         return f"rank={self.rank}"
+
+    def _rank_config(self) -> dict[str, Any]:
+        return {"rank": self.rank}
 
 
 class TuckerMMoE(MMoE):
@@ -1022,3 +1133,47 @@ def make_layer(
     if kind == "cp":
         return CPMMoE(in_dim, out_dim, expert_dims, rank=ranks, **kwargs)
     return LAYERS[kind](in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
+
+
+def layer_from_config(config: Mapping[str, Any]) -> MMoE:
+    """Build a layer from :meth:`MMoE.config` output (parameters freshly initialised from its seed).
+
+    Parameters
+    ----------
+    config : mapping
+        ``"class"`` (the name of a class in :data:`LAYERS`) and that class's constructor arguments.
+
+    Raises
+    ------
+    ValueError
+        If the class is unknown or an argument is missing or not accepted.
+
+    Examples
+    --------
+    >>> layer = TTMMoE(4, 3, [5], ranks=2)
+    >>> copy = layer_from_config(layer.config())
+    >>> copy.config() == layer.config()
+    True
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (the output of MMoE.config()); got {type(config).__name__}")
+    classes = {cls.__name__: cls for cls in LAYERS.values()}
+    name = config.get("class")
+    if name not in classes:
+        raise ValueError(f"config['class']={name!r} is not a layer class; expected one of {sorted(classes)}")
+    cls = classes[name]
+    kwargs = {k: v for k, v in config.items() if k != "class"}
+    rank_key = "rank" if cls is CPMMoE else "ranks"
+    required = ("in_dim", "out_dim", "expert_dims", rank_key)
+    missing = [k for k in required if k not in kwargs]
+    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize", "router"}
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if missing or unknown:
+        raise ValueError(
+            f"config for {name} "
+            + " and ".join(
+                p for p in (missing and f"is missing {missing}", unknown and f"has unknown keys {unknown}") if p
+            )
+            + f"; expected the keys ['class', {', '.join(repr(k) for k in sorted(allowed))}]"
+        )
+    return cls(**kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backend import _load, get_backend
+from .contraction import get_plan
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
 
@@ -419,6 +420,25 @@ class Ops:
         """
         return fn
 
+    # --- contraction --------------------------------------------------------------
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+        """Contract ``operands`` along ``equation`` with the cached plan of their shapes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").contract("ab,bc->ac", [np.ones((2, 3)), np.ones((3, 4))]).shape
+        (2, 4)
+        """
+        plan = get_plan(
+            equation,
+            *(tuple(o.shape) for o in operands),
+            backend=self.name,
+            dtype=self.dtype_name(operands[-1]),
+            optimize=optimize,
+        )
+        return plan(*operands, backend=self.einsum_backend)
+
 
 class NumpyOps(Ops):
     name = "numpy"
@@ -537,6 +557,14 @@ class TorchOps(Ops):
             return draw.to(like.device), rng
         return super().normal(rng, shape, like)
 
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+        if not self._torch.compiler.is_compiling():
+            return super().contract(equation, operands, optimize)
+        # Under torch.compile: opt_einsum's runtime is not traceable (it reads the
+        # thread id) and sizes may be symbolic, so hand the whole equation to
+        # torch.einsum, which plans its path with opt_einsum once, when tracing.
+        return self._torch.einsum(equation, *operands)
+
 
 class JaxOps(Ops):
     name = "jax"
@@ -597,10 +625,17 @@ class JaxOps(Ops):
 _CLASSES = {"numpy": NumpyOps, "pytorch": TorchOps, "jax": JaxOps}
 
 
-@functools.cache
+_INSTANCES: dict[str, Ops] = {}
+
+
 def _ops(name: str) -> Ops:
-    _load(name)
-    return _CLASSES[name]()
+    # a plain dict rather than functools.cache: torch.compile traces dict look-ups
+    # but not through cache wrappers
+    ops = _INSTANCES.get(name)
+    if ops is None:
+        _load(name)
+        ops = _INSTANCES.setdefault(name, _CLASSES[name]())
+    return ops
 
 
 def get_ops(name: str | None = None) -> Ops:

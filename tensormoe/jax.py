@@ -1,0 +1,356 @@
+"""JAX shells: the MMoE layers as pytrees, for ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+
+A layer object here is a pytree whose leaves are its parameters (factors, Tucker
+core, gates) and whose static part is the functional layer
+(:class:`tensormoe.MMoE`: configuration and math).  So a layer can be passed
+straight through ``jax.jit`` and differentiated with ``jax.grad``; gradients
+come back as a layer of the same structure, and an optimizer step is a
+``jax.tree_util.tree_map``.  The forward is the functional layer's own
+(:meth:`tensormoe.layer.MMoE.apply` with ``backend="jax"``), whatever the global
+backend flag says.
+
+The static part compares equal between layers of the same configuration (seed
+and ``init_std`` aside), so jitted functions are not re-traced for each new
+layer object, and contraction plans come from the shared plan cache: a new
+trace of the same shapes plans nothing.
+
+Importing this module imports JAX (keeping ``jax_enable_x64`` as it was, despite
+TensorLy); ``import tensormoe`` does not.
+
+Examples
+--------
+>>> import jax, jax.numpy as jnp
+>>> from tensormoe.jax import CPMMoE
+>>> layer = CPMMoE(16, 8, expert_dims=[32], rank=4)
+>>> loss = lambda layer, x: jnp.sum(layer(x) ** 2)
+>>> grads = jax.jit(jax.grad(loss))(layer, jnp.ones((3, 16)))
+>>> type(grads).__name__, grads.params["factor_0"].shape
+('CPMMoE', (32, 4))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from . import layer as _layer
+from .backend import _load, backend_context
+
+__all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "wrap"]
+
+_BACKEND = "jax"
+_load(_BACKEND)  # TensorLy's JAX backend, imported with jax_enable_x64 restored
+
+# configuration entries that do not change what the layer computes
+_NOT_STATIC = ("seed", "init_std")
+
+
+class _Static:
+    """The functional layer as pytree aux data: equal (and hashed) by what it computes."""
+
+    __slots__ = ("layer", "key")
+
+    def __init__(self, layer: _layer.MMoE) -> None:
+        self.layer = layer
+        config = {k: v for k, v in layer.config().items() if k not in _NOT_STATIC}
+        self.key = json.dumps(config, sort_keys=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        return f"_Static({self.key})"
+
+
+class MMoE:
+    """A multilinear mixture-of-experts layer as a JAX pytree (base class).
+
+    Use :class:`CPMMoE`, :class:`TuckerMMoE`, :class:`TTMMoE` or :class:`TRMMoE`;
+    their arguments are those of the functional layers (:class:`tensormoe.CPMMoE`, ...).
+
+    Attributes
+    ----------
+    layer : tensormoe.MMoE
+        The functional layer (static: configuration, factorization, math).
+    params : dict of str to jax.Array
+        The leaves: factors (and the Tucker core) and one gate per level.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> layer = TTMMoE(8, 4, [6, 2], ranks=2)
+    >>> isinstance(layer, MMoE), len(jax.tree_util.tree_leaves(layer))
+    (True, 6)
+    """
+
+    core_class: type[_layer.MMoE] = _layer.MMoE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with backend_context(_BACKEND):
+            layer = self.core_class(*args, **kwargs)
+        self._static = _Static(layer)
+        self.params = dict(layer.params)
+
+    # -- pytree ----------------------------------------------------------------------
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[_Static, tuple[str, ...]]]:
+        """The leaves (parameters, in name order) and the static part (the functional layer, the names).
+
+        Examples
+        --------
+        >>> leaves, (static, names) = CPMMoE(4, 3, [5], rank=2).tree_flatten()
+        >>> names, [leaf.shape for leaf in leaves][:2]
+        (('factor_0', 'factor_1', 'factor_2', 'gate_0'), [(5, 2), (5, 2)])
+        """
+        names = tuple(self.params)
+        return tuple(self.params[name] for name in names), (self._static, names)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[_Static, tuple[str, ...]], leaves: Sequence[Any]) -> MMoE:
+        """Rebuild a layer from :meth:`tree_flatten`'s output (leaves are not checked: JAX passes placeholders).
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> leaves, aux = layer.tree_flatten()
+        >>> CPMMoE.tree_unflatten(aux, leaves).layer is layer.layer
+        True
+        """
+        static, names = aux
+        out = cls.__new__(cls)
+        out._static = static
+        out.params = dict(zip(names, leaves))
+        return out
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_node_class(cls)
+
+    # -- construction ----------------------------------------------------------------
+    @property
+    def layer(self) -> _layer.MMoE:
+        """The functional layer (:class:`tensormoe.MMoE`): configuration and math, static under ``jax.jit``.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).layer
+        CPMMoE(in_dim=4, out_dim=3, expert_dims=[5], rank=2, bias=True, gate='entmax15')
+        """
+        return self._static.layer
+
+    @classmethod
+    def from_layer(cls, layer: _layer.MMoE) -> MMoE:
+        """A pytree layer with the configuration and (a JAX copy of) the parameters of a functional layer.
+
+        Examples
+        --------
+        >>> import tensormoe
+        >>> TRMMoE.from_layer(tensormoe.TRMMoE(4, 3, [5], ranks=2)).params["factor_0"].shape
+        (2, 5, 2)
+        """
+        if not isinstance(layer, cls.core_class):
+            raise TypeError(f"layer must be a {cls.core_class.__name__}; got {type(layer).__name__}")
+        with backend_context(_BACKEND):
+            copy = _layer.layer_from_config(layer.config())
+        return cls._make(copy, _layer.convert_params(layer.params, _BACKEND))
+
+    @classmethod
+    def _make(cls, layer: _layer.MMoE, params: Mapping[str, Any]) -> MMoE:
+        out = cls.__new__(cls)
+        out._static = _Static(layer)
+        out.params = dict(params)
+        return out
+
+    def replace(self, params: Mapping[str, Any]) -> MMoE:
+        """The same layer with other parameters (checked against its names and shapes).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> zero = layer.replace({k: jnp.zeros_like(v) for k, v in layer.params.items()})
+        >>> float(jnp.abs(zero.params["factor_0"]).max())
+        0.0
+        """
+        self.layer.check_params(params)
+        return self._make(self.layer, params)
+
+    def init(self, seed: int | None = None) -> dict[str, Any]:
+        """A fresh set of parameters (a dict of ``jax.Array``) drawn from ``seed``.
+
+        The same seed gives the same weights as on every other backend.
+
+        Examples
+        --------
+        >>> sorted(CPMMoE(4, 3, [5], rank=2).init(seed=1))
+        ['factor_0', 'factor_1', 'factor_2', 'gate_0']
+        """
+        with backend_context(_BACKEND):
+            return self.layer.init(seed)
+
+    # -- forward ---------------------------------------------------------------------
+    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+        """The factorized forward pass with this layer's parameters (see :meth:`tensormoe.layer.MMoE.apply`)."""
+        return self.apply(self.params, x, coefficients)
+
+    def apply(self, params: Mapping[str, Any], x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+        """The functional forward ``y = f(params, x)``: jit it, differentiate it with respect to ``params``.
+
+        Examples
+        --------
+        >>> import jax, jax.numpy as jnp
+        >>> layer = CPMMoE(4, 3, [5], rank=2)
+        >>> jax.jit(layer.apply)(layer.params, jnp.ones((2, 4))).shape
+        (2, 3)
+        """
+        return self.layer.apply(params, x, coefficients, backend=_BACKEND)
+
+    def coefficients(self, x: Any) -> list[Any]:
+        """The gates' expert coefficients of every level, ``[..., N_h]`` each.
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> a, = CPMMoE(4, 3, [5], rank=2).coefficients(jnp.ones((2, 4)))
+        >>> a.shape
+        (2, 5)
+        """
+        return self.layer.coefficients(self.params, x, backend=_BACKEND)
+
+    def dense_forward(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+        """The reference forward through the reconstructed weight tensor (tests, small layers).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> CPMMoE(4, 3, [5], rank=2).dense_forward(jnp.ones((2, 4))).shape
+        (2, 3)
+        """
+        return self.layer.dense_forward(self.params, x, coefficients, backend=_BACKEND)
+
+    def dense_weight(self) -> Any:
+        """The reconstructed ``W[N_1, ..., N_H, I(+1), O]`` (small layers only).
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).dense_weight().shape
+        (5, 5, 3)
+        """
+        return self.layer.factorization.to_dense(self.params, backend=_BACKEND)
+
+    def expert_weight(self, index: int | Sequence[int]) -> Any:
+        """One expert's ``[I(+1), O]`` matrix without building ``W``.
+
+        Examples
+        --------
+        >>> TTMMoE(4, 3, [5, 2], ranks=2).expert_weight((4, 1)).shape
+        (5, 3)
+        """
+        return self.layer.expert_weight(self.params, index, backend=_BACKEND)
+
+    # -- description -----------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The functional layer's configuration, dtype as the parameters are now.
+
+        Examples
+        --------
+        >>> CPMMoE(4, 3, [5], rank=2).config()["dtype"]
+        'float32'
+        """
+        config = self.layer.config()
+        first = self.params[next(iter(self.params))]
+        if hasattr(first, "dtype"):
+            config["dtype"] = str(first.dtype)
+        return config
+
+    def __repr__(self) -> str:
+        return repr(self.layer)
+
+    # -- io protocol (tensormoe.io) ------------------------------------------------
+    def _assign_params(self, arrays: dict[str, Any]) -> None:
+        dtypes = {name: value.dtype for name, value in self.params.items()}
+        self.params = {name: jax.numpy.asarray(arrays[name], dtype=dtypes[name]) for name in self.params}
+
+
+class CPMMoE(MMoE):
+    """CP MMoE layer as a pytree; arguments as :class:`tensormoe.CPMMoE`.
+
+    Examples
+    --------
+    >>> import jax
+    >>> sorted(CPMMoE(16, 8, [32], rank=4).params)
+    ['factor_0', 'factor_1', 'factor_2', 'gate_0']
+    """
+
+    core_class = _layer.CPMMoE
+
+    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, rank: int, **kwargs: Any) -> None:
+        super().__init__(in_dim, out_dim, expert_dims, rank=rank, **kwargs)
+
+
+class TuckerMMoE(MMoE):
+    """Tucker MMoE layer as a pytree; arguments as :class:`tensormoe.TuckerMMoE`.
+
+    Examples
+    --------
+    >>> TuckerMMoE(16, 8, [32], ranks=[4, 5, 6]).params["core"].shape
+    (4, 5, 6)
+    """
+
+    core_class = _layer.TuckerMMoE
+
+    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, **kwargs: Any) -> None:
+        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
+
+
+class TTMMoE(MMoE):
+    """Tensor-train MMoE layer as a pytree; arguments as :class:`tensormoe.TTMMoE`.
+
+    Examples
+    --------
+    >>> TTMMoE(16, 8, [32], ranks=3).params["factor_0"].shape
+    (1, 32, 3)
+    """
+
+    core_class = _layer.TTMMoE
+
+    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, **kwargs: Any) -> None:
+        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
+
+
+class TRMMoE(MMoE):
+    """Tensor-ring MMoE layer as a pytree; arguments as :class:`tensormoe.TRMMoE`.
+
+    Examples
+    --------
+    >>> TRMMoE(16, 8, [32], ranks=3).params["factor_0"].shape
+    (3, 32, 3)
+    """
+
+    core_class = _layer.TRMMoE
+
+    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, **kwargs: Any) -> None:
+        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
+
+
+_LAYERS: dict[str, type[MMoE]] = {cls.core_class.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}
+
+
+def wrap(layer: _layer.MMoE) -> MMoE:
+    """The pytree layer of the right class for a functional layer, with a JAX copy of its parameters.
+
+    Examples
+    --------
+    >>> import tensormoe
+    >>> type(wrap(tensormoe.TTMMoE(4, 3, [5], ranks=2))).__name__
+    'TTMMoE'
+    """
+    name = type(layer).__name__
+    if name not in _LAYERS:
+        raise TypeError(f"layer must be one of {sorted(_LAYERS)}; got {name}")
+    return _LAYERS[name].from_layer(layer)
