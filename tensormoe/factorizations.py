@@ -19,7 +19,6 @@ mode (``in_dim + 1`` when the layer has a bias) and the output mode.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,27 +26,18 @@ import numpy as np
 import opt_einsum
 
 from .backend import tensorly_backend
+from .validation import (
+    as_list,
+    check_index,
+    check_int_sequence,
+    check_params,
+    check_positive_int,
+    check_positive_real,
+    describe,
+    is_int,
+)
 
 __all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS"]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_positive_int(value: Any, argument: str) -> int:
-    """Return ``value`` as an ``int`` or raise naming ``argument``."""
-    if not _is_int(value):
-        raise TypeError(f"{argument} must be a positive integer; got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{argument} must be a positive integer; got {value!r}")
-    return int(value)
-
-
-def check_int_sequence(value: Any, argument: str) -> list[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{argument} must be an integer or a sequence of integers; got {value!r}")
-    return [check_positive_int(v, f"{argument}[{k}]") for k, v in enumerate(value)]
 
 
 class Factorization:
@@ -81,10 +71,13 @@ class Factorization:
     _n_free: int = 2
 
     def __init__(self, dims: Sequence[int], n_expert_modes: int) -> None:
-        self.dims = tuple(check_positive_int(d, f"dims[{k}]") for k, d in enumerate(dims))
+        self.dims = tuple(check_int_sequence(dims, "dims"))
         self.n_expert_modes = check_positive_int(n_expert_modes, "n_expert_modes")
         if len(self.dims) != self.n_expert_modes + 2:
-            raise ValueError(f"dims must have n_expert_modes + 2 = {self.n_expert_modes + 2} entries; got {len(self.dims)}")
+            raise ValueError(
+                f"dims must have n_expert_modes + 2 = {self.n_expert_modes + 2} entries "
+                f"[N_1, ..., N_H, I, O]; got {len(self.dims)}: {list(self.dims)}"
+            )
 
     # -- the network ---------------------------------------------------------------
     @property
@@ -140,6 +133,8 @@ class Factorization:
 
     def slice_params(self, params: Mapping[str, Any], index: Sequence[int]) -> list[Any]:
         """Parameters with each expert mode fixed at ``index`` (operands of :meth:`slice_equation`)."""
+        index = check_index(index, self.dims[: self.n_expert_modes])
+        self.check_params(params)
         fixed = {self.mode_symbol(k): int(n) for k, n in enumerate(index)}
         out = []
         for name, letters in self.network().items():
@@ -187,7 +182,9 @@ class Factorization:
         >>> 0.08 < float(np.std(f.to_dense(p))) < 0.12
         True
         """
-        std = float(std)
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, e.g. np.random.default_rng(0); got {describe(rng)}")
+        std = check_positive_real(std, "std")
         s = (std**2 / (2.0 * self._paths())) ** (1.0 / (2 * self._n_free))
         params = {}
         for name, shape in self.param_shapes().items():
@@ -202,6 +199,20 @@ class Factorization:
         return None
 
     # -- reconstruction ------------------------------------------------------------
+    def check_params(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Raise unless ``params`` holds every factor with its shape, all on one backend.
+
+        Other entries (such as a layer's gates) are ignored.
+
+        Examples
+        --------
+        >>> CP([4, 3, 2], rank=5, n_expert_modes=1).check_params({})
+        Traceback (most recent call last):
+        ...
+        ValueError: params is missing factor_0, factor_1, factor_2 (expected the keys ['factor_0', 'factor_1', 'factor_2'])
+        """
+        return check_params(params, self.param_shapes(), exact=False)
+
     def to_tensorly(self, params: Mapping[str, Any]) -> Any:
         """The TensorLy factorized tensor holding ``params`` (no copy)."""
         raise NotImplementedError
@@ -214,6 +225,7 @@ class Factorization:
 
         This builds ``prod(dims)`` elements: for tests and small layers only.
         """
+        self.check_params(params)
         with tensorly_backend():
             return self._to_tensor(self.to_tensorly(params))
 
@@ -299,11 +311,11 @@ class Tucker(Factorization):
 
     def __init__(self, dims: Sequence[int], ranks: int | Sequence[int], n_expert_modes: int) -> None:
         super().__init__(dims, n_expert_modes)
-        if _is_int(ranks):
+        if is_int(ranks):
             r = check_positive_int(ranks, "ranks")
             self.ranks = tuple(min(r, d) for d in self.dims)
         else:
-            values = check_int_sequence(ranks, "ranks")
+            values = check_int_sequence(ranks, "ranks", what="an integer or a sequence of positive integers")
             if len(values) != self.order:
                 raise ValueError(
                     f"ranks must have one entry per mode ({self.order}: {self.n_expert_modes} expert modes, "
@@ -349,17 +361,18 @@ class _Chain(Factorization):
     def __init__(self, dims: Sequence[int], ranks: Any, n_expert_modes: int) -> None:
         super().__init__(dims, n_expert_modes)
         d = self.order
-        if _is_int(ranks):
+        values = as_list(ranks)
+        if is_int(ranks):
             r = check_positive_int(ranks, "ranks")
             bonds = [r] * (d + 1)
             if not self._ring:
                 bonds[0] = bonds[-1] = 1
-        elif isinstance(ranks, Sequence) and not isinstance(ranks, (str, bytes)) and ranks and all(
-            isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in ranks
-        ):
-            bonds = self._bonds_from_core_shapes(ranks)
+        elif values and all(as_list(c) is not None for c in values):
+            bonds = self._bonds_from_core_shapes(values)
         else:
-            values = check_int_sequence(ranks, "ranks")
+            values = check_int_sequence(
+                ranks, "ranks", what="an integer or a sequence of integers (bond ranks) or of core shapes"
+            )
             if len(values) == d + 1:
                 bonds = values
             elif len(values) == d - 1 and not self._ring:
@@ -383,7 +396,7 @@ class _Chain(Factorization):
             raise ValueError(f"ranks given as core shapes must list {d} cores [r_k, n_k, r_k+1]; got {len(shapes)}")
         bonds: list[int] = []
         for k, shape in enumerate(shapes):
-            values = check_int_sequence(shape, f"ranks[{k}]")
+            values = check_int_sequence(shape, f"ranks[{k}]", what="a core shape [r_k, n_k, r_k+1]")
             if len(values) != 3:
                 raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {list(shape)!r}")
             if k and values[0] != bonds[-1]:

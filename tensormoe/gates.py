@@ -11,6 +11,11 @@ simplex (non-negative, summing to one over the last axis):
 All three subtract the row maximum first, so large logits neither overflow nor
 lose the support.  :func:`layer_norm` is the optional normalisation of the
 logits before the activation (LayerNorm without affine parameters).
+
+Non-finite logits: a logit of ``-inf`` gives its expert a coefficient of exactly
+zero (a mask), as long as the row has a finite logit; a row holding ``NaN`` or
+``+inf``, or only ``-inf``, gives a row of ``NaN`` coefficients.  Rows never
+affect each other.  The coefficients have the dtype of the logits.
 """
 
 from __future__ import annotations
@@ -18,12 +23,32 @@ from __future__ import annotations
 from typing import Any
 
 from .ops import Ops, get_ops
+from .validation import check_array, check_positive_real, describe
 
 __all__ = ["ACTIVATIONS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
 
 
+def _checked_ops(z: Any, ops: Any) -> Ops:
+    """The ops to use for logits ``z``, after checking ``z`` (an array of at least one expert)."""
+    if ops is None:
+        ops = get_ops()
+    elif not isinstance(ops, Ops):
+        raise TypeError(f"ops must be a tensormoe.ops.Ops (from get_ops()) or None; got {describe(ops)}")
+    check_array(z, ops, "z")
+    if z.shape[-1] < 1:
+        raise ValueError(f"z must have at least one entry (expert) on its last axis; got shape {tuple(z.shape)}")
+    return ops
+
+
 def softmax(z: Any, ops: Ops | None = None) -> Any:
     """Softmax over the last axis.
+
+    Parameters
+    ----------
+    z : array ``[..., N]``
+        Floating-point logits of the current backend (or of ``ops``), ``N >= 1``.
+    ops : Ops, optional
+        The backend's operations (default: the current backend's).
 
     Examples
     --------
@@ -31,7 +56,7 @@ def softmax(z: Any, ops: Ops | None = None) -> Any:
     >>> softmax(np.array([0.0, 0.0])).tolist()
     [0.5, 0.5]
     """
-    ops = ops or get_ops()
+    ops = _checked_ops(z, ops)
     e = ops.exp(z - ops.max(z))
     return e / ops.sum(e)
 
@@ -52,6 +77,11 @@ def _sorted_support(z: Any, ops: Ops) -> tuple[Any, Any]:
     return ops.sort_descending(z), ops.arange_like(z, 1, z.shape[-1] + 1)
 
 
+def _support_size(condition: Any, ops: Ops) -> Any:
+    """How many sorted entries are in the support, at least one (a NaN row has none; its result stays NaN)."""
+    return ops.clip_min(ops.count_true(condition), 1)
+
+
 def entmax15(z: Any, ops: Ops | None = None) -> Any:
     """1.5-entmax over the last axis: ``p = relu(z/2 - tau)**2`` with ``sum(p) = 1``.
 
@@ -66,7 +96,7 @@ def entmax15(z: Any, ops: Ops | None = None) -> Any:
     >>> entmax15(np.array([10.0, 0.0])).round(6).tolist()
     [1.0, 0.0]
     """
-    ops = ops or get_ops()
+    ops = _checked_ops(z, ops)
     z = _shifted(z, ops, 0.5)
     zs, k = _sorted_support(z, ops)
     mean = ops.cumsum(zs) / k
@@ -74,7 +104,7 @@ def entmax15(z: Any, ops: Ops | None = None) -> Any:
     ss = k * (mean_sq - mean * mean)
     delta = ops.relu((1 - ss) / k)
     tau = mean - ops.sqrt(delta)
-    support = ops.count_true(tau <= zs)
+    support = _support_size(tau <= zs, ops)
     tau_star = ops.take_last(tau, support - 1)
     p = ops.relu(z - tau_star)
     return p * p
@@ -89,12 +119,14 @@ def sparsemax(z: Any, ops: Ops | None = None) -> Any:
     >>> sparsemax(np.array([0.5, 0.0, -3.0])).tolist()
     [0.75, 0.25, 0.0]
     """
-    ops = ops or get_ops()
+    ops = _checked_ops(z, ops)
     z = _shifted(z, ops, 1.0)
     zs, k = _sorted_support(z, ops)
     cs = ops.cumsum(zs)
-    support = ops.count_true(1 + k * zs > cs)
-    tau = (ops.take_last(cs, support - 1) - 1) / support
+    support = _support_size(1 + k * zs > cs, ops)
+    # divide by the support size in z's dtype (an integer count would promote
+    # float32 to float64 on NumPy)
+    tau = (ops.take_last(cs, support - 1) - 1) / ops.cast_like(support, z)
     return ops.relu(z - tau)
 
 
@@ -107,7 +139,8 @@ def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
     >>> [round(v, 3) for v in layer_norm(np.array([1.0, 3.0])).tolist()]
     [-1.0, 1.0]
     """
-    ops = ops or get_ops()
+    ops = _checked_ops(z, ops)
+    eps = check_positive_real(eps, "eps", allow_zero=True)
     centred = z - ops.mean(z)
     return centred / ops.sqrt(ops.mean(centred * centred) + eps)
 

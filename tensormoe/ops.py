@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import _load, get_backend
+from .backend import _load, _normalise, get_backend
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
 
@@ -97,8 +97,24 @@ class Ops:
     def count_true(self, mask: Any) -> Any:
         return self.xp.sum(mask, axis=-1, keepdims=True)
 
+    def cast_like(self, x: Any, like: Any) -> Any:
+        """``x`` converted to the dtype of ``like``."""
+        return x.astype(like.dtype)
+
     def is_finite_all(self, x: Any) -> bool:
         return bool(self.xp.all(self.xp.isfinite(x)))
+
+    def count_nonfinite(self, x: Any) -> int:
+        """Number of NaN and infinite entries of ``x`` (a Python int)."""
+        return int(self.xp.sum(~self.xp.isfinite(x)))
+
+    def is_tracer(self, x: Any) -> bool:
+        """Whether ``x`` is an abstract value being traced (JAX under ``jit``/``grad``)."""
+        return False
+
+    def device(self, x: Any) -> Any:
+        """The device ``x`` lives on, where the framework has several (PyTorch); else ``None``."""
+        return None
 
     def compile(self, fn: Any) -> Any:
         """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere)."""
@@ -189,6 +205,12 @@ class TorchOps(Ops):
     def count_true(self, mask: Any) -> Any:
         return self._torch.sum(mask, dim=-1, keepdim=True)
 
+    def device(self, x: Any) -> Any:
+        return x.device
+
+    def cast_like(self, x: Any, like: Any) -> Any:
+        return x.to(like.dtype)
+
 
 class JaxOps(Ops):
     name = "jax"
@@ -223,6 +245,9 @@ class JaxOps(Ops):
             x = x.astype(self.xp.float32)
         return np.asarray(x)
 
+    def is_tracer(self, x: Any) -> bool:
+        return isinstance(x, self._jax.core.Tracer)
+
     def compile(self, fn: Any) -> Any:
         # eager JAX compiles every primitive for every new shape; one jit per
         # forward compiles once and runs as one program
@@ -246,7 +271,7 @@ def get_ops(name: str | None = None) -> Ops:
     >>> get_ops("numpy").name
     'numpy'
     """
-    return _ops(name or get_backend())
+    return _ops(get_backend() if name is None else _normalise(name, "name"))
 
 
 def ops_for_array(x: Any) -> str | None:
