@@ -89,14 +89,15 @@ class Plan:
         """
         if len(operands) != len(self.shapes):
             raise ValueError(
-                f"operands: the plan of {self.equation!r} takes {len(self.shapes)} operands; got {len(operands)}"
+                f"operands: expected {len(self.shapes)} operands for the plan of {self.equation!r}; "
+                f"got {len(operands)}"
             )
         for k, (operand, shape) in enumerate(zip(operands, self.shapes)):
             got = tuple(getattr(operand, "shape", ()))
             if got != shape:
                 raise ValueError(
-                    f"operands[{k}] has shape {got}; the plan was made for {shape} (get a plan for these shapes "
-                    "with get_plan)"
+                    f"operands[{k}] has shape {got}; expected {shape}, the shape the plan was made for "
+                    "(get a plan for these shapes with get_plan)"
                 )
         return self.expression(*operands, backend=_einsum_backend(backend))
 
@@ -147,10 +148,10 @@ def check_optimizer(optimize: Any) -> None:
 
         if optimize in options:
             return
-        hint = ""
-    else:
-        hint = "; cotengra's presets need: pip install cotengra"
-    raise ValueError(f"optimize={optimize!r} is not a known path optimizer{hint}; expected one of {sorted(options)}")
+    raise ValueError(
+        f"optimize={optimize!r} is not a known path optimizer; expected one of {list(OPTIMIZERS)} or another "
+        "name opt_einsum knows (cotengra's presets such as 'hyper' once cotengra is installed)"
+    )
 
 
 def get_plan(
@@ -203,8 +204,10 @@ def get_plan(
         path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
         expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
     except (ValueError, TypeError, KeyError, IndexError) as err:
-        raise ValueError(f"equation={equation!r} is not a valid contraction of operands of shapes {list(shapes)}: "
-                         f"{err}") from err
+        raise ValueError(
+            f"equation={equation!r} with shapes {list(shapes)} is not a valid contraction (opt_einsum: {err}); "
+            "expected an einsum equation over these operands"
+        ) from err
     plan = Plan(
         equation=equation,
         shapes=shapes,
@@ -278,15 +281,15 @@ def _check_shapes(equation: Any, shapes: tuple[Any, ...]) -> tuple[tuple[int, ..
             continue  # ellipsis: opt_einsum checks these
         if len(term) != len(shape):
             raise ValueError(
-                f"shapes[{k}]={shape} has {len(shape)} axes but the term {term!r} of equation={equation!r} "
-                f"has {len(term)}"
+                f"shapes[{k}]={shape} has {len(shape)} axes; expected {len(term)} for the term {term!r} "
+                f"of equation={equation!r}"
             )
         for axis, (letter, size) in enumerate(zip(term, shape)):
             seen = sizes.setdefault(letter, (size, k))
             if seen[0] != size:
                 raise ValueError(
-                    f"shapes[{k}][{axis}]={size} for index {letter!r} does not match shapes[{seen[1]}], "
-                    f"where {letter!r} has size {seen[0]}"
+                    f"shapes[{k}][{axis}]={size} for index {letter!r}; expected {seen[0]}, its size in "
+                    f"shapes[{seen[1]}]"
                 )
     return tuple(out)
 

@@ -39,6 +39,9 @@ from .validation import (
 
 __all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS"]
 
+#: Most elements one parameter may have (NumPy cannot address more bytes than 2**63).
+_MAX_ELEMENTS = 2**60
+
 
 class Factorization:
     """A factorized weight tensor format (abstract base).
@@ -67,6 +70,8 @@ class Factorization:
     """
 
     name: str = ""
+    #: the constructor argument holding the ranks (for messages)
+    _rank_argument = "ranks"
     #: how many of the parameters are not expert factors (used by the init)
     _n_free: int = 2
 
@@ -141,6 +146,24 @@ class Factorization:
             sl = tuple(fixed.get(c, slice(None)) for c in letters)
             out.append(params[name][sl])
         return out
+
+    def check_size(self) -> None:
+        """Raise ``ValueError`` if a parameter would have more elements than one array can address.
+
+        Examples
+        --------
+        >>> CP([4, 3, 2], rank=2**62, n_expert_modes=1).check_size()
+        Traceback (most recent call last):
+        ...
+        ValueError: rank=4611686018427387904 with dims=[4, 3, 2] give factor_0 of shape (4, 4611686018427387904) (18446744073709551616 elements); expected at most 2**60 elements per parameter
+        """
+        for name, shape in self.param_shapes().items():
+            size = math.prod(shape)
+            if size > _MAX_ELEMENTS:
+                raise ValueError(
+                    f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {name} of shape {shape} "
+                    f"({size} elements); expected at most 2**60 elements per parameter"
+                )
 
     # -- counting ------------------------------------------------------------------
     def n_params(self) -> int:
@@ -256,6 +279,7 @@ class CP(Factorization):
     """
 
     name = "cp"
+    _rank_argument = "rank"
 
     def __init__(self, dims: Sequence[int], rank: int, n_expert_modes: int) -> None:
         super().__init__(dims, n_expert_modes)

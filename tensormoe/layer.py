@@ -191,6 +191,7 @@ class MMoE:
         self.factorization = self._make_factorization(
             (*self.expert_dims, self.in_dim + int(self.bias), self.out_dim)
         )
+        self.factorization.check_size()
         self._params: dict[str, Any] = {}
         self._params_backend = ""
         self._converted: dict[str, dict[str, Any]] = {}
@@ -386,8 +387,8 @@ class MMoE:
                 if ops.count_nonfinite(y):
                     raise ValueError(
                         f"the result of {type(self).__name__}.{method} holds non-finite values although x and the "
-                        f"parameters are finite: the computation overflowed {self.dtype} "
-                        f"(largest finite value {_FLOAT_MAX[self.dtype]:.4g}); use a wider dtype or smaller inputs"
+                        f"parameters are finite: the computation overflowed {self.dtype} (largest finite value "
+                        f"{_FLOAT_MAX[self.dtype]:.4g}); expected a finite result: use a wider dtype or smaller inputs"
                     )
         return out
 

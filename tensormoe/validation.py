@@ -84,8 +84,10 @@ def describe(value: Any) -> str:
         dtype = str(value.dtype).replace("torch.", "")
         return f"a {source} array of shape {tuple(value.shape)} and dtype {dtype}"
     text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
+    if len(text) > 60 or "\n" in text:
+        if isinstance(value, (list, tuple, dict, set)):
+            return f"a {type(value).__name__} of {len(value)} items"
+        text = " ".join(text.split())[:57] + "..."
     return f"{text} of type {type(value).__name__}"
 
 
@@ -354,7 +356,7 @@ def check_array(
         )
     if source != ops.name:
         raise TypeError(
-            f"{argument} is a {source} array but the current backend is {ops.name!r}; convert it, "
+            f"{argument} is a {source} array; expected a {ops.name} array (the current backend): convert it, "
             f"or switch with tensormoe.set_backend({source!r})"
         )
     shape = tuple(x.shape)
@@ -368,15 +370,15 @@ def check_array(
         raise TypeError(f"{argument} must be a floating-point array{of}; got dtype {name}")
     if dtype is not None and name != dtype:
         raise TypeError(
-            f"{argument} has dtype {name} but the layer's parameters are {dtype}; cast {argument} "
-            f"to {dtype} or build the layer with dtype={name!r}"
+            f"{argument} has dtype {name}; expected {dtype}, the dtype of the layer's parameters "
+            f"(cast {argument}, or build the layer with dtype={name!r})"
         )
     if device is not None:
         here = ops.device(x)
         if here is not None and here != device:
             raise ValueError(
-                f"{argument} is on device {here} but the parameters are on {device}; "
-                f"move {argument} to {device} (or the parameters to {here})"
+                f"{argument} is on device {here}; expected {device}, the device of the parameters "
+                f"(move {argument}, or the parameters)"
             )
     return x
 
@@ -480,8 +482,8 @@ def check_params(
             raise TypeError(f"{where} must be an array of shape {tuple(shape)}; got {describe(value)}")
         if backend is not None and source != backend:
             raise TypeError(
-                f"{where} is a {source} array but the current backend is {backend!r}; convert the parameters "
-                f"with tensormoe.convert_params({argument}, {backend!r})"
+                f"{where} is a {source} array; expected a {backend} array (the current backend): convert the "
+                f"parameters with tensormoe.convert_params({argument}, {backend!r})"
             )
         if first is None:
             first = (name, source)
