@@ -15,7 +15,13 @@ logits before the activation (LayerNorm without affine parameters).
 Non-finite logits: a logit of ``-inf`` gives its expert a coefficient of exactly
 zero (a mask), as long as the row has a finite logit; a row holding ``NaN`` or
 ``+inf``, or only ``-inf``, gives a row of ``NaN`` coefficients.  Rows never
-affect each other.  The coefficients have the dtype of the logits.
+affect each other.
+
+Precision: half-precision logits (``float16``, ``bfloat16``) are normalised and
+activated in ``float32`` and the result is cast back, as MoE routers commonly do
+(the Switch Transformer's "selective precision"): sums over many experts and the
+squares in :func:`layer_norm` neither lose the simplex nor overflow ``float16``.
+The result always has the dtype of the logits.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from .ops import Ops, get_ops
-from .validation import check_array, check_positive_real, describe
+from .validation import array_dtype, check_array, check_positive_real, describe
 
 __all__ = ["ACTIVATIONS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
 
@@ -38,6 +44,14 @@ def _checked_ops(z: Any, ops: Any) -> Ops:
     if z.shape[-1] < 1:
         raise ValueError(f"z must have at least one entry (expert) on its last axis; got shape {tuple(z.shape)}")
     return ops
+
+
+def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
+    """``body(z, ops, *args)`` after checking ``z``; half precision runs in float32 and is cast back."""
+    ops = _checked_ops(z, ops)
+    if array_dtype(z) in ("float16", "bfloat16"):
+        return ops.cast_like(body(ops.cast(z, "float32"), ops, *args), z)
+    return body(z, ops, *args)
 
 
 def softmax(z: Any, ops: Ops | None = None) -> Any:
@@ -56,7 +70,10 @@ def softmax(z: Any, ops: Ops | None = None) -> Any:
     >>> softmax(np.array([0.0, 0.0])).tolist()
     [0.5, 0.5]
     """
-    ops = _checked_ops(z, ops)
+    return _run(_softmax, z, ops)
+
+
+def _softmax(z: Any, ops: Ops) -> Any:
     e = ops.exp(z - ops.max(z))
     return e / ops.sum(e)
 
@@ -96,7 +113,10 @@ def entmax15(z: Any, ops: Ops | None = None) -> Any:
     >>> entmax15(np.array([10.0, 0.0])).round(6).tolist()
     [1.0, 0.0]
     """
-    ops = _checked_ops(z, ops)
+    return _run(_entmax15, z, ops)
+
+
+def _entmax15(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 0.5)
     zs, k = _sorted_support(z, ops)
     mean = ops.cumsum(zs) / k
@@ -119,7 +139,10 @@ def sparsemax(z: Any, ops: Ops | None = None) -> Any:
     >>> sparsemax(np.array([0.5, 0.0, -3.0])).tolist()
     [0.75, 0.25, 0.0]
     """
-    ops = _checked_ops(z, ops)
+    return _run(_sparsemax, z, ops)
+
+
+def _sparsemax(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 1.0)
     zs, k = _sorted_support(z, ops)
     cs = ops.cumsum(zs)
@@ -139,8 +162,10 @@ def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
     >>> [round(v, 3) for v in layer_norm(np.array([1.0, 3.0])).tolist()]
     [-1.0, 1.0]
     """
-    ops = _checked_ops(z, ops)
-    eps = check_positive_real(eps, "eps", allow_zero=True)
+    return _run(_layer_norm, z, ops, check_positive_real(eps, "eps", allow_zero=True))
+
+
+def _layer_norm(z: Any, ops: Ops, eps: float) -> Any:
     centred = z - ops.mean(z)
     return centred / ops.sqrt(ops.mean(centred * centred) + eps)
 

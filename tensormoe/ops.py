@@ -101,6 +101,10 @@ class Ops:
         """``x`` converted to the dtype of ``like``."""
         return x.astype(like.dtype)
 
+    def cast(self, x: Any, name: str) -> Any:
+        """``x`` converted to the dtype named ``name``."""
+        return x.astype(self.dtype(name))
+
     def is_finite_all(self, x: Any) -> bool:
         return bool(self.xp.all(self.xp.isfinite(x)))
 
@@ -210,6 +214,9 @@ class TorchOps(Ops):
 
     def cast_like(self, x: Any, like: Any) -> Any:
         return x.to(like.dtype)
+
+    def cast(self, x: Any, name: str) -> Any:
+        return x.to(self.dtype(name))
 
 
 class JaxOps(Ops):
