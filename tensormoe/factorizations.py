@@ -208,7 +208,8 @@ class Factorization:
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, e.g. np.random.default_rng(0); got {describe(rng)}")
         std = check_positive_real(std, "std")
-        s = (std**2 / (2.0 * self._paths())) ** (1.0 / (2 * self._n_free))
+        # in log space: std**2 would overflow for std > 1e154 although s itself is finite
+        s = math.exp((2.0 * math.log(std) - math.log(2.0 * self._paths())) / (2 * self._n_free))
         params = {}
         for name, shape in self.param_shapes().items():
             level = self._expert_level(name)
@@ -382,8 +383,9 @@ class _Chain(Factorization):
 
     _ring = False
 
-    def __init__(self, dims: Sequence[int], ranks: Any, n_expert_modes: int) -> None:
+    def __init__(self, dims: Sequence[int], ranks: Any, n_expert_modes: int, *, in_dim: int | None = None) -> None:
         super().__init__(dims, n_expert_modes)
+        self._in_dim = None if in_dim is None else check_positive_int(in_dim, "in_dim")
         d = self.order
         values = as_list(ranks)
         if is_int(ranks):
@@ -422,18 +424,23 @@ class _Chain(Factorization):
         for k, shape in enumerate(shapes):
             values = check_int_sequence(shape, f"ranks[{k}]", what="a core shape [r_k, n_k, r_k+1]")
             if len(values) != 3:
-                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {list(shape)!r}")
+                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {values!r}")
             if k and values[0] != bonds[-1]:
                 raise ValueError(f"ranks[{k}][0]={values[0]} must equal ranks[{k - 1}][2]={bonds[-1]} (shared bond)")
-            if values[1] not in self._accepted_sizes(k):
-                raise ValueError(f"ranks[{k}][1]={values[1]} must equal the size {self.dims[k]} of mode {k}")
+            accepted = self._accepted_sizes(k)
+            if values[1] not in accepted:
+                alternative = f" (or in_dim={accepted[1]})" if len(accepted) > 1 and accepted[1] != accepted[0] else ""
+                raise ValueError(
+                    f"ranks[{k}][1]={values[1]} must equal the size {self.dims[k]} of mode {k}{alternative}"
+                )
             bonds.extend(values[0::2] if not k else values[2:])
         return bonds
 
     def _accepted_sizes(self, k: int) -> tuple[int, ...]:
-        # the input mode carries the bias row: in_dim is accepted there as well
-        if k == self.order - 2:
-            return (self.dims[k], self.dims[k] - 1)
+        # the input mode may carry a bias row: a layer passes its in_dim, which core
+        # shapes may then give for that mode instead of in_dim + 1
+        if k == self.order - 2 and self._in_dim is not None:
+            return (self.dims[k], self._in_dim)
         return (self.dims[k],)
 
     def _check_boundary(self, bonds: list[int]) -> None:

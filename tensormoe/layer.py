@@ -278,7 +278,14 @@ class MMoE:
         for h, n in enumerate(self.expert_dims):
             raw[f"gate_{h}"] = np.zeros((self.in_dim, n))
         ops = get_ops()
-        return {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
+        with np.errstate(over="ignore"):  # an overflowing cast is reported just below
+            params = {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
+        if not all(ops.count_nonfinite(value) == 0 for value in params.values()):
+            raise ValueError(
+                f"init_std={self.init_std!r} gives parameters that overflow {self.dtype} (largest finite value "
+                f"{_FLOAT_MAX[self.dtype]:.4g}); expected a smaller init_std"
+            )
+        return params
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         """Raise if ``params`` does not have exactly this layer's names and shapes.
@@ -597,7 +604,7 @@ class TTMMoE(MMoE):
         super().__init__(in_dim, out_dim, expert_dims, **kwargs)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
-        return TT(dims, self._ranks, len(self.expert_dims))
+        return TT(dims, self._ranks, len(self.expert_dims), in_dim=self.in_dim)
 
 
 class TRMMoE(MMoE):
@@ -618,4 +625,4 @@ class TRMMoE(MMoE):
         super().__init__(in_dim, out_dim, expert_dims, **kwargs)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
-        return TR(dims, self._ranks, len(self.expert_dims))
+        return TR(dims, self._ranks, len(self.expert_dims), in_dim=self.in_dim)

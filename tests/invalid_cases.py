@@ -62,6 +62,7 @@ CASES = [
     C("numpy", "CPMMoE(4, 3, [5], rank=2, init_std=-1)", V, "init_std", "got -1.0"),
     C("numpy", "CPMMoE(4, 3, [5], rank=2, init_std=float('nan'))", V, "init_std", "got nan"),
     C("numpy", "CPMMoE(4, 3, [5], rank=2, init_std='0.1')", T, "init_std", "got '0.1' of type str"),
+    C("numpy", "CPMMoE(4, 3, [5], rank=2, init_std=1e300)", V, "init_std", "init_std=1e+300"),
     C("numpy", "CPMMoE(4, 3, [5], rank=2, dtype='int32')", V, "dtype", "dtype='int32'"),
     C("numpy", "CPMMoE(4, 3, [5], rank=2, dtype='float')", V, "dtype", "dtype='float'"),
     C("numpy", "CPMMoE(4, 3, [5], rank=2, dtype=32)", T, "dtype", "got 32 of type int"),
@@ -87,6 +88,8 @@ CASES = [
     C("numpy", "TRMMoE(4, 3, [5], ranks=[[2, 5, 3], [4, 5, 2], [2, 3, 2]])", V, "ranks[1][0]", "ranks[1][0]=4"),
     C("numpy", "TRMMoE(4, 3, [5], ranks=[[2, 9, 3], [3, 5, 2], [2, 3, 2]])", V, "ranks[0][1]", "ranks[0][1]=9"),
     C("numpy", "TRMMoE(4, 3, [5], ranks=[[2, 5, 3], [3, 5], [2, 3, 2]])", V, "ranks[1]", "got [3, 5]"),
+    C("numpy", "TTMMoE(6, 4, [3], ranks=[[1, 3, 2], [2, 5, 5], [5, 4, 1]], bias=False)", V, "ranks[1][1]",
+      "ranks[1][1]=5"),
     # -- factorizations ---------------------------------------------------------------------
     C("numpy", "CP(5, rank=2, n_expert_modes=1)", T, "dims", "got 5 of type int"),
     C("numpy", "CP([5, 4], rank=2, n_expert_modes=1)", V, "dims", "got 2: [5, 4]"),
