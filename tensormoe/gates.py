@@ -99,6 +99,17 @@ def _support_size(condition: Any, ops: Ops) -> Any:
     return ops.clip_min(ops.count_true(condition), 1)
 
 
+def _nan_if_any_nan(tau: Any, z: Any, ops: Ops) -> Any:
+    """``tau``, made NaN on rows where the shifted logits ``z`` hold a NaN (else exactly unchanged).
+
+    After the shift a row holds NaN exactly when its logits held NaN or ``+inf``;
+    sorting moves those NaNs aside, which would leave the other entries finite
+    but meaningless.  ``0 * sum(z)`` is 0 on finite rows (``z`` is clipped below)
+    and NaN otherwise, so such rows come out entirely NaN, as documented.
+    """
+    return tau + 0 * ops.sum(z)
+
+
 def entmax15(z: Any, ops: Ops | None = None) -> Any:
     """1.5-entmax over the last axis: ``p = relu(z/2 - tau)**2`` with ``sum(p) = 1``.
 
@@ -125,7 +136,7 @@ def _entmax15(z: Any, ops: Ops) -> Any:
     delta = ops.relu((1 - ss) / k)
     tau = mean - ops.sqrt(delta)
     support = _support_size(tau <= zs, ops)
-    tau_star = ops.take_last(tau, support - 1)
+    tau_star = _nan_if_any_nan(ops.take_last(tau, support - 1), z, ops)
     p = ops.relu(z - tau_star)
     return p * p
 
@@ -150,7 +161,7 @@ def _sparsemax(z: Any, ops: Ops) -> Any:
     # divide by the support size in z's dtype (an integer count would promote
     # float32 to float64 on NumPy)
     tau = (ops.take_last(cs, support - 1) - 1) / ops.cast_like(support, z)
-    return ops.relu(z - tau)
+    return ops.relu(z - _nan_if_any_nan(tau, z, ops))
 
 
 def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
