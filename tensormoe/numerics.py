@@ -5,19 +5,21 @@ The factorized forward (:meth:`~tensormoe.MMoE.apply`) and the dense reference
 the coefficients, the input and the factors; they only sum its terms in another
 order.  With the standard model of floating-point arithmetic
 (``fl(a op b) = (a op b)(1 + d)``, ``|d| <= u``, the unit roundoff of the dtype),
-every term of an output entry passes through at most ``n`` roundings, so
+if every term of an output entry passes through at most ``n`` roundings then
 (Higham, *Accuracy and Stability of Numerical Algorithms*, 2002, Lemma 3.1)::
 
     |y_computed - y_exact| <= gamma_n * S,   gamma_n = n u / (1 - n u),
 
 where ``S`` is the same contraction over the absolute values of the operands
-and ``y_exact`` the exact result for the same (rounded) operands.  Two
-evaluations (factorized and dense) therefore differ by at most ``2 gamma_n S``.
-``n`` is counted generously: the sizes of all modes, plus all axis lengths of
-all parameters, plus the number of operands.  The bound assumes no overflow and
-no underflow into subnormals; it holds whatever the summation order, blocking
-or accumulation precision of the framework (a wider accumulator only removes
-roundings).
+and ``y_exact`` the exact result for the same (rounded) operands.
+
+``n`` is counted from the contraction path the layer actually runs: a pairwise
+step that sums ``m`` products (``m`` = the product of the sizes of the indices it
+eliminates) costs each term at most ``m - 1`` additions and one multiplication,
+whatever the summation order, blocking or accumulator width of the framework
+(a wider accumulator only removes roundings).  The dense path adds the
+reconstruction of ``W`` (each rank index summed once, one multiplication per
+factor).  The bound assumes no overflow and no underflow into subnormals.
 
 Examples
 --------
@@ -27,6 +29,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,19 +55,52 @@ def unit_roundoff(dtype: Any) -> float:
     return UNIT_ROUNDOFF[check_dtype(dtype)]
 
 
-def rounding_count(layer: Any) -> int:
-    """``n``: a bound on the roundings any term of an output entry goes through, in either forward path.
+def rounding_count(layer: Any, rows: int = 1, path: str = "factorized") -> int:
+    """``n``: the most roundings any term of an output entry goes through on ``path``.
+
+    Parameters
+    ----------
+    layer : MMoE
+        The layer.
+    rows : int
+        Rows of the input batch (the contraction path may depend on it).
+    path : {"factorized", "dense"}
+        :meth:`~tensormoe.MMoE.apply`, or :meth:`~tensormoe.MMoE.dense_forward`
+        (which also reconstructs ``W``).
 
     Examples
     --------
     >>> import tensormoe
-    >>> rounding_count(tensormoe.CPMMoE(4, 3, [5], rank=2))  # (5+5+3) + (7+7+5) + 5
-    37
+    >>> layer = tensormoe.CPMMoE(4, 3, [5], rank=2)
+    >>> rounding_count(layer), rounding_count(layer, path="dense")
+    (13, 31)
     """
     f = layer.factorization
-    shapes = f.param_shapes().values()
-    operands = layer.hierarchy + 1 + len(shapes)
-    return sum(f.dims) + sum(sum(shape) for shape in shapes) + operands
+    rows = max(int(rows), 1)
+    inputs = [(rows, n) for n in layer.expert_dims] + [(rows, f.dims[-2])]
+    if path == "factorized":
+        return _contraction_count(layer, f.forward_equation(), inputs + list(f.param_shapes().values()))
+    if path != "dense":
+        raise ValueError(f"path={path!r} is not a forward path; expected 'factorized' or 'dense'")
+    modes = {f.mode_symbol(k) for k in range(f.order)}
+    sizes = {}
+    for letters, shape in zip(f.network().values(), f.param_shapes().values()):
+        sizes.update(zip(letters, shape))
+    reconstruction = sum(size for letter, size in sizes.items() if letter not in modes) + f.order
+    return reconstruction + _contraction_count(layer, f.dense_equation(), [*inputs, tuple(f.dims)])
+
+
+def _contraction_count(layer: Any, equation: str, shapes: list[tuple[int, ...]]) -> int:
+    """Sum over the planned pairwise steps of the number of products each step sums."""
+    from .backend import get_backend
+    from .contraction import get_plan
+
+    plan = get_plan(equation, *shapes, backend=get_backend(), dtype=layer.dtype, optimize=layer.optimize)
+    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=plan.path)
+    size = {}
+    for term, shape in zip(equation.split("->")[0].split(","), shapes):
+        size.update(zip(term, shape))
+    return sum(math.prod(size[i] for i in step[1]) for step in info.contraction_list)
 
 
 def _as_float64(x: Any) -> np.ndarray:
@@ -82,6 +118,8 @@ def forward_error_bound(
     x: Any,
     coefficients: Sequence[Any],
     dtype: Any = None,
+    path: str = "factorized",
+    n: int | None = None,
 ) -> np.ndarray:
     """Elementwise bound ``gamma_n * S`` on the rounding error of the layer's output.
 
@@ -98,13 +136,19 @@ def forward_error_bound(
         :meth:`~tensormoe.MMoE.coefficients`), of any backend.
     dtype : str, optional
         The dtype the forward ran in (default: the layer's).
+    path : {"factorized", "dense"}
+        Bound the error of :meth:`~tensormoe.MMoE.apply` or of
+        :meth:`~tensormoe.MMoE.dense_forward`.
+    n : int, optional
+        The rounding count to use instead of :func:`rounding_count` (e.g. for
+        a reference computed another way).
 
     Returns
     -------
     numpy.ndarray ``[..., out_dim]``, float64
-        ``|y_computed - y_exact| <= bound`` entrywise, for ``apply`` and for
-        ``dense_forward`` alike; they differ from each other by at most twice
-        the bound.  ``inf`` where ``n u >= 1`` (no bound from this analysis).
+        ``|y_computed - y_exact| <= bound`` entrywise.  ``apply`` and
+        ``dense_forward`` differ by at most the sum of their two bounds.
+        ``inf`` where ``n u >= 1`` (no bound from this analysis).
 
     Examples
     --------
@@ -113,7 +157,8 @@ def forward_error_bound(
     >>> x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
     >>> a = layer.coefficients(None, x)
     >>> y, y_dense = layer(x, a), layer.dense_forward(None, x, a)
-    >>> bool(np.all(np.abs(y - y_dense) <= 2 * forward_error_bound(layer, None, x, a)))
+    >>> bound = forward_error_bound(layer, None, x, a) + forward_error_bound(layer, None, x, a, path="dense")
+    >>> bool(np.all(np.abs(y - y_dense) <= bound))
     True
     """
     f = layer.factorization
@@ -129,6 +174,6 @@ def forward_error_bound(
     coeffs = [np.abs(_as_float64(a)).reshape(rows, n) for a, n in zip(coefficients, layer.expert_dims)]
     operands = [*coeffs, x_abs, *(np.abs(_as_float64(params[name])) for name in f.network())]
     s = opt_einsum.contract(f.forward_equation(), *operands).reshape(*lead, layer.out_dim)
-    nu = rounding_count(layer) * u
+    nu = (rounding_count(layer, rows, path) if n is None else n) * u
     gamma = nu / (1 - nu) if nu < 1 else np.inf
     return gamma * s
