@@ -27,6 +27,7 @@ ValueError: rank must be a positive integer; got 0
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -318,7 +319,13 @@ def check_index(index: Any, sizes: Sequence[int], argument: str = "index") -> tu
 # -- arrays ---------------------------------------------------------------------------
 def array_dtype(x: Any) -> str:
     """The dtype name of an array of any backend (``"float32"``, ``"bfloat16"``, ...)."""
-    return str(x.dtype).replace("torch.", "")
+    return _dtype_name(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: Any) -> str:
+    # str() of a NumPy dtype costs microseconds; every forward asks a few times
+    return str(dtype).replace("torch.", "")
 
 
 def check_array(
