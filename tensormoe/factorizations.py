@@ -155,14 +155,14 @@ class Factorization:
         >>> CP([4, 3, 2], rank=2**62, n_expert_modes=1).check_size()
         Traceback (most recent call last):
         ...
-        ValueError: rank=4611686018427387904 with dims=[4, 3, 2] give factor_0 of shape (4, 4611686018427387904) (18446744073709551616 elements); expected at most 2**60 elements per parameter
+        ValueError: rank=4611686018427387904 with dims=[4, 3, 2] give factor_0 of shape (4, 4611686018427387904) ...
         """
         for name, shape in self.param_shapes().items():
             size = math.prod(shape)
             if size > _MAX_ELEMENTS:
                 raise ValueError(
-                    f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {name} of shape {shape} "
-                    f"({size} elements); expected at most 2**60 elements per parameter"
+                    f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {name} "
+                    f"of shape {shape} ({size} elements); expected at most 2**60 elements per parameter"
                 )
 
     # -- counting ------------------------------------------------------------------
