@@ -70,6 +70,10 @@ class BackendNotAvailableError(ImportError):
 
 
 _lock = threading.Lock()
+# Loading a backend imports its framework and TensorLy's backend for it, and saves
+# and restores JAX's x64 flag around that import: one thread at a time, or a second
+# thread could save the flag while the first has it switched on, and restore it on.
+_load_lock = threading.RLock()
 _local = threading.local()
 _default: str | None = None  # resolved lazily from the environment
 _loaded: set[str] = set()
@@ -90,9 +94,16 @@ def _normalise(name: object, argument: str = "backend") -> str:
 
 
 def _load(name: str) -> None:
-    """Import the framework of backend ``name`` and TensorLy's backend for it."""
+    """Import the framework of backend ``name`` and TensorLy's backend for it (once, thread-safe)."""
     if name in _loaded:
         return
+    with _load_lock:
+        if name not in _loaded:
+            _import_backend(name)
+            _loaded.add(name)
+
+
+def _import_backend(name: str) -> None:
     module, extra = BACKENDS[name]
     if importlib.util.find_spec(module) is None:
         raise BackendNotAvailableError(
@@ -113,7 +124,6 @@ def _load(name: str) -> None:
             jax.config.update("jax_enable_x64", x64)
     else:
         tl.backend.BackendManager.load_backend(name)
-    _loaded.add(name)
 
 
 def _default_backend() -> str:

@@ -17,7 +17,11 @@ import importlib.util
 import threading
 from typing import Any
 
+import numpy as np
 import opt_einsum
+
+from .backend import _normalise
+from .validation import as_list, describe, is_int
 
 __all__ = [
     "OPTIMIZERS",
@@ -84,7 +88,27 @@ class Plan:
     expression: Any = dataclasses.field(repr=False, compare=False)
 
     def __call__(self, *operands: Any, backend: str) -> Any:
-        return self.expression(*operands, backend=backend)
+        """Contract ``operands`` (of the planned shapes) on ``backend``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_plan("ij,jk->ik", (2, 2), (2, 3))(np.eye(2), np.ones((2, 3)), backend="numpy").shape
+        (2, 3)
+        """
+        if len(operands) != len(self.shapes):
+            raise ValueError(
+                f"operands: expected {len(self.shapes)} operands for the plan of {self.equation!r}; "
+                f"got {len(operands)}"
+            )
+        for k, (operand, shape) in enumerate(zip(operands, self.shapes)):
+            got = tuple(getattr(operand, "shape", ()))
+            if got != shape:
+                raise ValueError(
+                    f"operands[{k}] has shape {got}; expected {shape}, the shape the plan was made for "
+                    "(get a plan for these shapes with get_plan)"
+                )
+        return self.expression(*operands, backend=_einsum_backend(backend))
 
 
 class _Cache:
@@ -97,6 +121,20 @@ class _Cache:
 
 
 _cache = _Cache(_MAX_PLANS)
+
+
+def _lookup(*key: Any) -> Plan | None:
+    """The cached plan of ``key`` (counted as a hit), or ``None``; never raises."""
+    try:
+        key = (key[0], tuple(tuple(s) for s in key[1]), *key[2:])
+        with _cache.lock:
+            plan = _cache.data.get(key)
+            if plan is not None:
+                _cache.data.move_to_end(key)
+                _cache.hits += 1
+            return plan
+    except TypeError:  # unhashable or not iterable: not a valid key, validation will say why
+        return None
 
 
 def check_optimizer(optimize: Any) -> None:
@@ -119,10 +157,10 @@ def check_optimizer(optimize: Any) -> None:
 
         if optimize in options:
             return
-        hint = ""
-    else:
-        hint = "; cotengra's presets need: pip install cotengra"
-    raise ValueError(f"optimize={optimize!r} is not a known path optimizer{hint}; expected one of {sorted(options)}")
+    raise ValueError(
+        f"optimize={optimize!r} is not a known path optimizer; expected one of {list(OPTIMIZERS)} or another "
+        "name opt_einsum knows (cotengra's presets such as 'hyper' once cotengra is installed)"
+    )
 
 
 def get_plan(
@@ -158,17 +196,27 @@ def get_plan(
     >>> get_plan("bn,nr,bi,ir,or->bo", (8, 16), (16, 4), (8, 5), (5, 4), (6, 4)) is p
     True
     """
-    shapes = tuple(tuple(int(d) for d in s) for s in shapes)
-    key = (equation, shapes, backend, dtype, optimize)
-    with _cache.lock:
-        plan = _cache.data.get(key)
-        if plan is not None:
-            _cache.data.move_to_end(key)
-            _cache.hits += 1
-            return plan
+    # Only valid keys are ever stored, so a hit on the key as given needs no checks
+    # (this is the per-call path of every forward); a miss validates everything.
+    plan = _lookup(equation, shapes, backend, dtype, optimize)
+    if plan is not None:
+        return plan
+    shapes = _check_shapes(equation, shapes)
+    backend = _normalise(backend, "backend")
+    dtype = _check_dtype_name(dtype)
     check_optimizer(optimize)
-    path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-    expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
+    key = (equation, shapes, backend, dtype, optimize)
+    plan = _lookup(*key)
+    if plan is not None:
+        return plan
+    try:
+        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+        expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
+    except (ValueError, TypeError, KeyError, IndexError) as err:
+        raise ValueError(
+            f"equation={equation!r} with shapes {list(shapes)} is not a valid contraction (opt_einsum: {err}); "
+            "expected an einsum equation over these operands"
+        ) from err
     plan = Plan(
         equation=equation,
         shapes=shapes,
@@ -189,17 +237,89 @@ def get_plan(
 def contract(equation: str, *operands: Any, backend: str, dtype: str, optimize: str = "auto") -> Any:
     """Contract ``operands`` along ``equation`` with a cached plan.
 
+    Every operand must be an array of ``backend``.
+
     Examples
     --------
     >>> import numpy as np
     >>> contract("ij,jk->ik", np.eye(2), np.ones((2, 3)), backend="numpy", dtype="float64").shape
     (2, 3)
     """
+    from .ops import ops_for_array  # ops imports this module for its plans
+
+    backend = _normalise(backend, "backend")
+    for k, operand in enumerate(operands):
+        source = ops_for_array(operand)
+        if source != backend:
+            raise TypeError(
+                f"operands[{k}] must be a {backend} array (backend={backend!r}); got {describe(operand)}"
+            )
     plan = get_plan(equation, *(tuple(o.shape) for o in operands), backend=backend, dtype=dtype, optimize=optimize)
-    return plan(*operands, backend=_EINSUM_BACKENDS.get(backend, backend))
+    return plan(*operands, backend=backend)
 
 
 _EINSUM_BACKENDS = {"pytorch": "torch", "numpy": "numpy", "jax": "jax"}
+
+
+def _einsum_backend(backend: Any) -> str:
+    """opt_einsum's name of a backend given by tensormoe's or opt_einsum's name."""
+    if backend in _EINSUM_BACKENDS.values():
+        return backend
+    return _EINSUM_BACKENDS[_normalise(backend, "backend")]
+
+
+def _check_shapes(equation: Any, shapes: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    """Shapes as tuples of ints, checked against the terms of ``equation``."""
+    if not isinstance(equation, str):
+        raise TypeError(f"equation must be an einsum string such as 'bi,io->bo'; got {describe(equation)}")
+    out = []
+    for k, shape in enumerate(shapes):
+        values = as_list(shape)
+        if values is None or not all(is_int(d) for d in values):
+            raise TypeError(f"shapes[{k}] must be a sequence of non-negative integers; got {describe(shape)}")
+        if any(d < 0 for d in values):
+            raise ValueError(f"shapes[{k}] must be a sequence of non-negative integers; got {tuple(values)}")
+        out.append(tuple(int(d) for d in values))
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    if len(terms) != len(out):
+        raise ValueError(
+            f"equation={equation!r} has {len(terms)} operand terms but {len(out)} shapes were given; "
+            "expected one shape per term"
+        )
+    sizes: dict[str, tuple[int, int]] = {}
+    for k, (term, shape) in enumerate(zip(terms, out)):
+        if "." in term:
+            continue  # ellipsis: opt_einsum checks these
+        if len(term) != len(shape):
+            raise ValueError(
+                f"shapes[{k}]={shape} has {len(shape)} axes; expected {len(term)} for the term {term!r} "
+                f"of equation={equation!r}"
+            )
+        for axis, (letter, size) in enumerate(zip(term, shape)):
+            seen = sizes.setdefault(letter, (size, k))
+            if seen[0] != size:
+                raise ValueError(
+                    f"shapes[{k}][{axis}]={size} for index {letter!r}; expected {seen[0]}, its size in "
+                    f"shapes[{seen[1]}]"
+                )
+    return tuple(out)
+
+
+def _check_dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, str):
+        if dtype == "bfloat16":
+            return dtype
+        try:
+            return np.dtype(dtype).name if np.dtype(dtype).name == dtype else _bad_dtype(dtype)
+        except TypeError:
+            pass
+    return _bad_dtype(dtype)
+
+
+def _bad_dtype(dtype: Any) -> str:
+    if isinstance(dtype, str):
+        raise ValueError(f"dtype={dtype!r} is not a dtype name; expected e.g. 'float32', 'bfloat16' or 'float64'")
+    raise TypeError(f"dtype must be a dtype name such as 'float32'; got {describe(dtype)}")
 
 
 def cache_info() -> dict[str, int]:

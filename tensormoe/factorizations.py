@@ -19,7 +19,6 @@ mode (``in_dim + 1`` when the layer has a bias) and the output mode.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,27 +26,21 @@ import numpy as np
 import opt_einsum
 
 from .backend import tensorly_backend
+from .validation import (
+    as_list,
+    check_index,
+    check_int_sequence,
+    check_params,
+    check_positive_int,
+    check_positive_real,
+    describe,
+    is_int,
+)
 
 __all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS"]
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_positive_int(value: Any, argument: str) -> int:
-    """Return ``value`` as an ``int`` or raise naming ``argument``."""
-    if not _is_int(value):
-        raise TypeError(f"{argument} must be a positive integer; got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{argument} must be a positive integer; got {value!r}")
-    return int(value)
-
-
-def check_int_sequence(value: Any, argument: str) -> list[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{argument} must be an integer or a sequence of integers; got {value!r}")
-    return [check_positive_int(v, f"{argument}[{k}]") for k, v in enumerate(value)]
+#: Most elements one parameter may have (NumPy cannot address more bytes than 2**63).
+_MAX_ELEMENTS = 2**60
 
 
 class Factorization:
@@ -77,14 +70,19 @@ class Factorization:
     """
 
     name: str = ""
+    #: the constructor argument holding the ranks (for messages)
+    _rank_argument = "ranks"
     #: how many of the parameters are not expert factors (used by the init)
     _n_free: int = 2
 
     def __init__(self, dims: Sequence[int], n_expert_modes: int) -> None:
-        self.dims = tuple(check_positive_int(d, f"dims[{k}]") for k, d in enumerate(dims))
+        self.dims = tuple(check_int_sequence(dims, "dims"))
         self.n_expert_modes = check_positive_int(n_expert_modes, "n_expert_modes")
         if len(self.dims) != self.n_expert_modes + 2:
-            raise ValueError(f"dims must have n_expert_modes + 2 = {self.n_expert_modes + 2} entries; got {len(self.dims)}")
+            raise ValueError(
+                f"dims must have n_expert_modes + 2 = {self.n_expert_modes + 2} entries "
+                f"[N_1, ..., N_H, I, O]; got {len(self.dims)}: {list(self.dims)}"
+            )
 
     # -- the network ---------------------------------------------------------------
     @property
@@ -305,12 +303,32 @@ class Factorization:
         >>> np.allclose(w2, f.to_dense(p)[2])
         True
         """
+        index = check_index(index, self.dims[: self.n_expert_modes])
+        self.check_params(params)
         fixed = {self.mode_symbol(k): int(n) for k, n in enumerate(index)}
         out = []
         for name, letters in self.network().items():
             sl = tuple(fixed.get(c, slice(None)) for c in letters)
             out.append(params[name][sl])
         return out
+
+    def check_size(self) -> None:
+        """Raise ``ValueError`` if a parameter would have more elements than one array can address.
+
+        Examples
+        --------
+        >>> CP([4, 3, 2], rank=2**62, n_expert_modes=1).check_size()
+        Traceback (most recent call last):
+        ...
+        ValueError: rank=4611686018427387904 with dims=[4, 3, 2] give factor_0 of shape (4, 4611686018427387904) ...
+        """
+        for name, shape in self.param_shapes().items():
+            size = math.prod(shape)
+            if size > _MAX_ELEMENTS:
+                raise ValueError(
+                    f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {name} "
+                    f"of shape {shape} ({size} elements); expected at most 2**60 elements per parameter"
+                )
 
     # -- counting ------------------------------------------------------------------
     def n_params(self) -> int:
@@ -352,8 +370,11 @@ class Factorization:
         >>> 0.08 < float(np.std(f.to_dense(p))) < 0.12
         True
         """
-        std = float(std)
-        s = (std**2 / (2.0 * self._paths())) ** (1.0 / (2 * self._n_free))
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, e.g. np.random.default_rng(0); got {describe(rng)}")
+        std = check_positive_real(std, "std")
+        # in log space: std**2 would overflow for std > 1e154 although s itself is finite
+        s = math.exp((2.0 * math.log(std) - math.log(2.0 * self._paths())) / (2 * self._n_free))
         params = {}
         for name, shape in self.param_shapes().items():
             level = self._expert_level(name)
@@ -367,6 +388,20 @@ class Factorization:
         return None
 
     # -- reconstruction ------------------------------------------------------------
+    def check_params(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Raise unless ``params`` holds every factor with its shape, all on one backend.
+
+        Other entries (such as a layer's gates) are ignored.
+
+        Examples
+        --------
+        >>> CP([4, 3, 2], rank=5, n_expert_modes=1).check_params({})
+        Traceback (most recent call last):
+        ...
+        ValueError: params is missing factor_0, factor_1, factor_2 (expected the keys ['factor_0', 'factor_1', 'factor_2'])
+        """
+        return check_params(params, self.param_shapes(), exact=False)
+
     def to_tensorly(self, params: Mapping[str, Any]) -> Any:
         """The TensorLy factorized tensor holding ``params`` (no copy).
 
@@ -394,6 +429,7 @@ class Factorization:
         >>> f.to_dense(f.init(np.random.default_rng(0), std=0.1)).shape
         (8, 5, 6)
         """
+        self.check_params(params)
         with tensorly_backend(backend):
             return self._to_tensor(self.to_tensorly(params))
 
@@ -435,6 +471,7 @@ class CP(Factorization):
     """
 
     name = "cp"
+    _rank_argument = "rank"
 
     def __init__(self, dims: Sequence[int], rank: int, n_expert_modes: int) -> None:
         super().__init__(dims, n_expert_modes)
@@ -490,11 +527,11 @@ class Tucker(Factorization):
 
     def __init__(self, dims: Sequence[int], ranks: int | Sequence[int], n_expert_modes: int) -> None:
         super().__init__(dims, n_expert_modes)
-        if _is_int(ranks):
+        if is_int(ranks):
             r = check_positive_int(ranks, "ranks")
             self.ranks = tuple(min(r, d) for d in self.dims)
         else:
-            values = check_int_sequence(ranks, "ranks")
+            values = check_int_sequence(ranks, "ranks", what="an integer or a sequence of positive integers")
             if len(values) != self.order:
                 raise ValueError(
                     f"ranks must have one entry per mode ({self.order}: {self.n_expert_modes} expert modes, "
@@ -537,20 +574,22 @@ class _Chain(Factorization):
 
     _ring = False
 
-    def __init__(self, dims: Sequence[int], ranks: Any, n_expert_modes: int) -> None:
+    def __init__(self, dims: Sequence[int], ranks: Any, n_expert_modes: int, *, in_dim: int | None = None) -> None:
         super().__init__(dims, n_expert_modes)
+        self._in_dim = None if in_dim is None else check_positive_int(in_dim, "in_dim")
         d = self.order
-        if _is_int(ranks):
+        values = as_list(ranks)
+        if is_int(ranks):
             r = check_positive_int(ranks, "ranks")
             bonds = [r] * (d + 1)
             if not self._ring:
                 bonds[0] = bonds[-1] = 1
-        elif isinstance(ranks, Sequence) and not isinstance(ranks, (str, bytes)) and ranks and all(
-            isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in ranks
-        ):
-            bonds = self._bonds_from_core_shapes(ranks)
+        elif values and all(as_list(c) is not None for c in values):
+            bonds = self._bonds_from_core_shapes(values)
         else:
-            values = check_int_sequence(ranks, "ranks")
+            values = check_int_sequence(
+                ranks, "ranks", what="an integer or a sequence of integers (bond ranks) or of core shapes"
+            )
             if len(values) == d + 1:
                 bonds = values
             elif len(values) == d - 1 and not self._ring:
@@ -574,20 +613,25 @@ class _Chain(Factorization):
             raise ValueError(f"ranks given as core shapes must list {d} cores [r_k, n_k, r_k+1]; got {len(shapes)}")
         bonds: list[int] = []
         for k, shape in enumerate(shapes):
-            values = check_int_sequence(shape, f"ranks[{k}]")
+            values = check_int_sequence(shape, f"ranks[{k}]", what="a core shape [r_k, n_k, r_k+1]")
             if len(values) != 3:
-                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {list(shape)!r}")
+                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {values!r}")
             if k and values[0] != bonds[-1]:
                 raise ValueError(f"ranks[{k}][0]={values[0]} must equal ranks[{k - 1}][2]={bonds[-1]} (shared bond)")
-            if values[1] not in self._accepted_sizes(k):
-                raise ValueError(f"ranks[{k}][1]={values[1]} must equal the size {self.dims[k]} of mode {k}")
+            accepted = self._accepted_sizes(k)
+            if values[1] not in accepted:
+                alternative = f" (or in_dim={accepted[1]})" if len(accepted) > 1 and accepted[1] != accepted[0] else ""
+                raise ValueError(
+                    f"ranks[{k}][1]={values[1]} must equal the size {self.dims[k]} of mode {k}{alternative}"
+                )
             bonds.extend(values[0::2] if not k else values[2:])
         return bonds
 
     def _accepted_sizes(self, k: int) -> tuple[int, ...]:
-        # the input mode carries the bias row: in_dim is accepted there as well
-        if k == self.order - 2:
-            return (self.dims[k], self.dims[k] - 1)
+        # the input mode may carry a bias row: a layer passes its in_dim, which core
+        # shapes may then give for that mode instead of in_dim + 1
+        if k == self.order - 2 and self._in_dim is not None:
+            return (self.dims[k], self._in_dim)
         return (self.dims[k],)
 
     def _check_boundary(self, bonds: list[int]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,10 +26,12 @@ import numpy as np
 
 from . import gates as _gates
 from . import routers as _routers
+from . import validation as _v
 from .backend import _normalise, get_backend
 from .contraction import Plan, check_optimizer, get_plan
-from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
+from .factorizations import CP, TR, TT, Factorization, Tucker
 from .ops import Ops, get_ops, ops_for_array
+from .validation import check_positive_int
 
 __all__ = [
     "CPMMoE",
@@ -44,7 +45,9 @@ __all__ = [
     "make_layer",
 ]
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT_DTYPES = _v.FLOAT_DTYPES
+#: Largest finite value of each dtype (for overflow messages).
+_FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.7977e308}
 
 
 def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -66,11 +69,16 @@ def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype:
     >>> out["w"].dtype
     dtype('float32')
     """
-    target = get_ops(backend)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of names to arrays; got {_v.describe(params)}")
+    target = get_ops(None if backend is None else _normalise(backend, "backend"))
+    dtype = None if dtype is None else _v.check_dtype(dtype)
     out = {}
     for name, value in params.items():
         source = ops_for_array(value)
         array = get_ops(source).to_numpy(value) if source else np.asarray(value)
+        if array.dtype.kind not in "fiub":
+            raise TypeError(f"params[{name!r}] must be a real numeric array; got {_v.describe(value)}")
         out[name] = target.asarray(array, dtype or _dtype_name(value))
     return out
 
@@ -85,11 +93,11 @@ def _dtype_name(x: Any) -> str:
 
 
 def _expert_dims(expert_dims: Any, hierarchy: Any) -> tuple[int, ...]:
-    if isinstance(expert_dims, numbers.Integral) and not isinstance(expert_dims, bool):
+    if _v.is_int(expert_dims):
         levels = 1 if hierarchy is None else check_positive_int(hierarchy, "hierarchy")
         dims = [expert_dims] * levels
-    elif isinstance(expert_dims, Sequence) and not isinstance(expert_dims, (str, bytes)):
-        dims = list(expert_dims)
+    elif _v.as_list(expert_dims) is not None:
+        dims = _v.as_list(expert_dims)
         if not dims:
             raise ValueError("expert_dims must list at least one expert level; got []")
         if hierarchy is not None and check_positive_int(hierarchy, "hierarchy") != len(dims):
@@ -99,7 +107,7 @@ def _expert_dims(expert_dims: Any, hierarchy: Any) -> tuple[int, ...]:
             )
     else:
         raise TypeError(
-            f"expert_dims must be a positive integer or a list of them (one per level); got {expert_dims!r}"
+            f"expert_dims must be a positive integer or a list of them (one per level); got {_v.describe(expert_dims)}"
         )
     return tuple(check_positive_int(n, f"expert_dims[{k}]") for k, n in enumerate(dims))
 
@@ -145,6 +153,22 @@ class MMoE:
         every backend.
     optimize : str
         opt_einsum path optimizer for the forward contraction.
+    check_finite : bool
+        Opt-in check for NaN and Inf: when ``True``, :meth:`apply`,
+        :meth:`dense_forward` and :meth:`coefficients` raise ``ValueError`` if
+        the input, the given coefficients, the parameters or the result hold a
+        non-finite value (costs one reduction per array; concrete arrays only,
+        not under ``jax.jit``).  When ``False`` (default) non-finite values
+        propagate: a NaN or Inf in row ``b`` of ``x`` makes row ``b`` of the
+        output non-finite and leaves the other rows unchanged.
+
+    Raises
+    ------
+    TypeError
+        If an argument has the wrong type (a float for an integer, a list for a string, ...).
+    ValueError
+        If an argument has the right type but an invalid value (see the
+        robustness guide for the full table).
 
     Attributes
     ----------
@@ -191,37 +215,28 @@ class MMoE:
         seed: int = 0,
         optimize: str = "auto",
         router: Any = None,
+        check_finite: bool = False,
     ) -> None:
         self.in_dim = check_positive_int(in_dim, "in_dim")
         self.out_dim = check_positive_int(out_dim, "out_dim")
         self.expert_dims = _expert_dims(expert_dims, hierarchy)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be True or False; got {bias!r}")
-        self.bias = bias
-        if gate not in _gates.ACTIVATIONS:
-            raise ValueError(f"gate={gate!r} is not a gate activation; expected one of {sorted(_gates.ACTIVATIONS)}")
-        self.gate = gate
-        if gate_norm not in _gates.NORMS:
-            raise ValueError(f"gate_norm={gate_norm!r} is not supported; expected one of {list(_gates.NORMS)}")
-        self.gate_norm = gate_norm
+        self.bias = _v.check_bool(bias, "bias")
+        self.gate = _v.check_choice(gate, "gate", sorted(_gates.ACTIVATIONS), what="a gate activation")
+        self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_gates.NORMS))
         self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm)
         self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
-        if init_std is None:
-            init_std = 1.0 / math.sqrt(self.in_dim)
-        if not isinstance(init_std, numbers.Real) or isinstance(init_std, bool) or not init_std > 0 or not math.isfinite(init_std):
-            raise ValueError(f"init_std must be a positive finite number; got {init_std!r}")
-        self.init_std = float(init_std)
-        if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; expected one of {list(_FLOAT_DTYPES)}")
-        self.dtype = dtype
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-        self.seed = int(seed)
+        self.init_std = (
+            1.0 / math.sqrt(self.in_dim) if init_std is None else _v.check_positive_real(init_std, "init_std")
+        )
+        self.dtype = _v.check_dtype(dtype)
+        self.seed = _v.check_nonnegative_int(seed, "seed")
+        self.check_finite = _v.check_bool(check_finite, "check_finite")
         check_optimizer(optimize)
         self.optimize = optimize
         self.factorization = self._make_factorization(
             (*self.expert_dims, self.in_dim + int(self.bias), self.out_dim)
         )
+        self.factorization.check_size()
         self._params: dict[str, Any] = {}
         self._params_backend = ""
         self._converted: dict[str, dict[str, Any]] = {}
@@ -344,12 +359,19 @@ class MMoE:
         >>> sorted(layer.init(seed=1))
         ['factor_0', 'factor_1', 'factor_2', 'gate_0']
         """
-        rng = np.random.default_rng(self.seed if seed is None else seed)
+        rng = np.random.default_rng(self.seed if seed is None else _v.check_nonnegative_int(seed, "seed"))
         raw = self.factorization.init(rng, self.init_std)
         for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
             raw.update({f"{name}_{h}": value for name, value in router.init(self.in_dim, n, rng).items()})
         ops = get_ops()
-        return {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
+        with np.errstate(over="ignore"):  # an overflowing cast is reported just below
+            params = {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
+        if not all(ops.count_nonfinite(value) == 0 for value in params.values()):
+            raise ValueError(
+                f"init_std={self.init_std!r} gives parameters that overflow {self.dtype} (largest finite value "
+                f"{_FLOAT_MAX[self.dtype]:.4g}); expected a smaller init_std"
+            )
+        return params
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         """Raise if ``params`` does not have exactly this layer's names and shapes.
@@ -362,26 +384,13 @@ class MMoE:
         ...
         ValueError: params is missing factor_0, factor_1, factor_2, gate_0 (expected the keys ['factor_0', 'factor_1', 'factor_2', 'gate_0'])
         """
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params must be a mapping of names to arrays; got {type(params).__name__}")
-        expected = self.param_shapes()
-        missing = [k for k in expected if k not in params]
-        extra = [k for k in params if k not in expected]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append("is missing " + ", ".join(missing))
-            if extra:
-                parts.append("has unexpected " + ", ".join(map(str, extra)))
-            raise ValueError(f"params {' and '.join(parts)} (expected the keys {list(expected)})")
-        for name, shape in expected.items():
-            got = tuple(getattr(params[name], "shape", ()))
-            if got != shape:
-                raise ValueError(f"params[{name!r}] has shape {got}; expected {shape}")
+        _v.check_params(params, self.param_shapes(), dtype=self.dtype)
 
-    def _params_for(self, params: Mapping[str, Any] | None, backend: str) -> Mapping[str, Any]:
+    def _params_for(self, params: Mapping[str, Any] | None, backend: str, any_dtype: bool = False) -> Mapping[str, Any]:
+        # any_dtype: the framework shells (backend=...) hold parameters cast with .half() etc.
         if params is not None:
-            return params
+            dtype = None if any_dtype else self.dtype
+            return _v.check_params(params, self.param_shapes(), dtype=dtype, backend=backend)
         if self._params_backend == backend:
             return self._params
         if backend not in self._converted:
@@ -395,56 +404,34 @@ class MMoE:
         ops: Ops,
         argument: str = "x",
         last: int | None = None,
+        device: Any = None,
         expected: str | None = None,
         explicit: bool = False,
     ) -> Any:
-        last = self.in_dim if last is None else last
-        expected = expected or self.dtype
+        # expected: the dtype of the parameters in use (a torch module cast with .half() included);
         # explicit: the caller named the backend (backend=...), whatever the global flag says
-        where = f"this call computes on {ops.name!r} (backend={ops.name!r})" if explicit else (
-            f"the current backend is {ops.name!r}"
+        return _v.check_array(
+            x,
+            ops,
+            argument,
+            last=self.in_dim if last is None else last,
+            dtype=expected or self.dtype,
+            device=device,
+            explicit=explicit,
         )
-        source = ops_for_array(x)
-        if source is None:
-            which = f"the backend {ops.name!r} this call computes on" if explicit else (
-                f"the current backend {ops.name!r}"
-            )
-            raise TypeError(f"{argument} must be an array of {which}; got {type(x).__name__}")
-        if source != ops.name:
-            hint = f"convert it to a {ops.name} array" if explicit else (
-                f"convert it, or switch with tensormoe.set_backend({source!r})"
-            )
-            raise TypeError(f"{argument} is a {source} array but {where}; {hint}")
-        if x.ndim < 1 or x.shape[-1] != last:
-            raise ValueError(f"{argument} must have shape [..., {last}]; got shape {tuple(x.shape)}")
-        dtype = ops.dtype_name(x)
-        if dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{argument} must be a floating-point array of dtype {expected}; got dtype {dtype}")
-        if dtype != expected:
-            raise TypeError(
-                f"{argument} has dtype {dtype} but the layer's parameters are {expected}; cast {argument} "
-                f"to {expected} or build the layer with dtype={dtype!r}"
-            )
-        return x
 
     def _check_coefficients(
-        self, coefficients: Any, batch: tuple[int, ...], ops: Ops, expected: str | None = None, explicit: bool = False
-    ) -> list[Any]:
-        if not isinstance(coefficients, Sequence) or len(coefficients) != self.hierarchy:
-            raise ValueError(
-                f"coefficients must be a list of {self.hierarchy} arrays (one per level, shapes "
-                f"{[[*batch, n] for n in self.expert_dims]}); got {type(coefficients).__name__}"
-                + (f" of length {len(coefficients)}" if isinstance(coefficients, Sequence) else "")
-            )
-        out = []
-        for h, (a, n) in enumerate(zip(coefficients, self.expert_dims)):
-            a = self._check_input(a, ops, f"coefficients[{h}]", last=n, expected=expected, explicit=explicit)
-            if tuple(a.shape[:-1]) != batch:
-                raise ValueError(
-                    f"coefficients[{h}] must have shape {[*batch, n]} to match x; got {list(a.shape)}"
-                )
-            out.append(a)
-        return out
+        self,
+        coefficients: Any,
+        batch: tuple[int, ...],
+        ops: Ops,
+        device: Any = None,
+        expected: str | None = None,
+        explicit: bool = False,
+    ) -> list:
+        return _v.check_coefficients(
+            coefficients, self.expert_dims, batch, ops, expected or self.dtype, device, explicit=explicit
+        )
 
     # -- forward ------------------------------------------------------------------
     def _run(self, method: str, ops: Ops, *args: Any) -> Any:
@@ -571,14 +558,35 @@ class MMoE:
 
     def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> tuple:
         ops = _ops(backend)
-        params = self._params_for(params, ops.name)
+        params = self._params_for(params, ops.name, any_dtype=backend is not None)
         # inputs must match the parameters in use (a torch module cast with .half() included)
         expected = self._params_dtype(params, ops)
         explicit = backend is not None
-        x = self._check_input(x, ops, expected=expected, explicit=explicit)
+        device = ops.device(next(iter(params.values())))
+        x = self._check_input(x, ops, device=device, expected=expected, explicit=explicit)
         if coefficients is not None:
-            coefficients = self._check_coefficients(coefficients, tuple(x.shape[:-1]), ops, expected, explicit)
+            coefficients = self._check_coefficients(
+                coefficients, tuple(x.shape[:-1]), ops, device, expected=expected, explicit=explicit
+            )
+        if self.check_finite:
+            _v.check_finite(x, ops, "x")
+            for h, a in enumerate(coefficients or ()):
+                _v.check_finite(a, ops, f"coefficients[{h}]")
+            for name, value in params.items():
+                _v.check_finite(value, ops, f"params[{name!r}]")
         return ops, params, x, coefficients
+
+    def _finite_result(self, ops: Ops, out: Any, method: str) -> Any:
+        """``out`` unchanged; with ``check_finite`` raise if it is not finite (finite inputs overflowed)."""
+        if self.check_finite:
+            for y in out if isinstance(out, list) else [out]:
+                if ops.count_nonfinite(y):
+                    raise ValueError(
+                        f"the result of {type(self).__name__}.{method} holds non-finite values although x and the "
+                        f"parameters are finite: the computation overflowed {self.dtype} (largest finite value "
+                        f"{_FLOAT_MAX[self.dtype]:.4g}); expected a finite result: use a wider dtype or smaller inputs"
+                    )
+        return out
 
     def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
         name = next(iter(self.factorization.network()))
@@ -689,7 +697,7 @@ class MMoE:
             raise ValueError("Soft MoE routing weighs slots, not experts: per-token coefficients are not defined; "
                              "use layer.route(params, x)")
         ops, params, x, _ = self._checked(params, x, backend=backend)
-        return self._run("_coefficients", ops, params, x)
+        return self._finite_result(ops, self._run("_coefficients", ops, params, x), "coefficients")
 
     def route(
         self,
@@ -803,8 +811,9 @@ class MMoE:
         if return_routing:
             if coefficients is not None:
                 raise ValueError("return_routing=True needs the routers: it cannot be used with coefficients=")
-            return self._run("_forward_with_routing", ops, params, x, coefficients, routing, mask, noise)
-        return self._run("_forward", ops, params, x, coefficients, routing, mask, noise)
+            y, routing = self._run("_forward_with_routing", ops, params, x, coefficients, routing, mask, noise)
+            return self._finite_result(ops, y, "apply"), routing
+        return self._finite_result(ops, self._run("_forward", ops, params, x, coefficients, routing, mask, noise), "apply")
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
         """:meth:`apply` with the layer's own parameters, on the current backend.
@@ -866,7 +875,9 @@ class MMoE:
         ops, params, x, coefficients, routing, mask, noise = self._prepared(
             params, x, coefficients, routing, mask, training, rng, backend
         )
-        return self._run("_dense_forward", ops, params, x, coefficients, routing, mask, noise)
+        return self._finite_result(
+            ops, self._run("_dense_forward", ops, params, x, coefficients, routing, mask, noise), "dense_forward"
+        )
 
     def expert_weight(
         self, params: Mapping[str, Any] | None, index: int | Sequence[int], *, backend: str | None = None
@@ -891,13 +902,7 @@ class MMoE:
         >>> np.allclose(layer.expert_weight(None, (4, 1)), layer.dense_weight()[4, 1], atol=1e-6)
         True
         """
-        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
-            index = (int(index),)
-        if not isinstance(index, Sequence) or len(index) != self.hierarchy:
-            raise ValueError(f"index must give one expert per level ({self.hierarchy}); got {index!r}")
-        for h, (n, size) in enumerate(zip(index, self.expert_dims)):
-            if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 0 <= n < size:
-                raise ValueError(f"index[{h}]={n!r} is out of range; expected an integer in [0, {size})")
+        index = _v.check_index(index, self.expert_dims)
         ops = _ops(backend)
         operands = self.factorization.slice_params(self._params_for(params, ops.name), index)
         return self._contract(ops, self.factorization.slice_equation(), operands)
@@ -974,6 +979,7 @@ class MMoE:
             "seed": self.seed,
             "optimize": self.optimize,
             "router": router,
+            "check_finite": self.check_finite,
         }
 
     def _rank_config(self) -> dict[str, Any]:
@@ -1073,7 +1079,7 @@ class TTMMoE(MMoE):
         super().__init__(in_dim, out_dim, expert_dims, **kwargs)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
-        return TT(dims, self._ranks, len(self.expert_dims))
+        return TT(dims, self._ranks, len(self.expert_dims), in_dim=self.in_dim)
 
 
 class TRMMoE(MMoE):
@@ -1094,7 +1100,7 @@ class TRMMoE(MMoE):
         super().__init__(in_dim, out_dim, expert_dims, **kwargs)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
-        return TR(dims, self._ranks, len(self.expert_dims))
+        return TR(dims, self._ranks, len(self.expert_dims), in_dim=self.in_dim)
 
 
 #: Layer classes by factorization name.
@@ -1166,7 +1172,7 @@ def layer_from_config(config: Mapping[str, Any]) -> MMoE:
     rank_key = "rank" if cls is CPMMoE else "ranks"
     required = ("in_dim", "out_dim", "expert_dims", rank_key)
     missing = [k for k in required if k not in kwargs]
-    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize", "router"}
+    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize", "router", "check_finite"}
     unknown = sorted(k for k in kwargs if k not in allowed)
     if missing or unknown:
         raise ValueError(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import _load, get_backend
+from .backend import _load, _normalise, get_backend
 from .contraction import get_plan
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
@@ -260,6 +260,28 @@ class Ops:
         """
         return self.xp.sum(mask, axis=-1, keepdims=True)
 
+    def cast_like(self, x: Any, like: Any) -> Any:
+        """``x`` converted to the dtype of ``like``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").cast_like(np.ones(2), np.zeros(1, dtype="float32")).dtype
+        dtype('float32')
+        """
+        return x.astype(like.dtype)
+
+    def cast(self, x: Any, name: str) -> Any:
+        """``x`` converted to the dtype named ``name``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").cast(np.ones(2), "float16").dtype
+        dtype('float16')
+        """
+        return x.astype(self.dtype(name))
+
     def is_finite_all(self, x: Any) -> bool:
         """Whether every entry of ``x`` is finite (a Python bool).
 
@@ -410,6 +432,39 @@ class Ops:
         """
         return True
 
+    def count_nonfinite(self, x: Any) -> int:
+        """Number of NaN and infinite entries of ``x`` (a Python int).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").count_nonfinite(np.array([1.0, np.nan, np.inf]))
+        2
+        """
+        return int(self.xp.sum(~self.xp.isfinite(x)))
+
+    def is_tracer(self, x: Any) -> bool:
+        """Whether ``x`` is an abstract value being traced (JAX under ``jit``/``grad``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").is_tracer(np.zeros(1))
+        False
+        """
+        return False
+
+    def device(self, x: Any) -> Any:
+        """The device ``x`` lives on, where the framework has several (PyTorch); else ``None``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").device(np.zeros(1)) is None
+        True
+        """
+        return None
+
     def compile(self, fn: Any) -> Any:
         """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere).
 
@@ -475,6 +530,7 @@ class TorchOps(Ops):
 
         self.xp = torch
         self._torch = torch
+        _ARRAY_TYPES.append((torch.Tensor, "pytorch"))
 
     def is_array(self, x: Any) -> bool:
         return isinstance(x, self._torch.Tensor)
@@ -565,6 +621,15 @@ class TorchOps(Ops):
         # torch.einsum, which plans its path with opt_einsum once, when tracing.
         return self._torch.einsum(equation, *operands)
 
+    def device(self, x: Any) -> Any:
+        return x.device
+
+    def cast_like(self, x: Any, like: Any) -> Any:
+        return x.to(like.dtype)
+
+    def cast(self, x: Any, name: str) -> Any:
+        return x.to(self.dtype(name))
+
 
 class JaxOps(Ops):
     name = "jax"
@@ -576,6 +641,7 @@ class JaxOps(Ops):
 
         self.xp = jnp
         self._jax = jax
+        _ARRAY_TYPES.append((jax.Array, "jax"))
 
     def is_array(self, x: Any) -> bool:
         return isinstance(x, self._jax.Array)
@@ -616,6 +682,9 @@ class JaxOps(Ops):
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, self._jax.core.Tracer)
 
+    def is_tracer(self, x: Any) -> bool:
+        return isinstance(x, self._jax.core.Tracer)
+
     def compile(self, fn: Any) -> Any:
         # eager JAX compiles every primitive for every new shape; one jit per
         # forward compiles once and runs as one program
@@ -646,7 +715,7 @@ def get_ops(name: str | None = None) -> Ops:
     >>> get_ops("numpy").name
     'numpy'
     """
-    return _ops(name or get_backend())
+    return _ops(get_backend() if name is None else _normalise(name, "name"))
 
 
 def ops_for_array(x: Any) -> str | None:
@@ -664,9 +733,18 @@ def ops_for_array(x: Any) -> str | None:
     """
     if isinstance(x, np.ndarray):
         return "numpy"
-    module = type(x).__module__.split(".")[0]
-    if module == "torch":
+    # the frameworks' array classes, once their backend is loaded: isinstance is
+    # traceable by torch.compile (string methods on module names are not)
+    for cls, name in _ARRAY_TYPES:
+        if isinstance(x, cls):
+            return name
+    module = type(x).__module__
+    if module == "torch" or module.startswith("torch."):
         return "pytorch"
-    if module in ("jax", "jaxlib"):
+    if module.startswith(("jax.", "jaxlib.")) or module in ("jax", "jaxlib"):
         return "jax"
     return None
+
+
+#: (array class, backend name) of the frameworks loaded so far (filled by their Ops)
+_ARRAY_TYPES: list[tuple[type, str]] = []

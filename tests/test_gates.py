@@ -103,3 +103,64 @@ def test_gates_agree_across_backends(name):
             outs.append(to_numpy(gates.ACTIVATIONS[name](ops.asarray(z, "float32"), ops=ops)))
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], atol=1e-6)
+
+
+# -- robustness: half precision and non-finite logits -------------------------------------------
+
+HALF = [(b, d) for b, d in [("numpy", "float16"), ("pytorch", "float16"), ("pytorch", "bfloat16"),
+                            ("jax", "float16"), ("jax", "bfloat16")] if b in BACKENDS]
+UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+@pytest.mark.parametrize("name", sorted(gates.ACTIVATIONS))
+@pytest.mark.parametrize("backend_name, dtype", HALF)
+def test_half_precision_gates_are_stable_and_keep_their_dtype(backend_name, dtype, name):
+    """Logits near the largest finite value of the dtype: finite, on the simplex, rounded once from float32."""
+    largest = {"float16": 6.0e4, "bfloat16": 3.0e38}[dtype]
+    z = np.array([[1.0, 0.5, -1.0, 0.999], [0.3, 0.1, -0.2, 0.0]]) * np.array([[largest], [1.0]])
+    with tensormoe.backend_context(backend_name):
+        ops = get_ops()
+        zz = ops.asarray(z, dtype)
+        p = gates.ACTIVATIONS[name](zz, ops=ops)
+        assert ops.dtype_name(p) == dtype
+        p, z_rounded = to_numpy(p), to_numpy(zz)
+    u = UNIT[dtype]
+    assert np.all(np.isfinite(p)) and np.all(p >= 0)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=4 * u)  # each of 4 entries rounded once
+    np.testing.assert_allclose(p, REFERENCES[name](z_rounded), atol=u + 1e-6)
+
+
+@pytest.mark.parametrize("backend_name, dtype", HALF)
+def test_half_precision_layer_norm_does_not_overflow(backend_name, dtype):
+    """Squares of centred logits of 300 overflow float16 (65504); the norm runs in float32 instead."""
+    z = np.array([[300.0, -300.0, 0.0, 100.0]])
+    with tensormoe.backend_context(backend_name):
+        ops = get_ops()
+        zz = ops.asarray(z, dtype)
+        y = gates.layer_norm(zz, ops=ops)
+        assert ops.dtype_name(y) == dtype
+        y, z_rounded = to_numpy(y), to_numpy(zz)
+    c = z_rounded - z_rounded.mean(-1, keepdims=True)
+    np.testing.assert_allclose(y, c / np.sqrt((c * c).mean(-1, keepdims=True) + 1e-5), rtol=2 * UNIT[dtype])
+
+
+@pytest.mark.parametrize("name", sorted(gates.ACTIVATIONS))
+def test_non_finite_logits_follow_the_documented_rules(backend, name):
+    """-inf masks an expert (exact zero); NaN, +inf or no finite logit make the row NaN; rows stay independent."""
+    z = np.array(
+        [
+            [1.0, -np.inf, 0.5, -np.inf],  # two experts masked
+            [np.nan, 0.0, 1.0, 2.0],
+            [np.inf, 0.0, 1.0, 2.0],
+            [-np.inf, 0.0, np.inf, 2.0],
+            [-np.inf] * 4,
+            [0.3, 0.1, -0.2, 0.0],  # untouched
+        ]
+    )
+    ops = get_ops()
+    with np.errstate(invalid="ignore"):
+        p = to_numpy(gates.ACTIVATIONS[name](ops.asarray(z, "float32"), ops=ops))
+    assert np.all(p[0, [1, 3]] == 0.0)
+    np.testing.assert_allclose(p[0, [0, 2]], REFERENCES[name](np.array([[1.0, 0.5]]))[0], atol=2e-6)
+    assert np.all(np.isnan(p[1:5])), p
+    np.testing.assert_allclose(p[5], REFERENCES[name](z[5:])[0], atol=2e-6)

@@ -87,7 +87,7 @@ def test_wrong_inputs_name_the_argument():
     )
     with pytest.raises(TypeError, match=message):
         module(np.ones((2, 6), dtype="float32"))
-    with pytest.raises(TypeError, match=r"x has dtype float64 but the layer's parameters are float32"):
+    with pytest.raises(TypeError, match=r"x has dtype float64; expected float32, the dtype of the layer's parameters"):
         module(torch.ones(2, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 6\]; got shape \(2, 5\)"):
         module(torch.ones(2, 5))
@@ -108,7 +108,7 @@ def test_dtype_moves(dtype):
     # rounding of the weights and of every product: a few units of the dtype's precision
     eps = {"float64": 2.0**-52, "bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=64 * eps * float(expected.abs().max() + 1))
-    with pytest.raises(TypeError, match=f"the layer's parameters are {dtype}"):
+    with pytest.raises(TypeError, match=f"expected {dtype}, the dtype of the layer's parameters"):
         moved(x)
 
 

@@ -1,0 +1,125 @@
+"""Numbers quoted in docs/guides/robustness.md: rounding errors per dtype, and the cost of validation.
+
+    PYTHONPATH=. python benchmarks/robustness.py errors      # the tolerance table
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/robustness.py overhead    # microseconds per call
+
+Both print markdown tables.  ``overhead`` only times calls, so it also runs
+against an older checkout of tensormoe (``PYTHONPATH=/path/to/old``) for a
+before/after comparison in the same session.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import tensormoe
+from tensormoe.ops import get_ops
+
+DTYPES = {
+    "numpy": ["float16", "float32", "float64"],
+    "pytorch": ["float16", "bfloat16", "float32", "float64"],
+    "jax": ["float16", "bfloat16", "float32"],
+}
+
+
+def _np(x):
+    name = type(x).__module__.split(".")[0]
+    if name == "torch":
+        return x.detach().float().cpu().numpy().astype(np.float64) if str(x.dtype) == "torch.bfloat16" else \
+            x.detach().cpu().numpy().astype(np.float64)
+    return np.asarray(x.astype("float32") if str(x.dtype) == "bfloat16" else x, dtype=np.float64)
+
+
+def errors() -> None:
+    from tensormoe.numerics import forward_error_bound, rounding_count, unit_roundoff
+
+    layers = {
+        "CP R=16": lambda dt: tensormoe.CPMMoE(64, 64, [16], rank=16, dtype=dt),
+        "Tucker [8,16,16]": lambda dt: tensormoe.TuckerMMoE(64, 64, [16], ranks=[8, 16, 16], dtype=dt),
+        "TT r=8": lambda dt: tensormoe.TTMMoE(64, 64, [16], ranks=8, dtype=dt),
+        "TR r=4": lambda dt: tensormoe.TRMMoE(64, 64, [16], ranks=4, dtype=dt),
+    }
+    print("| layer | backend | dtype | n | gamma_n | max err / S (apply vs exact) | max err / S (apply vs dense) "
+          "| max rel. err (apply vs exact) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, make in layers.items():
+        for backend in tensormoe.available_backends():
+            for dtype in DTYPES[backend]:
+                with tensormoe.backend_context(backend):
+                    ops = get_ops()
+                    layer = make(dtype)
+                    rng = np.random.default_rng(0)
+                    x = ops.asarray(rng.normal(size=(64, 64)), dtype)
+                    a = [ops.asarray(rng.dirichlet(np.ones(16), size=64), dtype)]
+                    y, y_dense = _np(layer(x, a)), _np(layer.dense_forward(None, x, a))
+                    bound = forward_error_bound(layer, None, x, a)
+                    params64 = {k: _np(v) for k, v in layer.params.items()}
+                x64, a64 = _np(x), _np(a[0])
+                with tensormoe.backend_context("numpy"):
+                    weight = layer.factorization.to_dense(params64)
+                xin = np.concatenate([x64, np.ones((64, 1))], axis=-1)
+                exact = np.einsum("bn,bi,nio->bo", a64, xin, weight)
+                n, u = rounding_count(layer), unit_roundoff(dtype)
+                gamma = n * u / (1 - n * u)
+                s = bound / gamma
+                relative = np.max(np.abs(y - exact)) / np.max(np.abs(exact))
+                print(f"| {label} | {backend} | {dtype} | {n} | {gamma:.2e} | {np.max(np.abs(y - exact) / s):.2e} "
+                      f"| {np.max(np.abs(y - y_dense) / s):.2e} | {relative:.2e} |")
+
+
+def _time(fn, repeat=9, number=300) -> float:
+    """Microseconds per call: the fastest of ``repeat`` runs of ``number`` calls, in process CPU time
+    (robust to other processes sharing the machine; every framework runs on one thread)."""
+    fn()
+    runs = []
+    for _ in range(repeat):
+        start = time.process_time()
+        for _ in range(number):
+            fn()
+        runs.append((time.process_time() - start) / number)
+    return min(runs) * 1e6
+
+
+def overhead() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    print("| backend | layer | call | microseconds per call |")
+    print("| --- | --- | --- | --- |")
+    for backend in [b for b in tensormoe.available_backends() if b != "jax"]:
+        with tensormoe.backend_context(backend):
+            ops = get_ops()
+            for label, layer, batch in [
+                ("CP 8->8, N=4, R=2, B=1", tensormoe.CPMMoE(8, 8, [4], rank=2), 1),
+                ("CP 256->256, N=64, R=32, B=32", tensormoe.CPMMoE(256, 256, [64], rank=32), 32),
+            ]:
+                x = ops.asarray(np.ones((batch, layer.in_dim)), "float32")
+                params = layer.params
+                print(f"| {backend} | {label} | layer(x) | {_time(lambda: layer(x)):.1f} |")
+                print(f"| {backend} | {label} | layer.apply(params, x) | {_time(lambda: layer.apply(params, x)):.1f} |")
+                if hasattr(layer, "_checked") and hasattr(tensormoe, "validation"):
+                    # the checks alone (this branch): the call's arguments, each gate's logits, the plan's operands
+                    from tensormoe import gates
+
+                    z = ops.asarray(np.ones((batch, layer.expert_dims[0])), "float32")
+                    plan = layer.plan(batch)
+                    operands = [z, ops.concat_ones(x), *(params[k] for k in layer.factorization.network())]
+                    shapes_ok = lambda: all(tuple(o.shape) == s for o, s in zip(operands, plan.shapes))  # noqa: E731
+                    own = _time(lambda: layer._checked(None, x))
+                    print(f"| {backend} | {label} | checks of layer(x) | {own:.1f} |")
+                    print(f"| {backend} | {label} | checks of layer.apply(params, x) | "
+                          f"{_time(lambda: layer._checked(params, x)):.1f} |")
+                    print(f"| {backend} | {label} | checks of one gate's logits (x2 per level) | "
+                          f"{_time(lambda: gates._checked_ops(z, ops)):.1f} |")
+                    print(f"| {backend} | {label} | check of the plan's operand shapes | {_time(shapes_ok):.1f} |")
+
+
+if __name__ == "__main__":
+    {"errors": errors, "overhead": overhead}[sys.argv[1] if len(sys.argv) > 1 else "errors"]()
