@@ -304,9 +304,11 @@ def load(layer: Any, path: str | os.PathLike) -> Any:
     file = _File(path)
     file.check_fits(core)
     if isinstance(layer, MMoE):
-        backend = ops_for_array(next(iter(params.values()))) or None
-        dtype = _dtype_name(next(iter(params.values())))
-        layer.params = convert_params(file.arrays, backend, dtype)
+        ops = get_ops(ops_for_array(next(iter(params.values()))))
+        # each array on its predecessor's backend, device and dtype
+        layer.params = {
+            name: ops.asarray(file.arrays[name], _dtype_name(params[name]), like=params[name]) for name in params
+        }
     else:
         layer._assign_params(file.arrays)
     return layer
