@@ -23,16 +23,20 @@ from .factorizations import CP, TR, TT, Factorization, Tucker
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
 from .ranks import Match, match_rank, match_ranks
+from .routers import DenseRouter, ExpertChoiceRouter, Router, Routing, SoftRouter, TopKRouter, aux_loss, get_router
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CP",
     "CPMMoE",
+    "DenseRouter",
+    "ExpertChoiceRouter",
     "TR",
     "TRMMoE",
     "TT",
     "TTMMoE",
+    "TopKRouter",
     "BackendNotAvailableError",
     "Compressed",
     "Cost",
@@ -40,8 +44,12 @@ __all__ = [
     "MMoE",
     "Match",
     "Plan",
+    "Router",
+    "Routing",
+    "SoftRouter",
     "Tucker",
     "TuckerMMoE",
+    "aux_loss",
     "available_backends",
     "backend_context",
     "convert_params",
@@ -50,6 +58,7 @@ __all__ = [
     "from_linear",
     "get_backend",
     "get_plan",
+    "get_router",
     "layer_norm",
     "match_rank",
     "match_ranks",

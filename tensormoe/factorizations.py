@@ -173,10 +173,94 @@ class Factorization:
         >>> CP([8, 4, 5, 6], rank=3, n_expert_modes=2).forward_equation()
         'ab,ac,ad,bf,cf,df,ef->ae'
         """
+        return self.routed_equation([False] * self.n_expert_modes)
+
+    def selection_symbol(self, level: int) -> str:
+        """The einsum letter of the selected-expert axis ``k`` of a sparse level.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).selection_symbol(0)
+        'h'
+        """
+        return opt_einsum.get_symbol(1 + 2 * self.order + level)
+
+    def _sparse_letters(self, sparse: Sequence[bool]) -> dict[str, str]:
+        if len(sparse) != self.n_expert_modes:
+            raise ValueError(f"sparse must flag each of the {self.n_expert_modes} expert levels; got {list(sparse)!r}")
+        return {self.mode_symbol(h): self.selection_symbol(h) for h, s in enumerate(sparse) if s}
+
+    def routed_equation(self, sparse: Sequence[bool]) -> str:
+        """Einsum equation of the forward pass with some levels routed sparsely.
+
+        A dense level ``h`` contributes its coefficients ``a_h[b, N_h]``; a sparse
+        level contributes the weights ``w_h[b, k_h]`` of its selected experts, and
+        every parameter carrying that level's expert axis is replaced by its rows
+        gathered per input (:meth:`gather_params`): axes ``[b, k_h, ...rest]`` in
+        place of the expert axis.  Derived from :meth:`network`, so it holds for
+        every format; all sparse levels dense gives :meth:`forward_equation`.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).routed_equation([True])
+        'ah,ac,ahe,ce,de->ad'
+        """
         b = self.batch_symbol
-        terms = [b + self.mode_symbol(k) for k in range(self.n_expert_modes + 1)]
-        terms += list(self.network().values())
+        selected = self._sparse_letters(sparse)
+        terms = [b + selected.get(self.mode_symbol(h), self.mode_symbol(h)) for h in range(self.n_expert_modes)]
+        terms.append(b + self.mode_symbol(self.order - 2))
+        for letters in self.network().values():
+            experts = [c for c in letters if c in selected]
+            if experts:
+                letters = b + "".join(selected[c] for c in experts) + "".join(c for c in letters if c not in selected)
+            terms.append(letters)
         return ",".join(terms) + "->" + b + self.mode_symbol(self.order - 1)
+
+    def gather_params(self, params: Mapping[str, Any], indices: Mapping[int, Any], ops: Any) -> list[Any]:
+        """Parameters with the expert rows selected per input (operands of :meth:`routed_equation`).
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            The factors (and core).
+        indices : mapping of int to integer array ``[B, k_h]``
+            The selected experts of each sparse level.
+        ops : Ops
+            The backend's array operations.
+
+        Returns
+        -------
+        list of arrays
+            In :meth:`network` order.  A parameter carrying the expert axes of sparse
+            levels ``h1, h2, ...`` becomes ``[B, k_h1, k_h2, ..., rest]``: only the
+            ``B * k`` selected rows are read, never all ``N``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.ops import get_ops
+        >>> f = CP([1000, 5, 6], rank=3, n_expert_modes=1)
+        >>> p = f.init(np.random.default_rng(0), std=0.1)
+        >>> [g.shape for g in f.gather_params(p, {0: np.array([[7, 9]])}, get_ops("numpy"))]
+        [(1, 2, 3), (5, 3), (6, 3)]
+        """
+        selected = {self.mode_symbol(h): h for h in indices}
+        out = []
+        for name, letters in self.network().items():
+            levels = [selected[c] for c in letters if c in selected]
+            value = params[name]
+            if levels:
+                axes = [letters.index(self.mode_symbol(h)) for h in levels]
+                value = ops.moveaxis(value, axes, range(len(axes)))
+                index = []
+                for j, h in enumerate(levels):
+                    idx = indices[h]
+                    shape = [idx.shape[0]] + [1] * len(levels)
+                    shape[1 + j] = idx.shape[1]
+                    index.append(ops.reshape(idx, tuple(shape)))
+                value = ops.gather(value, tuple(index))
+            out.append(value)
+        return out
 
     def dense_equation(self) -> str:
         """Einsum equation of the forward pass through the dense tensor ``W``.

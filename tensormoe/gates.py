@@ -97,7 +97,8 @@ def sparsemax(z: Any, ops: Ops | None = None) -> Any:
     zs, k = _sorted_support(z, ops)
     cs = ops.cumsum(zs)
     support = ops.count_true(1 + k * zs > cs)
-    tau = (ops.take_last(cs, support - 1) - 1) / support
+    # divide by the support size in z's dtype: an integer count would promote float32 to float64 on NumPy
+    tau = (ops.take_last(cs, support - 1) - 1) / ops.asarray(support, ops.dtype_name(z))
     return ops.relu(z - tau)
 
 

@@ -74,7 +74,7 @@ Examples
 _HEADER = "__tensormoe__"
 # configuration entries that must agree between a file and the layer it is loaded into
 # (the rest - seed, init_std, dtype, optimize - do not change what the weights compute)
-_MUST_MATCH = ("class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm")
+_MUST_MATCH = ("class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm", "router")
 _FLOAT_KINDS = ("float16", "float32", "float64")
 _MAX_HEADER_BYTES = 1 << 20
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import gates as _gates
+from . import routers as _routers
 from .backend import _normalise, get_backend
 from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker, check_positive_int
@@ -126,6 +127,13 @@ class MMoE:
         Activation producing each level's coefficients.
     gate_norm : {"layernorm", None}
         Normalisation of the gate logits before the activation.
+    router : str, Router or sequence of them, optional
+        How each level routes (:mod:`tensormoe.routers`): a name
+        (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
+        ``"top<k>"``, ``"expert_choice"``, ``"soft"``) or a :class:`~tensormoe.routers.Router`,
+        for every level, or a list with one per level.  Default: a dense router
+        with ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).
+        Top-k levels contract only the selected experts' factor rows.
     init_std : float, optional
         Standard deviation of the entries of the reconstructed ``W`` at
         initialisation (default ``1 / sqrt(in_dim)``).
@@ -182,6 +190,7 @@ class MMoE:
         dtype: str = "float32",
         seed: int = 0,
         optimize: str = "auto",
+        router: Any = None,
     ) -> None:
         self.in_dim = check_positive_int(in_dim, "in_dim")
         self.out_dim = check_positive_int(out_dim, "out_dim")
@@ -195,6 +204,7 @@ class MMoE:
         if gate_norm not in _gates.NORMS:
             raise ValueError(f"gate_norm={gate_norm!r} is not supported; expected one of {list(_gates.NORMS)}")
         self.gate_norm = gate_norm
+        self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm)
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_dim)
         if not isinstance(init_std, numbers.Real) or isinstance(init_std, bool) or not init_std > 0 or not math.isfinite(init_std):
@@ -313,17 +323,19 @@ class MMoE:
         {'factor_0': (5, 2), 'factor_1': (5, 2), 'factor_2': (3, 2), 'gate_0': (4, 5)}
         """
         shapes = dict(self.factorization.param_shapes())
-        for h, n in enumerate(self.expert_dims):
-            shapes[f"gate_{h}"] = (self.in_dim, n)
+        for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
+            for name, shape in router.param_shapes(self.in_dim, n).items():
+                shapes[f"{name}_{h}"] = shape
         return shapes
 
     def init(self, seed: int | None = None) -> dict[str, Any]:
         """Draw a fresh set of parameters on the current backend.
 
         The draw is made in float64 NumPy from ``seed`` and then cast, so one seed
-        gives the same weights on every backend.  Gates start at zero (uniform
-        coefficients); factors follow :meth:`Factorization.init` with
-        ``std=init_std``.
+        gives the same weights on every backend.  Dense gates start at zero
+        (uniform coefficients), the gates of selecting routers near zero
+        (:meth:`tensormoe.routers.Router.init`); factors follow
+        :meth:`Factorization.init` with ``std=init_std``.
 
         Examples
         --------
@@ -333,8 +345,8 @@ class MMoE:
         """
         rng = np.random.default_rng(self.seed if seed is None else seed)
         raw = self.factorization.init(rng, self.init_std)
-        for h, n in enumerate(self.expert_dims):
-            raw[f"gate_{h}"] = np.zeros((self.in_dim, n))
+        for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
+            raw.update({f"{name}_{h}": value for name, value in router.init(self.in_dim, n, rng).items()})
         ops = get_ops()
         return {name: ops.asarray(value, self.dtype) for name, value in raw.items()}
 
@@ -442,16 +454,19 @@ class MMoE:
             fn = self._compiled[key] = ops.compile(functools.partial(getattr(self, method), ops))
         return fn(*args)
 
+    def _level_params(self, params: Mapping[str, Any], h: int) -> dict[str, Any]:
+        """The parameters of level ``h``'s router, under the router's own names."""
+        return {name: params[f"{name}_{h}"] for name in self.routers[h].param_shapes(self.in_dim, self.expert_dims[h])}
+
+    def _route(self, ops: Ops, params: Mapping[str, Any], x3: Any, mask: Any, noise: Any, statistics: bool) -> tuple:
+        """Grouped routings ``[G, T, ...]`` of every level and the rows the experts process."""
+        level_params = [self._level_params(params, h) for h in range(self.hierarchy)]
+        return _routers.route_levels(ops, self.routers, level_params, self.expert_dims, x3, mask, noise, statistics)
+
     def _gate(self, ops: Ops, params: Mapping[str, Any], x2: Any) -> list[Any]:
-        activation = _gates.ACTIVATIONS[self.gate]
-        norm = _gates.NORMS[self.gate_norm]
-        out = []
-        for h in range(self.hierarchy):
-            logits = x2 @ params[f"gate_{h}"]
-            if norm is not None:
-                logits = norm(logits, ops=ops)
-            out.append(activation(logits, ops=ops))
-        return out
+        """Dense coefficients ``[B, N_h]`` of the rows of ``x2`` (one group)."""
+        routing, _ = self._route(ops, params, x2[None], None, None, False)
+        return [r.to_dense(n)[0] for r, n in zip(routing, self.expert_dims)]
 
     def _flat(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> tuple[tuple, list, Any]:
         """Rows of ``x`` as a matrix, each level's coefficients, and the (bias-extended) input."""
@@ -467,22 +482,91 @@ class MMoE:
     def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
         return ops.contract(equation, operands, self.optimize)
 
-    def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
-        lead, coeffs, xin = self._flat(ops, params, x, coefficients)
-        operands = [*coeffs, xin, *(params[name] for name in self.factorization.network())]
-        y = self._contract(ops, self.factorization.forward_equation(), operands)
-        return ops.reshape(y, (*lead, self.out_dim))
+    def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
+        """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
 
-    def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> Any:
-        lead, coeffs, xin = self._flat(ops, params, x, coefficients)
-        weight = self.factorization.to_dense(params, backend=ops.name)
-        y = self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
-        return ops.reshape(y, (*lead, self.out_dim))
+        Sparse levels (indices given) contract only the gathered factor rows
+        (:meth:`Factorization.gather_params`); ``dense=True`` is the reference
+        through the reconstructed ``W`` with the sparse weights scattered to zeros.
+        """
+        if dense:
+            coeffs = [
+                w if idx is None else ops.scatter_add_last(idx, w, n) for (w, idx), n in zip(levels, self.expert_dims)
+            ]
+            weight = self.factorization.to_dense(params, backend=ops.name)
+            return self._contract(ops, self.factorization.dense_equation(), [*coeffs, xin, weight])
+        indices = {h: idx for h, (_, idx) in enumerate(levels) if idx is not None}
+        operands = [*(w for w, _ in levels), xin, *self.factorization.gather_params(params, indices, ops)]
+        return self._contract(ops, self.factorization.routed_equation([h in indices for h in range(len(levels))]), operands)
+
+    def _routed_forward(
+        self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any, routing: Any, mask: Any, noise: Any,
+        statistics: bool, dense: bool,
+    ) -> tuple[Any, Any]:
+        lead = tuple(x.shape[:-1])
+        if coefficients is not None:
+            _, coeffs, xin = self._flat(ops, params, x, coefficients)
+            y = self._contract_levels(ops, params, xin, [(a, None) for a in coeffs], dense)
+            return ops.reshape(y, (*lead, self.out_dim)), None
+        g, t = _routers.group_shape(lead)
+        x3 = ops.reshape(x, (g, t, self.in_dim))
+        if routing is None:
+            soft = next((h for h, r in enumerate(self.routers) if r.soft), None)
+            mask3 = None if mask is None else ops.reshape(mask, (g, t))
+            routing, rows = self._route(ops, params, x3, mask3, noise, statistics)
+        else:
+            soft = next((h for h, r in enumerate(routing) if r.is_soft), None)
+            slots = t if soft is None else routing[soft].weights.shape[-1]
+            routing = [_routers.regroup(ops, r, g, t if h == soft else slots) for h, r in enumerate(routing)]
+            rows = x3 if soft is None else _routers.soft_slots(ops, routing[soft], x3)
+        n_rows = g * rows.shape[1]
+        levels = []
+        for h, (r, n) in enumerate(zip(routing, self.expert_dims)):
+            if h == soft:
+                slots = rows.shape[1]
+                index = _routers.slot_experts(ops, g, slots, slots // n, like=x)
+                levels.append((ops.zeros((n_rows, 1), like=x) + 1, index))
+            elif r.is_sparse:
+                k = r.weights.shape[-1]
+                levels.append((ops.reshape(r.weights, (n_rows, k)), ops.reshape(r.indices, (n_rows, k))))
+            else:
+                levels.append((ops.reshape(r.weights, (n_rows, n)), None))
+        xin = ops.reshape(rows, (n_rows, self.in_dim))
+        xin = ops.concat_ones(xin) if self.bias else xin
+        y = ops.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
+        if soft is not None:
+            y = _routers.soft_combine(ops, routing[soft], y)
+        slot_lead = (*lead[:-1], rows.shape[1])
+        routing = tuple(
+            _routers.ungroup(ops, r, lead if soft is None or h == soft else slot_lead) for h, r in enumerate(routing)
+        )
+        return ops.reshape(y, (*lead, self.out_dim)), routing
+
+    def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
+                 mask: Any = None, noise: Any = None) -> Any:
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False)[0]
+
+    def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
+                              routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, routing is None, False)
+
+    def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
+                       routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, True)[0]
+
+    def _routing(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None,
+                 statistics: bool = True) -> tuple:
+        lead = tuple(x.shape[:-1])
+        g, t = _routers.group_shape(lead)
+        mask3 = None if mask is None else ops.reshape(mask, (g, t))
+        routing, rows = self._route(ops, params, ops.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
+        soft = any(r.is_soft for r in routing)
+        slot_lead = (*lead[:-1], rows.shape[1])
+        return tuple(_routers.ungroup(ops, r, slot_lead if soft and not r.is_soft else lead) for r in routing)
 
     def _coefficients(self, ops: Ops, params: Mapping[str, Any], x: Any) -> list[Any]:
-        lead = tuple(x.shape[:-1])
-        coeffs = self._gate(ops, params, ops.reshape(x, (math.prod(lead), self.in_dim)))
-        return [ops.reshape(a, (*lead, n)) for a, n in zip(coeffs, self.expert_dims)]
+        routing = self._routing(ops, params, x, statistics=False)
+        return [r.to_dense(n) for r, n in zip(routing, self.expert_dims)]
 
     def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> tuple:
         ops = _ops(backend)
@@ -500,8 +584,88 @@ class MMoE:
         value = params.get(name) if isinstance(params, Mapping) else None
         return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
 
+    def _prepared(self, params: Any, x: Any, coefficients: Any, routing: Any, mask: Any, training: Any,
+                  rng: Any, backend: str | None = None) -> tuple:
+        """Checked inputs, plus the routing, the mask as 0/1 and the training noise (if any)."""
+        ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
+        if not isinstance(training, bool):
+            raise TypeError(f"training must be True or False; got {training!r}")
+        lead = tuple(x.shape[:-1])
+        if routing is not None:
+            if coefficients is not None:
+                raise ValueError("give either coefficients= or routing=, not both")
+            routing = self._check_routing(routing, lead, ops)
+        if mask is not None:
+            if coefficients is not None or routing is not None:
+                raise ValueError(
+                    "mask= applies when the routing is computed here; with coefficients= or routing= given, "
+                    "mask the routing where it is computed (layer.route(..., mask=mask))"
+                )
+            mask = _routers.check_mask(ops, mask, lead, x)
+        noise = None
+        if training and coefficients is None and routing is None:
+            g, t = _routers.group_shape(lead)
+            draws, _ = _routers.draw_noise(ops, self.routers, self.expert_dims, g, t, rng, like=x)
+            noise = draws if any(d is not None for d in draws) else None
+        return ops, params, x, coefficients, routing, mask, noise
+
+    def _check_routing(self, routing: Any, lead: tuple[int, ...], ops: Ops) -> list[Any]:
+        if isinstance(routing, _routers.Routing) or not isinstance(routing, Sequence) or len(routing) != self.hierarchy:
+            raise ValueError(
+                f"routing must be a sequence of {self.hierarchy} Routing results (one per level, e.g. from "
+                f"layer.route); got {type(routing).__name__}"
+                + (f" of length {len(routing)}" if isinstance(routing, Sequence) else "")
+            )
+        soft = [h for h, r in enumerate(routing) if isinstance(r, _routers.Routing) and r.is_soft]
+        if len(soft) > 1:
+            raise ValueError(f"at most one level can use Soft MoE routing; routing levels {soft} do")
+        slots = None
+        if soft:
+            w = routing[soft[0]].weights
+            slots = w.shape[-1] if getattr(w, "ndim", 0) else None
+        out = []
+        for h, (r, n) in enumerate(zip(routing, self.expert_dims)):
+            where = f"routing[{h}]"
+            if not isinstance(r, _routers.Routing):
+                raise TypeError(f"{where} must be a tensormoe.routers.Routing; got {type(r).__name__}")
+            rows = lead if not soft or h == soft[0] else (*lead[:-1], slots)
+            if r.is_soft:
+                if slots is None or slots % n:
+                    raise ValueError(f"{where}: Soft MoE weights must have S = slots_per_expert * {n} slots; "
+                                     f"got shape {list(getattr(r.weights, 'shape', []))}")
+                for name in ("weights", "dispatch"):
+                    a = self._check_input(getattr(r, name), ops, f"{where}.{name}", last=slots)
+                    if tuple(a.shape[:-1]) != rows:
+                        raise ValueError(f"{where}.{name} must have shape {[*rows, slots]}; got {list(a.shape)}")
+            elif r.is_sparse:
+                k = getattr(r.weights, "shape", (0,))[-1]
+                w = self._check_input(r.weights, ops, f"{where}.weights", last=k)
+                if tuple(w.shape[:-1]) != rows or tuple(r.indices.shape) != tuple(w.shape):
+                    raise ValueError(
+                        f"{where}: weights and indices must both have shape [{', '.join(map(str, rows))}, k]; "
+                        f"got {list(w.shape)} and {list(r.indices.shape)}"
+                    )
+                if ops_for_array(r.indices) != ops.name or "int" not in ops.dtype_name(r.indices):
+                    raise TypeError(f"{where}.indices must be an integer array of the {ops.name} backend; "
+                                    f"got {type(r.indices).__name__} of dtype {getattr(r.indices, 'dtype', None)}")
+                if ops.is_concrete(r.indices):
+                    values = ops.to_numpy(r.indices)
+                    if values.size and (values.min() < 0 or values.max() >= n):
+                        raise ValueError(f"{where}.indices must lie in [0, {n}); got values in "
+                                         f"[{values.min()}, {values.max()}]")
+            else:
+                w = self._check_input(r.weights, ops, f"{where}.weights", last=n)
+                if tuple(w.shape[:-1]) != rows:
+                    raise ValueError(f"{where}.weights must have shape {[*rows, n]}; got {list(w.shape)}")
+            out.append(r)
+        return out
+
     def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
-        """Expert coefficients of every level, ``[..., N_h]`` each (rows sum to one).
+        """Expert coefficients of every level, ``[..., N_h]`` each (zero for unselected experts).
+
+        With the default dense routers the rows sum to one; top-k levels give
+        their selected weights scattered into ``N_h`` columns.  Not defined for
+        Soft MoE, which weighs slots (see :meth:`route`).
 
         Parameters
         ----------
@@ -520,8 +684,58 @@ class MMoE:
         >>> a.shape, np.allclose(a.sum(-1), 1)
         ((2, 5), True)
         """
+        if any(r.soft for r in self.routers):
+            raise ValueError("Soft MoE routing weighs slots, not experts: per-token coefficients are not defined; "
+                             "use layer.route(params, x)")
         ops, params, x, _ = self._checked(params, x, backend=backend)
         return self._run("_coefficients", ops, params, x)
+
+    def route(
+        self,
+        params: Mapping[str, Any] | None,
+        x: Any,
+        *,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+        backend: str | None = None,
+    ) -> tuple[_routers.Routing, ...]:
+        """Route ``x`` through every level: a :class:`~tensormoe.routers.Routing` per level, with the aux losses.
+
+        Pass the result to :meth:`apply` (``routing=``) to run one or several
+        layers with it; ``tensormoe.routers.aux_loss`` sums the losses.
+
+        Parameters
+        ----------
+        params : mapping or None
+            Parameters (``None``: the layer's own).
+        x : array ``[..., in_dim]``
+        mask : array ``[...]``, optional
+            True (one) for real tokens, false (zero) for padding: padding is routed
+            to no expert and left out of the losses and statistics.
+        training : bool
+            Draw the routers' training noise (noisy top-k); needs ``rng``.
+        rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
+            Source of the noise; an integer seed gives the same noise on every backend.
+        backend : str, optional
+            Compute on this backend instead of the current one (see :meth:`apply`).
+
+        Returns
+        -------
+        tuple of Routing
+            Leading axes of ``x`` (for a layer with a Soft MoE level, the other
+            levels route its slots: ``[..., S, ...]``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> layer = CPMMoE(4, 3, [8, 4], rank=2, router=["top2", "entmax15"])
+        >>> top, dense = layer.route(None, np.ones((5, 4), dtype="float32"))
+        >>> top.indices.shape, dense.weights.shape, round(float(top.load.sum()), 6)
+        ((5, 2), (5, 4), 1.0)
+        """
+        ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng, backend)
+        return self._run("_routing", ops, params, x, mask, noise)
 
     def apply(
         self,
@@ -529,13 +743,19 @@ class MMoE:
         x: Any,
         coefficients: Sequence[Any] | None = None,
         *,
+        routing: Sequence[_routers.Routing] | None = None,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+        return_routing: bool = False,
         backend: str | None = None,
     ) -> Any:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
         One planned contraction of the coefficients, the input and the factors;
-        the weight tensor is never built.  On JAX the whole forward (gates
-        included) runs as one ``jax.jit``-compiled function.
+        the weight tensor is never built.  Levels routed sparsely (top-k) gather
+        only their selected experts' factor rows.  On JAX the whole forward
+        (routing included) runs as one ``jax.jit``-compiled function.
 
         Parameters
         ----------
@@ -545,8 +765,19 @@ class MMoE:
         x : array of shape [..., in_dim]
             Input of the current backend and the layer's dtype.
         coefficients : list of arrays of shape [..., N_h], optional
-            Expert coefficients to use instead of the gates' (e.g. to share one
-            gating between two layers).
+            Dense expert coefficients to use instead of the routers' (e.g. to
+            share one gating between two layers).
+        routing : list of Routing, optional
+            A routing from :meth:`route` (or written by hand, e.g.
+            ``Routing(weights, indices)``) to use instead of routing here.
+        mask : array of shape [...], optional
+            Padding mask (true for tokens): padding gets no expert, so a zero output.
+        training : bool
+            Draw the routers' training noise; needs ``rng``.
+        rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
+            Source of the training noise.
+        return_routing : bool
+            Also return the routing (with its auxiliary losses): ``(y, routing)``.
         backend : str, optional
             Compute on this backend whatever the global flag says (the
             framework shells :mod:`tensormoe.torch` and :mod:`tensormoe.jax`
@@ -558,14 +789,27 @@ class MMoE:
         >>> layer = CPMMoE(4, 3, [5], rank=2)
         >>> layer.apply(layer.params, np.ones((2, 7, 4), dtype="float32")).shape
         (2, 7, 3)
+        >>> y, (r,) = CPMMoE(4, 3, [5], rank=2, router="top1").apply(
+        ...     None, np.ones((6, 4), dtype="float32"), return_routing=True)
+        >>> r.indices.shape, float(r.z_loss) > 0
+        ((6, 1), True)
         >>> layer.apply(layer.params, np.ones((2, 4), dtype="float32"), backend="numpy").shape
         (2, 3)
         """
-        ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
-        return self._run("_forward", ops, params, x, coefficients)
+        ops, params, x, coefficients, routing, mask, noise = self._prepared(
+            params, x, coefficients, routing, mask, training, rng, backend
+        )
+        if return_routing:
+            if coefficients is not None:
+                raise ValueError("return_routing=True needs the routers: it cannot be used with coefficients=")
+            return self._run("_forward_with_routing", ops, params, x, coefficients, routing, mask, noise)
+        return self._run("_forward", ops, params, x, coefficients, routing, mask, noise)
 
-    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
         """:meth:`apply` with the layer's own parameters, on the current backend.
+
+        Keyword arguments (``routing``, ``mask``, ``training``, ``rng``,
+        ``return_routing``) are passed on to :meth:`apply`.
 
         Examples
         --------
@@ -575,7 +819,7 @@ class MMoE:
         >>> bool(np.array_equal(layer(x), layer.apply(layer.params, x)))
         True
         """
-        return self.apply(None, x, coefficients)
+        return self.apply(None, x, coefficients, **kwargs)
 
     # -- the dense reference ------------------------------------------------------
     def dense_weight(self, params: Mapping[str, Any] | None = None) -> Any:
@@ -597,12 +841,17 @@ class MMoE:
         x: Any,
         coefficients: Sequence[Any] | None = None,
         *,
+        routing: Sequence[_routers.Routing] | None = None,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
         backend: str | None = None,
     ) -> Any:
         """The reference forward pass through the reconstructed weight tensor.
 
         ``y[b, o] = sum a_1[b, n_1] ... a_H[b, n_H] W[n_1, ..., n_H, i, o] x[b, i]``
-        (``x`` extended by a one when the layer has a bias).  Equal to
+        (``x`` extended by a one when the layer has a bias), with sparse routings
+        scattered to dense coefficients (zeros for unselected experts).  Equal to
         :meth:`apply` up to floating-point rounding; arguments as in :meth:`apply`.
 
         Examples
@@ -613,8 +862,10 @@ class MMoE:
         >>> np.allclose(layer.dense_forward(None, x), layer(x), atol=1e-5)
         True
         """
-        ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
-        return self._run("_dense_forward", ops, params, x, coefficients)
+        ops, params, x, coefficients, routing, mask, noise = self._prepared(
+            params, x, coefficients, routing, mask, training, rng, backend
+        )
+        return self._run("_dense_forward", ops, params, x, coefficients, routing, mask, noise)
 
     def expert_weight(
         self, params: Mapping[str, Any] | None, index: int | Sequence[int], *, backend: str | None = None
@@ -692,8 +943,16 @@ class MMoE:
         """The constructor arguments that rebuild this layer, as plain JSON-serialisable values.
 
         ``"class"`` names the layer class; the ranks are given in their validated
-        form.  :func:`layer_from_config` is the inverse (with freshly initialised
-        parameters).
+        form; ``"router"`` is ``None`` for the default dense gates, else the
+        routers' names, one per level.  :func:`layer_from_config` is the inverse
+        (with freshly initialised parameters).
+
+        Raises
+        ------
+        ValueError
+            If a level's router has settings that its name does not carry (a
+            :class:`~tensormoe.routers.Router` built with non-default arguments):
+            a configuration of names would silently rebuild another router.
 
         Examples
         --------
@@ -710,6 +969,7 @@ class MMoE:
             "bias": self.bias,
             "gate": self.gate,
             "gate_norm": self.gate_norm,
+            "router": self._router_config(),
             "init_std": self.init_std,
             "dtype": self.dtype,
             "seed": self.seed,
@@ -719,10 +979,28 @@ class MMoE:
     def _rank_config(self) -> dict[str, Any]:
         return {"ranks": self.factorization.describe_ranks()}
 
+    def _router_config(self) -> list[str] | None:
+        default = _routers.resolve_routers(None, self.expert_dims, self.gate, self.gate_norm)
+        if repr(self.routers) == repr(default):
+            return None
+        names = [r.name for r in self.routers]
+        for h, (router, name) in enumerate(zip(self.routers, names)):
+            if repr(_routers.get_router(name, self.gate_norm)) != repr(router):
+                raise ValueError(
+                    f"the router of level {h}, {router!r}, has settings its name {name!r} does not carry, so "
+                    "config() cannot describe this layer; build it with router names to save or rebuild it"
+                )
+        return names
+
     def __repr__(self) -> str:
+        default = all(
+            isinstance(r, _routers.DenseRouter) and (r.activation, r.norm) == (self.gate, self.gate_norm)
+            for r in self.routers
+        )
+        routing = f"gate={self.gate!r}" if default else f"router={[r.name for r in self.routers]!r}"
         return (
             f"{type(self).__name__}(in_dim={self.in_dim}, out_dim={self.out_dim}, "
-            f"expert_dims={list(self.expert_dims)}, {self._rank_repr()}, bias={self.bias}, gate={self.gate!r})"
+            f"expert_dims={list(self.expert_dims)}, {self._rank_repr()}, bias={self.bias}, {routing})"
         )
 
     def _rank_repr(self) -> str:
@@ -901,7 +1179,7 @@ def layer_from_config(config: Mapping[str, Any]) -> MMoE:
     rank_key = "rank" if cls is CPMMoE else "ranks"
     required = ("in_dim", "out_dim", "expert_dims", rank_key)
     missing = [k for k in required if k not in kwargs]
-    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize"}
+    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "router", "init_std", "dtype", "seed", "optimize"}
     unknown = sorted(k for k in kwargs if k not in allowed)
     if missing or unknown:
         raise ValueError(

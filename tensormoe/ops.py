@@ -9,6 +9,8 @@ this interface; the classes only translate names (``axis``/``dim``,
 from __future__ import annotations
 
 import functools
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -192,17 +194,6 @@ class Ops:
         """
         return self.xp.maximum(x, low)
 
-    def where(self, condition: Any, x: Any, y: Any) -> Any:
-        """``x`` where ``condition`` holds, else ``y`` (either may be a Python scalar).
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> get_ops("numpy").where(np.array([True, False]), np.array([1.0, 2.0]), 0.0).tolist()
-        [1.0, 0.0]
-        """
-        return self.xp.where(condition, x, y)
-
     def relu(self, x: Any) -> Any:
         """Elementwise ``max(x, 0)``.
 
@@ -280,6 +271,145 @@ class Ops:
         """
         return bool(self.xp.all(self.xp.isfinite(x)))
 
+    # --- routing: selection, gathers and scatters --------------------------------
+    def log(self, x: Any) -> Any:
+        """Natural logarithm.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").log(np.array([1.0]))
+        array([0.])
+        """
+        return self.xp.log(x)
+
+    def softplus(self, x: Any) -> Any:
+        """``log(1 + exp(x))`` without overflow.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").softplus(np.array([0.0, 1000.0])).round(4).tolist()
+        [0.6931, 1000.0]
+        """
+        return self.relu(x) + self.xp.log1p(self.xp.exp(-self.xp.abs(x)))
+
+    def where(self, condition: Any, x: Any, y: Any) -> Any:
+        """``x`` where ``condition`` holds, else ``y`` (broadcast).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").where(np.array([True, False]), np.array([1.0, 2.0]), -1.0)
+        array([ 1., -1.])
+        """
+        return self.xp.where(condition, x, y)
+
+    def swap_last(self, x: Any) -> Any:
+        """Swap the last two axes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").swap_last(np.zeros((2, 3, 4))).shape
+        (2, 4, 3)
+        """
+        return self.xp.swapaxes(x, -1, -2)
+
+    def moveaxis(self, x: Any, source: Sequence[int], destination: Sequence[int]) -> Any:
+        """Move axes ``source`` to positions ``destination``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").moveaxis(np.zeros((2, 3, 4)), [1], [0]).shape
+        (3, 2, 4)
+        """
+        return self.xp.moveaxis(x, tuple(source), tuple(destination))
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        """Zeros of ``shape`` with the dtype (and device) of ``like``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").zeros((2,), like=np.ones(1, dtype="float32"))
+        array([0., 0.], dtype=float32)
+        """
+        return self.xp.zeros(shape, dtype=like.dtype)
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        """The ``k`` largest entries of the last axis, descending, and their indices.
+
+        Ties go to the lower index on every backend, so equal logits (e.g. zero
+        gates) select the same experts everywhere.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").top_k(np.array([[1.0, 3.0, 3.0, 0.0]]), 2)
+        (array([[3., 3.]]), array([[1, 2]]))
+        """
+        raise NotImplementedError
+
+    def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
+        """``x[index]``: the leading axes indexed by broadcastable integer arrays.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").gather(np.arange(6.0).reshape(3, 2), (np.array([[2, 0]]),))
+        array([[[4., 5.],
+                [0., 1.]]])
+        """
+        return x[index]
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        """Zeros ``[..., n]`` with ``values[..., j]`` added at ``index[..., j]`` (duplicates add up).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").scatter_add_last(np.array([[2, 0, 2]]), np.array([[1.0, 2.0, 3.0]]), 4)
+        array([[2., 0., 4., 0.]])
+        """
+        raise NotImplementedError
+
+    def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        """Standard normal draws of ``shape`` in the dtype of ``like``, and the generator to use next.
+
+        ``rng`` is an integer seed or a ``numpy.random.Generator`` (drawn in
+        NumPy in float64 and cast, so every backend gets the same numbers), or on
+        PyTorch a ``torch.Generator`` and on JAX a PRNG key (drawn natively).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ops = get_ops("numpy")
+        >>> draw, rng = ops.normal(0, (2,), like=np.zeros(1))
+        >>> bool(np.array_equal(draw, np.random.default_rng(0).standard_normal(2)))
+        True
+        """
+        if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+            rng = np.random.default_rng(int(rng))
+        if isinstance(rng, np.random.Generator):
+            return self.asarray(rng.standard_normal(shape), self.dtype_name(like), like=like), rng
+        raise TypeError(
+            f"rng must be an integer seed or a numpy.random.Generator on the {self.name} backend; "
+            f"got {type(rng).__name__}"
+        )
+
+    def is_concrete(self, x: Any) -> bool:
+        """Whether ``x`` holds values that can be inspected now (not a JAX tracer).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").is_concrete(np.zeros(1))
+        True
+        """
+        return True
+
     def compile(self, fn: Any) -> Any:
         """Return ``fn`` compiled for this backend (``jax.jit`` on JAX; unchanged elsewhere).
 
@@ -325,6 +455,15 @@ class NumpyOps(Ops):
 
     def asarray(self, x: Any, dtype: str | None = None, like: Any = None) -> Any:
         return np.asarray(x, dtype=None if dtype is None else self.dtype(dtype))
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        index = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        return np.take_along_axis(x, index, axis=-1), index
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        out = np.zeros((*index.shape[:-1], n), dtype=values.dtype)
+        np.add.at(out, (*np.indices(index.shape, sparse=True)[:-1], index), values)
+        return out
 
 
 class TorchOps(Ops):
@@ -402,6 +541,30 @@ class TorchOps(Ops):
         # torch.einsum, which plans its path with opt_einsum once, when tracing.
         return self._torch.einsum(equation, *operands)
 
+    def where(self, condition: Any, x: Any, y: Any) -> Any:
+        return self._torch.where(condition, x, y)
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        return self._torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        # a stable sort, not torch.topk, whose order among ties is unspecified
+        values, index = self._torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[..., :k], index[..., :k]
+
+    def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
+        return x[tuple(i.long() for i in index)]
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        out = self.zeros((*index.shape[:-1], n), like=values)
+        return out.scatter_add(-1, index.long(), values)
+
+    def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, self._torch.Generator):
+            draw = self._torch.randn(shape, generator=rng, dtype=like.dtype, device=rng.device)
+            return draw.to(like.device), rng
+        return super().normal(rng, shape, like)
+
 
 class JaxOps(Ops):
     name = "jax"
@@ -435,6 +598,23 @@ class JaxOps(Ops):
         if x.dtype == self.xp.bfloat16:
             x = x.astype(self.xp.float32)
         return np.asarray(x)
+
+    def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
+        # lax.top_k puts the lower index first among equal values
+        return self._jax.lax.top_k(x, k)
+
+    def scatter_add_last(self, index: Any, values: Any, n: int) -> Any:
+        out = self.xp.zeros((*index.shape[:-1], n), dtype=values.dtype)
+        return out.at[(*self.xp.indices(index.shape, sparse=True)[:-1], index)].add(values)
+
+    def normal(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, self._jax.Array):
+            rng, key = self._jax.random.split(rng)
+            return self._jax.random.normal(key, shape, dtype=like.dtype), rng
+        return super().normal(rng, shape, like)
+
+    def is_concrete(self, x: Any) -> bool:
+        return not isinstance(x, self._jax.core.Tracer)
 
     def compile(self, fn: Any) -> Any:
         # eager JAX compiles every primitive for every new shape; one jit per

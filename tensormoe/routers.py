@@ -1,0 +1,894 @@
+"""Routers: which experts each input uses, after the mixture-of-experts literature.
+
+A router maps inputs ``x[..., I]`` to the coefficients of one expert level.  In
+the unified view of Liu, Blondel, Riquelme & Puigcerver ("Routers in Vision
+Mixture of Experts", 2024) every router produces *dispatch* weights (what each
+expert reads) and *combine* weights (how its output is mixed back); they differ
+in which of them are sparse and who chooses:
+
+* :class:`DenseRouter` -- every token weighs all ``N`` experts with softmax,
+  1.5-entmax or sparsemax of its logits (the MMoE default: 1.5-entmax); dense
+  weights ``[..., N]``.
+* :class:`TopKRouter` -- token choice: each token keeps its ``k`` best experts
+  (Shazeer et al. 2017 noisy top-k; Switch ``k=1``; GShard ``k=2``); sparse
+  weights ``[..., k]`` with their expert ``indices``.
+* :class:`ExpertChoiceRouter` -- each expert takes its ``c`` best tokens of the
+  group, ``c = capacity_factor * T / N`` (Zhou et al. 2022); dense weights.
+* :class:`SoftRouter` -- Soft MoE (Puigcerver et al. 2024): each slot reads a
+  softmax mixture of the group's tokens, each token a softmax mixture of the
+  slots; ``dispatch`` and combine weights ``[..., S]``.
+
+Groups.  Expert choice and Soft MoE act on a *group* of tokens: for inputs
+``[..., T, I]`` of three or more axes the group is the second-to-last axis (the
+tokens of one sequence or image); for a matrix ``[B, I]`` it is the whole batch.
+Token-choice and dense routers treat every row alone.
+
+Every router returns a :class:`Routing`, a ``NamedTuple`` (so a JAX pytree as
+well), that also carries the auxiliary outputs used to train routers:
+
+* ``load_balancing_loss`` -- the GShard / Switch form ``N * sum_e f_e * P_e``,
+  ``f_e`` the fraction of token-to-expert assignments going to expert ``e``,
+  ``P_e`` its mean router probability; ``1`` when both are uniform;
+* ``z_loss`` -- the router z-loss of ST-MoE, ``mean(logsumexp(logits) ** 2)``;
+* ``load`` (``f``), ``importance`` (``P``) and ``dropped`` (fraction of tokens
+  that no expert processes) as per-expert statistics.
+
+Padding tokens given by a ``mask`` (true or one for real tokens) get zero weights
+and are left out of all losses and statistics.
+
+All routers are written once against :mod:`tensormoe.ops`, so every backend
+selects the same experts (ties go to the lower index everywhere).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import gates as _gates
+from .ops import Ops, get_ops, ops_for_array
+
+__all__ = [
+    "ROUTERS",
+    "DenseRouter",
+    "ExpertChoiceRouter",
+    "Router",
+    "Routing",
+    "SoftRouter",
+    "TopKRouter",
+    "aux_loss",
+    "get_router",
+    "group_shape",
+]
+
+
+class Routing(NamedTuple):
+    """The routing of one expert level: combine weights and auxiliary outputs.
+
+    Leading axes follow the routed input ``x[..., I]``.  Which fields are set
+    depends on the router: ``indices`` is set by sparse (top-k) routers,
+    ``dispatch`` by Soft MoE; the statistics are set by :meth:`Router.__call__`,
+    :meth:`tensormoe.layer.MMoE.route` and ``apply(..., return_routing=True)``.
+
+    Attributes
+    ----------
+    weights : array
+        Combine weights: ``[..., N]`` for dense routers and expert choice,
+        ``[..., k]`` for top-k (the weight of each selected expert), ``[..., S]``
+        over the slots for Soft MoE.
+    indices : integer array ``[..., k]`` or None
+        The selected expert of each weight (top-k); ``None`` when dense.
+    dispatch : array ``[..., S]`` or None
+        Soft MoE only: how much of each token every slot reads (a softmax over
+        the tokens of the group, per slot).
+    probs : array ``[..., N]`` or None
+        The router's probability of each expert per token.
+    logits : array or None
+        The router logits (after normalisation and training noise).
+    load : array ``[N]`` or None
+        ``f_e``: fraction of the token-to-expert assignments given to each expert
+        (sums to one).
+    importance : array ``[N]`` or None
+        ``P_e``: mean router probability of each expert (sums to one).
+    dropped : scalar array or None
+        Fraction of tokens that no expert processes.
+    load_balancing_loss : scalar array or None
+        ``N * sum(load * importance)``.
+    z_loss : scalar array or None
+        ``mean(logsumexp(logits) ** 2)``.
+
+    Examples
+    --------
+    A sparse routing written by hand, two experts per row out of five:
+
+    >>> import numpy as np
+    >>> r = Routing(weights=np.array([[0.75, 0.25]]), indices=np.array([[3, 0]]))
+    >>> r.is_sparse, r.to_dense(5).tolist()
+    (True, [[0.25, 0.0, 0.0, 0.75, 0.0]])
+    """
+
+    weights: Any
+    indices: Any = None
+    dispatch: Any = None
+    probs: Any = None
+    logits: Any = None
+    load: Any = None
+    importance: Any = None
+    dropped: Any = None
+    load_balancing_loss: Any = None
+    z_loss: Any = None
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the routing selects experts by index (top-k).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> Routing(np.ones((2, 1)), np.zeros((2, 1), int)).is_sparse, Routing(np.ones((2, 3))).is_sparse
+        (True, False)
+        """
+        return self.indices is not None
+
+    @property
+    def is_soft(self) -> bool:
+        """Whether this is a Soft MoE slot routing (``dispatch`` is set).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> Routing(np.full((3, 2), 0.5), dispatch=np.full((3, 2), 1 / 3)).is_soft
+        True
+        """
+        return self.dispatch is not None
+
+    def to_dense(self, n_experts: int) -> Any:
+        """The combine weights as dense coefficients ``[..., n_experts]`` (zeros where not selected).
+
+        Raises for a Soft MoE routing, whose combine weights are over slots, not experts.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> Routing(weights=np.array([[1.0]]), indices=np.array([[1]])).to_dense(3).tolist()
+        [[0.0, 1.0, 0.0]]
+        """
+        if self.is_soft:
+            raise ValueError("a Soft MoE routing combines slots, not experts: it has no dense per-token coefficients")
+        if not self.is_sparse:
+            return self.weights
+        ops = get_ops(ops_for_array(self.weights))
+        return ops.scatter_add_last(self.indices, self.weights, n_experts)
+
+
+def group_shape(lead: Sequence[int]) -> tuple[int, int]:
+    """``(G, T)``: groups and tokens per group for inputs with leading axes ``lead``.
+
+    Three or more axes ``[..., T, I]``: the second-to-last axis is the group; a
+    matrix ``[B, I]`` is one group of ``B`` tokens; a vector one group of one.
+
+    Examples
+    --------
+    >>> group_shape((4, 7)), group_shape((32,)), group_shape(())
+    ((4, 7), (1, 32), (1, 1))
+    """
+    lead = tuple(lead)
+    if not lead:
+        return 1, 1
+    return math.prod(lead[:-1]), lead[-1]
+
+
+def _logsumexp(ops: Ops, z: Any) -> Any:
+    m = ops.max(z)
+    return m + ops.log(ops.sum(ops.exp(z - m)))
+
+
+def _check_norm(norm: Any) -> Any:
+    if norm not in _gates.NORMS:
+        raise ValueError(f"norm={norm!r} is not supported; expected one of {list(_gates.NORMS)}")
+    return norm
+
+
+class Router:
+    """A router of one expert level (abstract).
+
+    Subclasses implement :meth:`route`; parameters are declared by
+    :meth:`param_shapes` (a layer stores them as ``{name}_{level}``, e.g.
+    ``gate_0``) and drawn by :meth:`init`.
+
+    Examples
+    --------
+    >>> router = get_router("top2")
+    >>> router.param_shapes(in_dim=4, n_experts=8)
+    {'gate': (4, 8), 'gate_noise': (4, 8)}
+    """
+
+    name: str = ""
+    #: whether the router mixes tokens into slots (Soft MoE) instead of routing them
+    soft: bool = False
+    #: std of the initial gate logits for inputs of unit variance; 0 starts the gate at
+    #: zero (every expert equally likely, the MMoE's choice), a small value breaks the
+    #: ties that make hard selection (top-k, expert choice) pick the lowest indices
+    init_logit_std: float = 0.0
+
+    def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the router's parameters, by name, for ``in_dim`` features and ``n_experts`` experts.
+
+        Examples
+        --------
+        >>> DenseRouter().param_shapes(4, 3), SoftRouter(slots_per_expert=2).param_shapes(4, 3)
+        ({'gate': (4, 3)}, {'gate': (4, 6)})
+        """
+        return {"gate": (in_dim, n_experts)}
+
+    def init(self, in_dim: int, n_experts: int, rng: np.random.Generator | int | None = None) -> dict[str, np.ndarray]:
+        """Float64 parameters: the gate ``N(0, (init_logit_std / sqrt(in_dim))**2)``, all others zero.
+
+        Examples
+        --------
+        >>> float(abs(DenseRouter().init(4, 3)["gate"]).max()), bool(TopKRouter().init(4, 3, rng=0)["gate"].std() > 0)
+        (0.0, True)
+        """
+        rng = np.random.default_rng(0 if rng is None else rng)
+        out = {}
+        for name, shape in self.param_shapes(in_dim, n_experts).items():
+            if name == "gate" and self.init_logit_std > 0:
+                out[name] = rng.normal(0.0, self.init_logit_std / math.sqrt(in_dim), size=shape)
+            else:
+                out[name] = np.zeros(shape)
+        return out
+
+    def check(self, n_experts: int) -> None:
+        """Raise if the router cannot route ``n_experts`` experts.
+
+        Examples
+        --------
+        >>> TopKRouter(k=2).check(8)
+        >>> TopKRouter(k=2).check(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: k=2 exceeds the 1 experts of the level; expected k <= 1
+        """
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the router draws noise in training mode.
+
+        Examples
+        --------
+        >>> TopKRouter().noisy, TopKRouter(noise=None).noisy, DenseRouter().noisy
+        (True, False, False)
+        """
+        return False
+
+    def slots(self, n_experts: int) -> int | None:
+        """Number of slots per group (Soft MoE), or ``None`` for routers that route tokens.
+
+        Examples
+        --------
+        >>> SoftRouter(slots_per_expert=2).slots(3), TopKRouter().slots(3) is None
+        (6, True)
+        """
+        return None
+
+    def logits(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
+        """``x @ gate``, normalised when the router has a ``norm``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.ops import get_ops
+        >>> DenseRouter(norm=None).logits(get_ops("numpy"), {"gate": np.eye(2)}, np.array([[1.0, 2.0]]))
+        array([[1., 2.]])
+        """
+        z = x @ params["gate"]
+        norm = _gates.NORMS[getattr(self, "norm", None)]
+        return z if norm is None else norm(z, ops=ops)
+
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+        """Route a grouped input ``x[G, T, I]``, without statistics (the layers' entry point).
+
+        ``mask`` is ``None`` or a float array ``[G, T]`` of ones (tokens) and zeros
+        (padding); ``noise`` is ``None`` or standard normal draws ``[G, T, N]``.
+        Subclasses implement this; :meth:`__call__` adds checks and statistics.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.ops import get_ops
+        >>> r = TopKRouter(k=1).route(get_ops("numpy"), {"gate": np.eye(3)}, np.eye(3)[None])
+        >>> r.indices[0, :, 0].tolist()
+        [0, 1, 2]
+        """
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        params: Mapping[str, Any],
+        x: Any,
+        *,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+    ) -> Routing:
+        """Route ``x[..., I]`` on the current backend, with the auxiliary outputs.
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            The router's parameters, named as in :meth:`param_shapes`.
+        x : array ``[..., I]``
+        mask : array ``[...]`` of bool or 0/1, optional
+            True (one) for real tokens, false (zero) for padding.
+        training : bool
+            Draw the router noise (noisy top-k); needs ``rng``.
+        rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
+            Source of the training noise.  An integer seed or a NumPy generator
+            draws in NumPy, so every backend gets the same noise.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> router = TopKRouter(k=2)
+        >>> params = {k: np.eye(4, 6) for k in router.param_shapes(4, 6)}
+        >>> r = router(params, np.array([[0.0, 3.0, 1.0, 2.0]]))
+        >>> r.indices.tolist(), float(r.weights.sum())
+        ([[1, 3]], 1.0)
+        """
+        ops = get_ops()
+        x = check_array(ops, x, "x")
+        in_dim = x.shape[-1]
+        n = _n_experts_from(self, params, in_dim)
+        self.check(n)
+        check_router_params(self, params, in_dim, n, ops)
+        lead = tuple(x.shape[:-1])
+        g, t = group_shape(lead)
+        mask3 = None if mask is None else ops.reshape(check_mask(ops, mask, lead, x), (g, t))
+        noise = None
+        if training and self.noisy:
+            (noise,), _ = draw_noise(ops, [self], [n], g, t, rng, like=x)
+        x3 = ops.reshape(x, (g, t, in_dim))
+        routing = with_statistics(ops, self.route(ops, params, x3, mask3, noise), mask3, n)
+        return ungroup(ops, routing, lead)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class DenseRouter(Router):
+    """Every token weighs every expert: ``activation(norm(x @ gate))``.
+
+    The MMoE's own gating (Oldfield et al. 2024); with ``"entmax15"`` or
+    ``"sparsemax"`` many coefficients are exactly zero, but the contraction still
+    runs over all ``N`` experts.
+
+    Parameters
+    ----------
+    activation : {"entmax15", "softmax", "sparsemax"}
+        The map from logits to the simplex (:mod:`tensormoe.gates`).
+    norm : {"layernorm", None}
+        Normalisation of the logits first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = DenseRouter("softmax", norm=None)({"gate": np.zeros((3, 4))}, np.ones((2, 3)))
+    >>> r.weights.tolist()[0], float(r.load_balancing_loss)
+    ([0.25, 0.25, 0.25, 0.25], 1.0)
+    """
+
+    def __init__(self, activation: str = "entmax15", norm: str | None = "layernorm") -> None:
+        if activation not in _gates.ACTIVATIONS:
+            raise ValueError(
+                f"activation={activation!r} is not a gate activation; expected one of {sorted(_gates.ACTIVATIONS)}"
+            )
+        self.activation = activation
+        self.norm = _check_norm(norm)
+        self.name = activation
+
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+        logits = self.logits(ops, params, x)
+        weights = _gates.ACTIVATIONS[self.activation](logits, ops=ops)
+        if mask is not None:
+            weights = weights * mask[..., None]
+        return Routing(weights=weights, probs=weights, logits=logits)
+
+
+class TopKRouter(Router):
+    """Token choice: each token keeps its ``k`` most likely experts (noisy top-k gating).
+
+    ``logits = x @ gate (+ noise * softplus(x @ gate_noise) in training)``; the
+    ``k`` largest are kept, weighted by their softmax probabilities.  The layer
+    then contracts only those ``k`` rows of the expert factors.  The gate starts
+    near zero (logit std ``0.01`` for unit inputs) and the noise weights at zero
+    (noise std ``softplus(0) = 0.69``), as Shazeer et al. did.
+
+    Parameters
+    ----------
+    k : int
+        Experts per token (1: Switch Transformer; 2: GShard).
+    noise : "learned", float or None
+        Training noise on the logits: ``"learned"`` (default) is Shazeer et al.'s
+        tunable Gaussian noise with std ``softplus(x @ gate_noise)`` (an extra
+        parameter ``gate_noise``); a float is a fixed std; ``None`` or ``0`` none.
+        Noise is drawn only in training mode, from an explicit ``rng``.
+    renormalize : bool, optional
+        Rescale the kept probabilities to sum to one (Shazeer, GShard, Mixtral).
+        Default: ``k > 1``.  With ``k = 1`` the weight stays the expert's
+        probability, as in Switch, so the router still receives gradients.
+    norm : {None, "layernorm"}
+        Normalisation of the logits (default none, as in the papers).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> router = TopKRouter(k=1, noise=None)
+    >>> r = router({"gate": np.eye(3)}, np.array([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]]))
+    >>> r.indices.tolist(), r.load.tolist()
+    ([[1], [0]], [0.5, 0.5, 0.0])
+    """
+
+    def __init__(self, k: int = 1, noise: str | float | None = "learned", renormalize: bool | None = None,
+                 norm: str | None = None) -> None:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer (experts per token); got {k!r}")
+        self.k = int(k)
+        if noise is not None and noise != "learned":
+            if not isinstance(noise, numbers.Real) or isinstance(noise, bool) or not noise >= 0 or not math.isfinite(noise):
+                raise ValueError(f"noise must be 'learned', a non-negative float std, or None; got {noise!r}")
+            noise = float(noise) or None
+        self.noise = noise
+        if renormalize is not None and not isinstance(renormalize, bool):
+            raise TypeError(f"renormalize must be True, False or None; got {renormalize!r}")
+        self.renormalize = self.k > 1 if renormalize is None else renormalize
+        self.norm = _check_norm(norm)
+        self.name = f"top{self.k}"
+
+    init_logit_std = 1e-2
+
+    def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
+        shapes = {"gate": (in_dim, n_experts)}
+        if self.noise == "learned":
+            shapes["gate_noise"] = (in_dim, n_experts)
+        return shapes
+
+    def check(self, n_experts: int) -> None:
+        if self.k > n_experts:
+            raise ValueError(f"k={self.k} exceeds the {n_experts} experts of the level; expected k <= {n_experts}")
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise is not None
+
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+        logits = self.logits(ops, params, x)
+        if noise is not None:
+            std = ops.softplus(x @ params["gate_noise"]) if self.noise == "learned" else self.noise
+            logits = logits + noise * std
+        probs = _gates.softmax(logits, ops=ops)
+        _, indices = ops.top_k(logits, self.k)
+        weights = ops.take_last(probs, indices)
+        if self.renormalize:
+            weights = weights / ops.sum(weights)
+        if mask is not None:
+            weights = weights * mask[..., None]
+        return Routing(weights=weights, indices=indices, probs=probs, logits=logits)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice: each expert takes the ``c`` tokens of the group it scores highest.
+
+    Token-to-expert scores are the softmax of ``x @ gate`` over experts; expert
+    ``e`` takes the top ``c = ceil(capacity_factor * T / N)`` tokens of its
+    column (Zhou et al. 2022), weighted by their scores.  Loads are balanced by
+    construction; a token may be taken by several experts or by none
+    (``Routing.dropped``).  The weights are dense ``[..., N]`` (zero where not
+    chosen), so the contraction runs over all ``N`` experts.
+
+    Parameters
+    ----------
+    capacity_factor : float
+        Average number of experts per token (default 2, as in the paper).
+    norm : {None, "layernorm"}
+        Normalisation of the logits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> router = ExpertChoiceRouter(capacity_factor=1.0)
+    >>> x = np.array([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    >>> r = router({"gate": np.eye(2)}, x)
+    >>> (r.weights > 0).astype(int).tolist()
+    [[1, 0], [1, 0], [0, 1], [0, 1]]
+    """
+
+    def __init__(self, capacity_factor: float = 2.0, norm: str | None = None) -> None:
+        if (not isinstance(capacity_factor, numbers.Real) or isinstance(capacity_factor, bool)
+                or not capacity_factor > 0 or not math.isfinite(capacity_factor)):
+            raise ValueError(f"capacity_factor must be a positive number; got {capacity_factor!r}")
+        self.capacity_factor = float(capacity_factor)
+        self.norm = _check_norm(norm)
+        self.name = "expert_choice"
+
+    init_logit_std = 1e-2
+
+    def capacity(self, n_tokens: int, n_experts: int) -> int:
+        """Tokens per expert in a group of ``n_tokens``: ``ceil(capacity_factor * T / N)``, within ``[1, T]``.
+
+        Examples
+        --------
+        >>> ExpertChoiceRouter(2.0).capacity(64, 16)
+        8
+        """
+        return min(n_tokens, max(1, math.ceil(self.capacity_factor * n_tokens / n_experts - 1e-9)))
+
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+        logits = self.logits(ops, params, x)
+        probs = _gates.softmax(logits, ops=ops)
+        n_tokens, n_experts = probs.shape[-2], probs.shape[-1]
+        scores = probs if mask is None else ops.where(mask[..., None] > 0, probs, probs - 2)
+        _, tokens = ops.top_k(ops.swap_last(scores), self.capacity(n_tokens, n_experts))  # [G, N, c]
+        chosen = ops.take_last(ops.swap_last(probs), tokens)
+        weights = ops.swap_last(ops.scatter_add_last(tokens, chosen, n_tokens))
+        if mask is not None:
+            weights = weights * mask[..., None]
+        return Routing(weights=weights, probs=probs, logits=logits)
+
+
+class SoftRouter(Router):
+    """Soft MoE: experts process slots, soft mixtures of the group's tokens.
+
+    With logits ``z = x @ gate`` over ``S = N * slots_per_expert`` slots, each
+    slot reads ``sum_t dispatch[t, s] x_t`` (``dispatch``: softmax of ``z`` over
+    the tokens of the group), expert ``s // slots_per_expert`` transforms it, and
+    each token's output is ``sum_s combine[t, s] y_s`` (``combine``: softmax over
+    the slots) (Puigcerver et al. 2024).  Nothing is dropped and loads are equal
+    by construction.  In a hierarchical layer the other levels route the slots.
+
+    Parameters
+    ----------
+    slots_per_expert : int
+        Slots ``p`` of each expert.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = SoftRouter()({"gate": np.zeros((3, 2))}, np.ones((5, 3)))
+    >>> r.dispatch.shape, r.dispatch.sum(0).tolist(), r.weights.sum(-1).tolist()
+    ((5, 2), [1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    """
+
+    def __init__(self, slots_per_expert: int = 1) -> None:
+        if not isinstance(slots_per_expert, numbers.Integral) or isinstance(slots_per_expert, bool) or slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be a positive integer; got {slots_per_expert!r}")
+        self.slots_per_expert = int(slots_per_expert)
+        self.name = "soft"
+
+    soft = True
+    init_logit_std = 1e-2
+
+    def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
+        return {"gate": (in_dim, n_experts * self.slots_per_expert)}
+
+    def slots(self, n_experts: int) -> int:
+        return n_experts * self.slots_per_expert
+
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+        logits = x @ params["gate"]  # [G, T, S]
+        combine = _gates.softmax(logits, ops=ops)
+        by_slot = ops.swap_last(logits)  # [G, S, T]
+        if mask is None:
+            e = ops.exp(by_slot - ops.max(by_slot))
+        else:
+            valid = mask[:, None, :]
+            # shift by the largest logit of a real token: sum(e) >= 1 whenever the group has one,
+            # and padding (whatever its logits) neither overflows nor counts
+            top = ops.max(ops.where(valid > 0, by_slot, -ops.max(-by_slot)))
+            e = ops.exp(-ops.relu(top - by_slot)) * valid
+            combine = combine * mask[..., None]
+        dispatch = ops.swap_last(e / ops.clip_min(ops.sum(e), 1.0))
+        g, t, s = combine.shape
+        probs = ops.sum(ops.reshape(combine, (g, t, s // self.slots_per_expert, self.slots_per_expert)))
+        probs = ops.reshape(probs, (g, t, s // self.slots_per_expert))
+        return Routing(weights=combine, dispatch=dispatch, probs=probs, logits=logits)
+
+
+def soft_slots(ops: Ops, routing: Routing, x: Any) -> Any:
+    """The slot inputs ``[G, S, I]`` of a grouped Soft MoE routing: ``dispatch^T @ x``."""
+    return ops.swap_last(routing.dispatch) @ x
+
+
+def soft_combine(ops: Ops, routing: Routing, y_slots: Any) -> Any:
+    """Token outputs ``[G, T, O]`` from slot outputs ``[G, S, O]``: ``combine @ y``."""
+    return routing.weights @ y_slots
+
+
+def slot_experts(ops: Ops, n_groups: int, n_slots: int, slots_per_expert: int, like: Any) -> Any:
+    """Expert index ``[G * S, 1]`` of every slot row (slot ``s`` belongs to expert ``s // p``)."""
+    index = np.tile(np.arange(n_slots) // slots_per_expert, n_groups).reshape(-1, 1)
+    return ops.asarray(index, like=like)
+
+
+def with_statistics(ops: Ops, routing: Routing, mask: Any, n_experts: int) -> Routing:
+    """Fill in the load statistics and auxiliary losses of a grouped routing (internal).
+
+    Masked tokens (``mask == 0``) are excluded from every mean.
+    """
+    probs = ops.reshape(routing.probs, (-1, n_experts))
+    rows = probs.shape[0]
+    valid = ops.reshape(mask, (rows, 1)) if mask is not None else ops.zeros((rows, 1), like=probs) + 1
+    n_valid = ops.clip_min(ops.sum(valid, axis=0), 1.0)  # [1, 1]
+    importance = ops.sum(probs * valid, axis=0) / n_valid  # [1, N]
+    if routing.is_sparse:
+        k = routing.indices.shape[-1]
+        indices = ops.reshape(routing.indices, (1, rows * k))
+        ones = ops.reshape(valid + ops.zeros((rows, k), like=probs), (1, rows * k))
+        counts = ops.scatter_add_last(indices, ones, n_experts)
+        served = valid
+    elif routing.is_soft:
+        counts = ops.zeros((1, n_experts), like=probs) + 1  # every expert processes its own slots
+        served = valid
+    else:
+        weights = ops.reshape(routing.weights, (rows, n_experts))
+        support = ops.asarray(weights > 0, ops.dtype_name(probs))
+        counts = ops.sum(support * valid, axis=0)
+        served = ops.asarray(ops.sum(support) > 0, ops.dtype_name(probs)) * valid
+    load = counts / ops.clip_min(ops.sum(counts), 1.0)
+    logits = ops.reshape(routing.logits, (rows, routing.logits.shape[-1]))
+    lse = _logsumexp(ops, logits)
+    scalar = ()
+    return routing._replace(
+        load=ops.reshape(load, (n_experts,)),
+        importance=ops.reshape(importance, (n_experts,)),
+        dropped=ops.reshape(ops.sum(valid - served, axis=0) / n_valid, scalar),
+        load_balancing_loss=ops.reshape(ops.sum(load * importance) * n_experts, scalar),
+        z_loss=ops.reshape(ops.sum(lse * lse * valid, axis=0) / n_valid, scalar),
+    )
+
+
+_PER_TOKEN = ("weights", "indices", "dispatch", "probs", "logits")
+
+
+def ungroup(ops: Ops, routing: Routing, lead: Sequence[int]) -> Routing:
+    """Give the per-token fields of a grouped routing ``[G, T, ...]`` the leading axes ``lead``."""
+    lead = tuple(lead)
+    return routing._replace(**{
+        name: ops.reshape(value, (*lead, value.shape[-1]))
+        for name in _PER_TOKEN if (value := getattr(routing, name)) is not None
+    })
+
+
+def regroup(ops: Ops, routing: Routing, g: int, t: int) -> Routing:
+    """Reshape the per-token fields of a routing to ``[G, T, ...]`` (inverse of :func:`ungroup`)."""
+    return routing._replace(**{
+        name: ops.reshape(value, (g, t, value.shape[-1]))
+        for name in _PER_TOKEN if (value := getattr(routing, name)) is not None
+    })
+
+
+def draw_noise(
+    ops: Ops, routers: Sequence[Router], n_experts: Sequence[int], g: int, t: int, rng: Any, like: Any
+) -> tuple[list[Any], Any]:
+    """Standard normal noise ``[G, T', N_h]`` for every noisy router (``None`` for the others).
+
+    ``T'`` is ``t`` or, for levels that route the slots of a Soft MoE level, the
+    number of slots.  Returns the draws and the generator to use next.
+    """
+    noisy = [h for h, r in enumerate(routers) if r.noisy]
+    if noisy and rng is None:
+        names = ", ".join(f"{routers[h].name!r} at level {h}" for h in noisy)
+        raise ValueError(
+            f"training=True draws router noise ({names}) and needs rng=: an integer seed or a "
+            "numpy.random.Generator (the same noise on every backend), a torch.Generator or a JAX key; got None"
+        )
+    rows = t
+    for r, n in zip(routers, n_experts):
+        if r.soft:
+            rows = r.slots(n)
+    out = []
+    for h, (r, n) in enumerate(zip(routers, n_experts)):
+        if h in noisy:
+            draw, rng = ops.normal(rng, (g, t if r.soft else rows, n), like)
+            out.append(draw)
+        else:
+            out.append(None)
+    return out, rng
+
+
+def route_levels(
+    ops: Ops,
+    routers: Sequence[Router],
+    params: Sequence[Mapping[str, Any]],
+    n_experts: Sequence[int],
+    x: Any,
+    mask: Any = None,
+    noise: Sequence[Any] | None = None,
+    statistics: bool = False,
+) -> tuple[list[Routing], Any]:
+    """Route a grouped input ``x[G, T, I]`` through one router per level (hierarchical routing).
+
+    Every level routes the same rows: the tokens, or, when one level is a
+    :class:`SoftRouter`, that level's slot inputs ``[G, S, I]`` (Soft MoE mixes
+    tokens first; the other levels then route the slots, which are never padding).
+
+    Returns the routings (grouped) and the rows the experts process.
+    """
+    noise = list(noise) if noise is not None else [None] * len(routers)
+    routings: list[Routing | None] = [None] * len(routers)
+    rows, row_mask = x, mask
+    for h, router in enumerate(routers):
+        if router.soft:
+            routing = router.route(ops, params[h], x, mask)
+            routings[h] = with_statistics(ops, routing, mask, n_experts[h]) if statistics else routing
+            rows, row_mask = soft_slots(ops, routing, x), None
+    for h, router in enumerate(routers):
+        if routings[h] is None:
+            routing = router.route(ops, params[h], rows, row_mask, noise[h])
+            routings[h] = with_statistics(ops, routing, row_mask, n_experts[h]) if statistics else routing
+    return routings, rows
+
+
+def aux_loss(routings: Routing | Sequence[Routing], load_balancing: float = 1e-2, z: float = 1e-3) -> Any:
+    """Weighted sum of the auxiliary losses of one or more levels.
+
+    ``load_balancing * sum_h lb_h + z * sum_h z_h`` (defaults: Switch's
+    ``1e-2`` and ST-MoE's ``1e-3``); add it to the task loss.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = DenseRouter("softmax", norm=None)({"gate": np.zeros((3, 4))}, np.ones((2, 3)))
+    >>> round(float(aux_loss([r, r])), 6)  # 2 * (0.01 * 1 + 0.001 * log(4)**2)
+    0.023844
+    """
+    if isinstance(routings, Routing):
+        routings = [routings]
+    total = 0.0
+    for h, r in enumerate(routings):
+        if r.load_balancing_loss is None or r.z_loss is None:
+            raise ValueError(
+                f"routings[{h}] carries no auxiliary losses; get it from Router.__call__, MMoE.route or "
+                "MMoE.apply(..., return_routing=True)"
+            )
+        total = total + load_balancing * r.load_balancing_loss + z * r.z_loss
+    return total
+
+
+# -- names ---------------------------------------------------------------------------
+
+ROUTERS = ("entmax15", "softmax", "sparsemax", "top1", "top2", "top<k>", "expert_choice", "soft")
+"""Router names accepted by :func:`get_router` (``"top<k>"`` for any ``k``).
+
+Examples
+--------
+>>> [get_router(name).name for name in ("top2", "expert_choice", "soft")]
+['top2', 'expert_choice', 'soft']
+"""
+
+
+def get_router(spec: str | Router, gate_norm: str | None = "layernorm") -> Router:
+    """A :class:`Router` from a name, or ``spec`` itself if it is one.
+
+    Names: ``"entmax15"``, ``"softmax"``, ``"sparsemax"`` (:class:`DenseRouter`
+    with ``norm=gate_norm``); ``"top<k>"`` such as ``"top1"``, ``"top2"``
+    (:class:`TopKRouter`, learned noise); ``"expert_choice"``
+    (:class:`ExpertChoiceRouter`, capacity factor 2); ``"soft"``
+    (:class:`SoftRouter`, one slot per expert).
+
+    Examples
+    --------
+    >>> get_router("top3")
+    TopKRouter(k=3, noise='learned', renormalize=True, norm=None, name='top3')
+    >>> get_router("softmax", gate_norm=None)
+    DenseRouter(activation='softmax', norm=None, name='softmax')
+    """
+    if isinstance(spec, Router):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"router must be a router name or a Router; got {spec!r} of type {type(spec).__name__}")
+    if spec in _gates.ACTIVATIONS:
+        return DenseRouter(spec, norm=gate_norm)
+    match = re.fullmatch(r"top([0-9]+)", spec)
+    if match:
+        return TopKRouter(k=int(match.group(1)))
+    if spec == "expert_choice":
+        return ExpertChoiceRouter()
+    if spec == "soft":
+        return SoftRouter()
+    raise ValueError(f"router={spec!r} is not a router name; expected one of {list(ROUTERS)} or a Router instance")
+
+
+def resolve_routers(router: Any, expert_dims: Sequence[int], gate: str, gate_norm: str | None) -> tuple[Router, ...]:
+    """One router per level from a layer's ``router=`` argument (internal).
+
+    ``None``: a :class:`DenseRouter` with the layer's ``gate`` and ``gate_norm``
+    on every level; a name or a Router: the same router on every level; a
+    sequence: one per level.
+    """
+    levels = len(expert_dims)
+    if router is None:
+        routers = [DenseRouter(gate, gate_norm)] * levels
+    elif isinstance(router, (str, Router)):
+        routers = [get_router(router, gate_norm)] * levels
+    elif isinstance(router, Sequence):
+        if len(router) != levels:
+            raise ValueError(
+                f"router lists {len(router)} routers but the layer has {levels} expert levels; "
+                "give one router per level, or one for all"
+            )
+        routers = [get_router(r, gate_norm) for r in router]
+    else:
+        raise TypeError(
+            f"router must be a router name, a Router, or a list of them (one per level); got {type(router).__name__}"
+        )
+    soft = [h for h, r in enumerate(routers) if r.soft]
+    if len(soft) > 1:
+        raise ValueError(f"at most one level can use Soft MoE routing; levels {soft} do")
+    for r, n in zip(routers, expert_dims):
+        r.check(n)
+    return tuple(routers)
+
+
+# -- input checks shared with the layers -------------------------------------------
+
+
+def check_array(ops: Ops, x: Any, argument: str) -> Any:
+    """Raise unless ``x`` is a floating-point array of the current backend with at least one axis."""
+    source = ops_for_array(x)
+    if source is None:
+        raise TypeError(f"{argument} must be an array of the current backend {ops.name!r}; got {type(x).__name__}")
+    if source != ops.name:
+        raise TypeError(
+            f"{argument} is a {source} array but the current backend is {ops.name!r}; convert it, "
+            f"or switch with tensormoe.set_backend({source!r})"
+        )
+    if x.ndim < 1:
+        raise ValueError(f"{argument} must have at least one axis; got a scalar")
+    return x
+
+
+def check_mask(ops: Ops, mask: Any, lead: tuple[int, ...], like: Any) -> Any:
+    """``mask`` as a 0/1 array in the dtype of ``like``, checked to have shape ``lead``."""
+    source = ops_for_array(mask)
+    if source is None:
+        raise TypeError(f"mask must be an array of shape {list(lead)} (true for tokens, false for padding); "
+                        f"got {type(mask).__name__}")
+    if source not in ("numpy", ops.name):
+        raise TypeError(f"mask is a {source} array but the current backend is {ops.name!r}")
+    if source != ops.name:
+        mask = ops.asarray(mask, like=like)
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask must have shape {list(lead)} (the leading axes of x); got {list(mask.shape)}")
+    if ops.is_concrete(mask):
+        values = np.unique(ops.to_numpy(mask))
+        if not np.all(np.isin(values, [0, 1])):
+            raise ValueError(f"mask must hold booleans or zeros and ones; got values {values[:5].tolist()}")
+    return ops.asarray(mask, ops.dtype_name(like), like=like)
+
+
+def check_router_params(router: Router, params: Mapping[str, Any], in_dim: int, n: int, ops: Ops) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of names to arrays; got {type(params).__name__}")
+    expected = router.param_shapes(in_dim, n)
+    for name, shape in expected.items():
+        if name not in params:
+            raise ValueError(f"params is missing {name!r}; {router.name} expects {sorted(expected)}")
+        got = tuple(getattr(params[name], "shape", ()))
+        if got != shape:
+            raise ValueError(f"params[{name!r}] has shape {got}; expected {shape}")
+
+
+def _n_experts_from(router: Router, params: Mapping[str, Any], in_dim: int) -> int:
+    gate = params.get("gate") if isinstance(params, Mapping) else None
+    if gate is None or getattr(gate, "ndim", 0) != 2:
+        raise ValueError("params must hold 'gate', a matrix [in_dim, n_experts]")
+    if gate.shape[0] != in_dim:
+        raise ValueError(f"x has {in_dim} features but params['gate'] has shape {tuple(gate.shape)}; "
+                         f"expected [{in_dim}, n_experts]")
+    return gate.shape[1] // router.slots(1) if router.soft else gate.shape[1]
