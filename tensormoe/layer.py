@@ -205,6 +205,7 @@ class MMoE:
             raise ValueError(f"gate_norm={gate_norm!r} is not supported; expected one of {list(_gates.NORMS)}")
         self.gate_norm = gate_norm
         self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm)
+        self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_dim)
         if not isinstance(init_std, numbers.Real) or isinstance(init_std, bool) or not init_std > 0 or not math.isfinite(init_std):
@@ -943,23 +944,22 @@ class MMoE:
         """The constructor arguments that rebuild this layer, as plain JSON-serialisable values.
 
         ``"class"`` names the layer class; the ranks are given in their validated
-        form; ``"router"`` is ``None`` for the default dense gates, else the
-        routers' names, one per level.  :func:`layer_from_config` is the inverse
-        (with freshly initialised parameters).
-
-        Raises
-        ------
-        ValueError
-            If a level's router has settings that its name does not carry (a
-            :class:`~tensormoe.routers.Router` built with non-default arguments):
-            a configuration of names would silently rebuild another router.
+        form.  :func:`layer_from_config` is the inverse (with freshly initialised
+        parameters).
 
         Examples
         --------
         >>> cfg = CPMMoE(4, 3, [5, 2], rank=2, gate="softmax").config()
-        >>> cfg["class"], cfg["expert_dims"], cfg["rank"], cfg["gate"]
-        ('CPMMoE', [5, 2], 2, 'softmax')
+        >>> cfg["class"], cfg["expert_dims"], cfg["rank"], cfg["gate"], cfg["router"]
+        ('CPMMoE', [5, 2], 2, 'softmax', None)
         """
+        router = self._router_arg
+        names = router if isinstance(router, list) else [router]
+        if not all(r is None or isinstance(r, str) for r in names):
+            raise ValueError(
+                "config() describes routers by name only; this layer was built with Router objects "
+                f"({self.routers!r}): rebuild them yourself, or pass router names"
+            )
         return {
             "class": type(self).__name__,
             "in_dim": self.in_dim,
@@ -969,28 +969,15 @@ class MMoE:
             "bias": self.bias,
             "gate": self.gate,
             "gate_norm": self.gate_norm,
-            "router": self._router_config(),
             "init_std": self.init_std,
             "dtype": self.dtype,
             "seed": self.seed,
             "optimize": self.optimize,
+            "router": router,
         }
 
     def _rank_config(self) -> dict[str, Any]:
         return {"ranks": self.factorization.describe_ranks()}
-
-    def _router_config(self) -> list[str] | None:
-        default = _routers.resolve_routers(None, self.expert_dims, self.gate, self.gate_norm)
-        if repr(self.routers) == repr(default):
-            return None
-        names = [r.name for r in self.routers]
-        for h, (router, name) in enumerate(zip(self.routers, names)):
-            if repr(_routers.get_router(name, self.gate_norm)) != repr(router):
-                raise ValueError(
-                    f"the router of level {h}, {router!r}, has settings its name {name!r} does not carry, so "
-                    "config() cannot describe this layer; build it with router names to save or rebuild it"
-                )
-        return names
 
     def __repr__(self) -> str:
         default = all(
@@ -1179,7 +1166,7 @@ def layer_from_config(config: Mapping[str, Any]) -> MMoE:
     rank_key = "rank" if cls is CPMMoE else "ranks"
     required = ("in_dim", "out_dim", "expert_dims", rank_key)
     missing = [k for k in required if k not in kwargs]
-    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "router", "init_std", "dtype", "seed", "optimize"}
+    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize", "router"}
     unknown = sorted(k for k in kwargs if k not in allowed)
     if missing or unknown:
         raise ValueError(

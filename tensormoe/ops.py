@@ -533,14 +533,6 @@ class TorchOps(Ops):
     def count_true(self, mask: Any) -> Any:
         return self._torch.sum(mask, dim=-1, keepdim=True)
 
-    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
-        if not self._torch.compiler.is_compiling():
-            return super().contract(equation, operands, optimize)
-        # Under torch.compile: opt_einsum's runtime is not traceable (it reads the
-        # thread id) and sizes may be symbolic, so hand the whole equation to
-        # torch.einsum, which plans its path with opt_einsum once, when tracing.
-        return self._torch.einsum(equation, *operands)
-
     def where(self, condition: Any, x: Any, y: Any) -> Any:
         return self._torch.where(condition, x, y)
 
@@ -564,6 +556,14 @@ class TorchOps(Ops):
             draw = self._torch.randn(shape, generator=rng, dtype=like.dtype, device=rng.device)
             return draw.to(like.device), rng
         return super().normal(rng, shape, like)
+
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+        if not self._torch.compiler.is_compiling():
+            return super().contract(equation, operands, optimize)
+        # Under torch.compile: opt_einsum's runtime is not traceable (it reads the
+        # thread id) and sizes may be symbolic, so hand the whole equation to
+        # torch.einsum, which plans its path with opt_einsum once, when tracing.
+        return self._torch.einsum(equation, *operands)
 
 
 class JaxOps(Ops):

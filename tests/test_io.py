@@ -277,11 +277,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["w.npz"]
 
 
-def test_a_router_with_unnamed_settings_is_refused(tmp_path):
+def test_a_layer_with_router_objects_is_refused_and_routers_must_match(tmp_path):
     from tensormoe.routers import TopKRouter
 
     layer = tensormoe.CPMMoE(6, 5, [4], rank=2, router=TopKRouter(k=2, noise=None))
-    with pytest.raises(ValueError, match="has settings its name 'top2' does not carry"):
+    with pytest.raises(ValueError, match="config\\(\\) describes routers by name only"):
         io.save(layer, tmp_path / "w.npz")
     assert not (tmp_path / "w.npz").exists()
     other = tmp_path / "routed.npz"
