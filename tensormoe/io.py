@@ -74,7 +74,7 @@ Examples
 _HEADER = "__tensormoe__"
 # configuration entries that must agree between a file and the layer it is loaded into
 # (the rest - seed, init_std, dtype, optimize - do not change what the weights compute)
-_MUST_MATCH = ("class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm")
+_MUST_MATCH = ("class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm", "router")
 _FLOAT_KINDS = ("float16", "float32", "float64")
 _MAX_HEADER_BYTES = 1 << 20
 
@@ -304,9 +304,11 @@ def load(layer: Any, path: str | os.PathLike) -> Any:
     file = _File(path)
     file.check_fits(core)
     if isinstance(layer, MMoE):
-        backend = ops_for_array(next(iter(params.values()))) or None
-        dtype = _dtype_name(next(iter(params.values())))
-        layer.params = convert_params(file.arrays, backend, dtype)
+        ops = get_ops(ops_for_array(next(iter(params.values()))))
+        # each array on its predecessor's backend, device and dtype
+        layer.params = {
+            name: ops.asarray(file.arrays[name], _dtype_name(params[name]), like=params[name]) for name in params
+        }
     else:
         layer._assign_params(file.arrays)
     return layer

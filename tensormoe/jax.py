@@ -30,7 +30,7 @@ Examples
 
 from __future__ import annotations
 
-import json
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,9 +44,6 @@ __all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "wrap"]
 _BACKEND = "jax"
 _load(_BACKEND)  # TensorLy's JAX backend, imported with jax_enable_x64 restored
 
-# configuration entries that do not change what the layer computes
-_NOT_STATIC = ("seed", "init_std")
-
 
 class _Static:
     """The functional layer as pytree aux data: equal (and hashed) by what it computes."""
@@ -55,8 +52,11 @@ class _Static:
 
     def __init__(self, layer: _layer.MMoE) -> None:
         self.layer = layer
-        config = {k: v for k, v in layer.config().items() if k not in _NOT_STATIC}
-        self.key = json.dumps(config, sort_keys=True)
+        # everything the forward depends on (routers with all their settings), not the seed
+        self.key = repr(
+            (type(layer).__name__, layer.in_dim, layer.out_dim, layer.factorization, layer.bias, layer.gate,
+             layer.gate_norm, layer.routers, layer.dtype, layer.optimize)
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Static) and self.key == other.key
@@ -155,9 +155,10 @@ class MMoE:
         """
         if not isinstance(layer, cls.core_class):
             raise TypeError(f"layer must be a {cls.core_class.__name__}; got {type(layer).__name__}")
-        with backend_context(_BACKEND):
-            copy = _layer.layer_from_config(layer.config())
-        return cls._make(copy, _layer.convert_params(layer.params, _BACKEND))
+        core = copy.copy(layer)  # configuration and routers shared, caches fresh (MMoE.__getstate__)
+        params = _layer.convert_params(layer.params, _BACKEND)
+        core.params = params
+        return cls._make(core, params)
 
     @classmethod
     def _make(cls, layer: _layer.MMoE, params: Mapping[str, Any]) -> MMoE:

@@ -28,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,10 +103,9 @@ class MMoE(nn.Module):
             raise TypeError(f"layer must be a {cls.core_class.__name__}; got {type(layer).__name__}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        with backend_context(_BACKEND):
-            copy = _layer.layer_from_config(layer.config())
-            copy.params = _layer.convert_params(layer.params, _BACKEND)
-        module._wrap(copy, device)
+        core = copy.copy(layer)  # configuration and routers shared, caches fresh (MMoE.__getstate__)
+        core.params = _layer.convert_params(layer.params, _BACKEND)
+        module._wrap(core, device)
         return module
 
     # -- forward ---------------------------------------------------------------------

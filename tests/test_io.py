@@ -21,6 +21,9 @@ CONFIGS = {
     "tucker": {"class": "TuckerMMoE", "in_dim": 6, "out_dim": 5, "expert_dims": [4], "ranks": [2, 3, 4]},
     "tt": {"class": "TTMMoE", "in_dim": 6, "out_dim": 5, "expert_dims": [4, 2, 2], "ranks": 2},
     "tr": {"class": "TRMMoE", "in_dim": 6, "out_dim": 5, "expert_dims": [4], "ranks": [2, 3, 2], "bias": False},
+    # routers with their own parameters (top-k noise weights) travel too
+    "cp-routed": {"class": "CPMMoE", "in_dim": 6, "out_dim": 5, "expert_dims": [4, 3], "rank": 3,
+                  "router": ["top2", "softmax"]},
 }
 
 
@@ -77,7 +80,7 @@ def test_save_on_any_backend_load_on_any_other_bit_for_bit(tmp_path, kind):
 
 
 @pytest.mark.skipif("pytorch" not in BACKENDS, reason="PyTorch is not installed")
-@pytest.mark.parametrize("kind", ["cp", "tt"])
+@pytest.mark.parametrize("kind", ["cp", "tt", "cp-routed"])
 def test_trained_in_pytorch_serves_in_numpy_and_jax(tmp_path, kind):
     import torch
 
@@ -272,3 +275,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         io.save(make("tt", "numpy", seed=2), path)
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["w.npz"]
+
+
+def test_a_layer_with_router_objects_is_refused_and_routers_must_match(tmp_path):
+    from tensormoe.routers import TopKRouter
+
+    layer = tensormoe.CPMMoE(6, 5, [4], rank=2, router=TopKRouter(k=2, noise=None))
+    with pytest.raises(ValueError, match="config\\(\\) describes routers by name only"):
+        io.save(layer, tmp_path / "w.npz")
+    assert not (tmp_path / "w.npz").exists()
+    other = tmp_path / "routed.npz"
+    io.save(make("cp-routed", "numpy"), other)
+    with pytest.raises(ValueError, match=r"router=\['top2', 'softmax'\] \(the layer has None\)"):
+        io.load(make("cp", "numpy"), other)

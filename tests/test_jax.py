@@ -136,3 +136,16 @@ def test_vmap_and_wrap():
     np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(layer(2 * jnp.asarray(X))), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"params\['factor_0'\] has shape \(3, 3\); expected \(4, 3\)"):
         layer.replace({**layer.params, "factor_0": jnp.zeros((3, 3))})
+
+
+def test_router_objects_are_static_too():
+    """Layers built with Router objects (which config() cannot name) still go through jit."""
+    from tensormoe.routers import TopKRouter
+
+    layer = tmj.CPMMoE(6, 5, [4, 3], rank=3, router=[TopKRouter(k=2, noise=None), "softmax"])
+    x = jnp.asarray(X)
+    y = jax.jit(lambda layer, x: layer(x))(layer, x)
+    np.testing.assert_allclose(np.asarray(y), numpy_reference(layer, X), rtol=1e-5, atol=1e-6)
+    other = tmj.CPMMoE(6, 5, [4, 3], rank=3, router=[TopKRouter(k=2, noise=None), "softmax"], seed=1)
+    assert jax.tree_util.tree_structure(other) == jax.tree_util.tree_structure(layer)
+    assert jax.tree_util.tree_structure(LAYERS["cp"]()) != jax.tree_util.tree_structure(layer)

@@ -236,3 +236,15 @@ def test_cuda_constructor_device_bfloat16_and_compile():
     x = torch.randn(8, 6, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(module, fullgraph=True)
     torch.testing.assert_close(compiled(x), module(x), rtol=2e-2, atol=2e-2)
+
+
+def test_wrap_keeps_router_objects():
+    from tensormoe.routers import TopKRouter
+
+    with tensormoe.backend_context("numpy"):
+        core = tensormoe.CPMMoE(6, 5, [4], rank=3, router=TopKRouter(k=2, noise=None), seed=2)
+        x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+        expected = core(x)
+    module = tmt.wrap(core)
+    assert repr(module.layer.routers) == repr(core.routers)
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
