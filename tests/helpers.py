@@ -43,3 +43,16 @@ def rounding_tolerance(layer, params_np, x_np, coeffs_np, dtype="float32"):
     bound = opt_einsum.contract(f.forward_equation(), *operands)
     n_round = sum(f.dims) + sum(s for shape in f.param_shapes().values() for s in shape) + len(operands)
     return 2 * n_round * EPS[dtype] * bound + np.finfo(np.float64).tiny
+
+
+def exact_forward(layer, params, x, coefficients):
+    """The layer's output in float64 from the given (rounded) operands: TensorLy reconstruction + einsum."""
+    params64 = {k: to_numpy(v) for k, v in params.items()}
+    with tensormoe.backend_context("numpy"):
+        weight = layer.factorization.to_dense(params64)
+    x64 = to_numpy(x).reshape(-1, layer.in_dim)
+    if layer.bias:
+        x64 = np.concatenate([x64, np.ones((len(x64), 1))], axis=-1)
+    a64 = [to_numpy(a).reshape(len(x64), -1) for a in coefficients]
+    y = np.einsum(layer.factorization.dense_equation(), *a64, x64, weight)
+    return y.reshape(*x.shape[:-1], layer.out_dim)

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import opt_einsum
 import pytest
-from helpers import BACKENDS, to_numpy
+from helpers import BACKENDS, exact_forward, to_numpy
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
@@ -336,18 +336,6 @@ def random_gates(layer, seed):
     for h, n in enumerate(layer.expert_dims):
         params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
     return params
-
-
-def exact_forward(layer, params, x, coefficients):
-    """float64 reference from the given (rounded) operands: TensorLy reconstruction, then np.einsum."""
-    params64 = {k: to_numpy(v) for k, v in params.items()}
-    with tensormoe.backend_context("numpy"):
-        weight = layer.factorization.to_dense(params64)
-    x64 = to_numpy(x).reshape(-1, layer.in_dim)
-    if layer.bias:
-        x64 = np.concatenate([x64, np.ones((len(x64), 1))], axis=-1)
-    a64 = [to_numpy(a).reshape(len(x64), -1) for a in coefficients]
-    return np.einsum(layer.factorization.dense_equation(), *a64, x64, weight).reshape(*x.shape[:-1], layer.out_dim)
 
 
 def assert_close_to_exact(layer, params, x, coefficients, y):

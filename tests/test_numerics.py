@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import tensorly as tl
-from helpers import BACKENDS, to_numpy
+from helpers import BACKENDS, exact_forward, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,19 +55,6 @@ def reference_error(layer, params, x, coefficients):
     ``np.einsum`` that sums all prod(N) * I products of an output entry in one loop."""
     n = rounding_count(layer, path="dense") + math.prod(layer.expert_dims) * layer.factorization.dims[-2] + 4
     return forward_error_bound(layer, params, x, coefficients, dtype="float64", n=n)
-
-
-def exact_forward(layer, params, x, coefficients):
-    """The layer's output in float64 from the given (rounded) operands: TensorLy reconstruction + einsum."""
-    params64 = {k: to_numpy(v) for k, v in params.items()}
-    with tensormoe.backend_context("numpy"):
-        weight = layer.factorization.to_dense(params64)
-    x64 = to_numpy(x).reshape(-1, layer.in_dim)
-    if layer.bias:
-        x64 = np.concatenate([x64, np.ones((len(x64), 1))], axis=-1)
-    a64 = [to_numpy(a).reshape(len(x64), -1) for a in coefficients]
-    y = np.einsum(layer.factorization.dense_equation(), *a64, x64, weight)
-    return y.reshape(*x.shape[:-1], layer.out_dim)
 
 
 @pytest.mark.parametrize("name, dtype", BOUND_COMBOS)
