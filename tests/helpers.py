@@ -56,3 +56,13 @@ def exact_forward(layer, params, x, coefficients):
     a64 = [to_numpy(a).reshape(len(x64), -1) for a in coefficients]
     y = np.einsum(layer.factorization.dense_equation(), *a64, x64, weight)
     return y.reshape(*x.shape[:-1], layer.out_dim)
+
+
+def random_gates(layer, seed):
+    """The layer's parameters with random gate weights, so that the coefficients differ between rows."""
+    rng = np.random.default_rng(seed)
+    ops = get_ops()
+    params = dict(layer.params)
+    for h, n in enumerate(layer.expert_dims):
+        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
+    return params

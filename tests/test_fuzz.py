@@ -27,7 +27,7 @@ import math
 import numpy as np
 import opt_einsum
 import pytest
-from helpers import BACKENDS, exact_forward, to_numpy
+from helpers import BACKENDS, exact_forward, random_gates, to_numpy
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
@@ -328,14 +328,6 @@ def constructor_calls(draw):
     return kind, args, kwargs, expected
 
 
-def random_gates(layer, seed):
-    """The layer's parameters with random gate weights, so that coefficients differ between rows."""
-    ops = get_ops()
-    params = dict(layer.params)
-    rng = np.random.default_rng(seed)
-    for h, n in enumerate(layer.expert_dims):
-        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
-    return params
 
 
 def assert_close_to_exact(layer, params, x, coefficients, y):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, rounding_tolerance, to_numpy
+from helpers import BACKENDS, random_gates, rounding_tolerance, to_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,14 +54,6 @@ def build(cfg, dtype="float32"):
     )
 
 
-def random_gates(layer, seed):
-    """Non-zero gate weights, so that the coefficients differ between rows."""
-    rng = np.random.default_rng(seed)
-    ops = get_ops()
-    params = dict(layer.params)
-    for h, n in enumerate(layer.expert_dims):
-        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
-    return params
 
 
 @given(cfg=layer_configs())

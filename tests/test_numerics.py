@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import tensorly as tl
-from helpers import BACKENDS, exact_forward, to_numpy
+from helpers import BACKENDS, exact_forward, random_gates, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -113,13 +113,6 @@ def test_every_output_keeps_the_layer_dtype(gate):
 # -- NaN and Inf ------------------------------------------------------------------------------
 
 
-def random_gates(layer, seed):
-    ops = get_ops()
-    params = dict(layer.params)
-    rng = np.random.default_rng(seed)
-    for h, n in enumerate(layer.expert_dims):
-        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
-    return params
 
 
 @pytest.mark.parametrize(
