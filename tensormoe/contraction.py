@@ -2,11 +2,19 @@
 
 Every factorized forward is a single einsum over the input, the expert
 coefficients and the factors.  :func:`get_plan` searches its contraction path
-once with :func:`opt_einsum.contract_path`, compiles it into an
-:func:`opt_einsum.contract_expression` and caches both in a bounded LRU cache keyed
-by everything the plan depends on.  Calls then run the cached expression with
-``backend=`` given explicitly, so no framework re-plans an einsum per call
-(``np.einsum`` without a path, and ``torch.einsum``, both would).
+once with :func:`opt_einsum.contract_path`, lowers it to matrix products over
+views of the operands (:mod:`tensormoe.lowering`) and caches the result in a
+bounded LRU cache keyed by everything the plan depends on, so no framework
+re-plans an einsum per call (``np.einsum`` without a path, and
+``torch.einsum``, both would).
+
+Large contractions (at least :data:`SEARCH_FLOPS`) get a wider search: every
+contraction order close to the fewest FLOPs (all orders up to six operands, the
+orders of opt_einsum's ``"greedy"`` and ``"dp"`` otherwise) is lowered, ranked
+by FLOPs plus memory traffic, and on the first eager NumPy or PyTorch call the
+best few are timed once on the real operands and the fastest is kept (like
+cuDNN's benchmark mode).  Every candidate computes the same contraction; they
+differ only in rounding.
 """
 
 from __future__ import annotations
@@ -17,8 +25,12 @@ import importlib.util
 import threading
 from typing import Any
 
+import time
+
 import numpy as np
 import opt_einsum
+
+from . import lowering
 
 from .backend import _normalise
 from .validation import as_list, describe, is_int
@@ -49,6 +61,18 @@ True
 
 _MAX_PLANS = 512
 
+SEARCH_FLOPS = 1_000_000
+"""Contractions of at least this many FLOPs get the wide search and the timing.
+
+Examples
+--------
+>>> get_plan("bi,io->bo", (2, 3), (3, 4)).flops < SEARCH_FLOPS
+True
+"""
+
+_TUNE_CANDIDATES = 4
+_TUNE_REPEATS = 3
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -69,8 +93,12 @@ class Plan:
         Elements of the largest intermediate array.
     optimize : str
         The path optimizer that produced the path.
+    candidates : tuple of tensormoe.lowering.Program
+        The lowered programs, best first by the cost model; ``program`` is
+        the one that runs.
     expression : opt_einsum.contract.ContractExpression
-        The compiled expression; call it with the operands.
+        opt_einsum's compiled expression of the path (used only where no
+        lowered program exists).
 
     Examples
     --------
@@ -85,7 +113,62 @@ class Plan:
     flops: int
     largest_intermediate: int
     optimize: str
+    candidates: tuple = dataclasses.field(repr=False, compare=False)
     expression: Any = dataclasses.field(repr=False, compare=False)
+    _chosen: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def program(self) -> lowering.Program | None:
+        """The lowered program that runs: the fastest timed candidate once tuned, else the model's best.
+
+        Examples
+        --------
+        >>> get_plan("bi,io->bo", (2, 3), (3, 4)).program.copied
+        0
+        """
+        return self._chosen.get("program", self.candidates[0] if self.candidates else None)
+
+    @property
+    def tuned(self) -> bool:
+        """Whether the candidates have been timed (or there was nothing to choose).
+
+        Examples
+        --------
+        >>> get_plan("bi,io->bo", (2, 3), (3, 4)).tuned
+        True
+        """
+        return "program" in self._chosen or len(self.candidates) <= 1
+
+    def tune(self, *operands: Any, backend: str, sync: Any = None) -> lowering.Program | None:
+        """Time each candidate program once on ``operands`` and keep the fastest (first call only).
+
+        ``sync`` is called after each run (a device synchronisation on CUDA).
+        Thread-safe enough: two threads tuning at once each keep a valid program.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> plan = get_plan("bi,io->bo", (2, 3), (3, 4))
+        >>> plan.tune(np.ones((2, 3)), np.ones((3, 4)), backend="numpy") is plan.program
+        True
+        """
+        if self.tuned:
+            return self.program
+        name = _einsum_backend(backend)
+        best = None
+        for program in self.candidates[:_TUNE_CANDIDATES]:
+            elapsed = []
+            for _ in range(_TUNE_REPEATS + 1):
+                start = time.perf_counter()
+                program(*operands, backend=name)
+                if sync is not None:
+                    sync()
+                elapsed.append(time.perf_counter() - start)
+            seconds = min(elapsed[1:])
+            if best is None or seconds < best[0]:
+                best = (seconds, program)
+        self._chosen["program"] = best[1]
+        return best[1]
 
     def __call__(self, *operands: Any, backend: str) -> Any:
         """Contract ``operands`` (of the planned shapes) on ``backend``.
@@ -108,7 +191,10 @@ class Plan:
                     f"operands[{k}] has shape {got}; expected {shape}, the shape the plan was made for "
                     "(get a plan for these shapes with get_plan)"
                 )
-        return self.expression(*operands, backend=_einsum_backend(backend))
+        program = self.program
+        if program is None:
+            return self.expression(*operands, backend=_einsum_backend(backend))
+        return program(*operands, backend=_einsum_backend(backend))
 
 
 class _Cache:
@@ -217,6 +303,14 @@ def get_plan(
             f"equation={equation!r} with shapes {list(shapes)} is not a valid contraction (opt_einsum: {err}); "
             "expected an einsum equation over these operands"
         ) from err
+    if optimize == "auto" and len(shapes) > 2:
+        # opt_einsum's "auto" is greedy beyond four operands and misses cheaper orders of
+        # hierarchical layers; the dynamic programme finds them (once per plan)
+        for other in ("greedy", "dp"):
+            other_path, other_info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=other)
+            if other_info.opt_cost < info.opt_cost:
+                path, info = other_path, other_info
+                expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
     plan = Plan(
         equation=equation,
         shapes=shapes,
@@ -224,6 +318,7 @@ def get_plan(
         flops=int(info.opt_cost),
         largest_intermediate=int(info.largest_intermediate),
         optimize=optimize,
+        candidates=tuple(_candidates(equation, shapes, path, optimize, int(info.opt_cost))),
         expression=expression,
     )
     with _cache.lock:
@@ -232,6 +327,18 @@ def get_plan(
         while len(_cache.data) > _cache.maxsize:
             _cache.data.popitem(last=False)
     return plan
+
+
+def _candidates(equation: str, shapes: tuple, path: list, optimize: str, flops: int) -> list[lowering.Program]:
+    """The lowered programs of a plan: the optimizer's order, widened for large contractions."""
+    if any("." in term for term in equation.split("->")[0].split(",")) or "->" not in equation:
+        return []
+    if flops < SEARCH_FLOPS:
+        return lowering.candidates(equation, shapes, [path], exhaustive=False, limit=1)
+    seeds = [path]
+    if optimize == "auto":
+        seeds += [opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=o)[0] for o in ("greedy", "dp")]
+    return lowering.candidates(equation, shapes, seeds, exhaustive=optimize == "auto", limit=_TUNE_CANDIDATES)
 
 
 def contract(equation: str, *operands: Any, backend: str, dtype: str, optimize: str = "auto") -> Any:

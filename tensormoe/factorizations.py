@@ -203,6 +203,13 @@ class Factorization:
         >>> CP([8, 5, 6], rank=3, n_expert_modes=1).routed_equation([True])
         'ah,ac,ahe,ce,de->ad'
         """
+        key = tuple(bool(s) for s in sparse)
+        cache = self.__dict__.setdefault("_equations", {})
+        if key not in cache:
+            cache[key] = self._routed_equation(sparse)
+        return cache[key]
+
+    def _routed_equation(self, sparse: Sequence[bool]) -> str:
         b = self.batch_symbol
         selected = self._sparse_letters(sparse)
         terms = [b + selected.get(self.mode_symbol(h), self.mode_symbol(h)) for h in range(self.n_expert_modes)]

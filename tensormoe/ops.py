@@ -76,7 +76,9 @@ class Ops:
         >>> get_ops("numpy").dtype_name(np.zeros(2, dtype="float32"))
         'float32'
         """
-        return str(x.dtype).replace("torch.", "")
+        dtype = x.dtype
+        name = getattr(dtype, "name", None)  # NumPy and JAX dtypes
+        return name if isinstance(name, str) else str(dtype).replace("torch.", "")
 
     def asarray(self, x: Any, dtype: str | None = None, like: Any = None) -> Any:
         """An array of this backend from ``x`` (any array or nested list).
@@ -492,7 +494,13 @@ class Ops:
             dtype=self.dtype_name(operands[-1]),
             optimize=optimize,
         )
+        if not plan.tuned and all(self.is_concrete(o) for o in operands):
+            self._tune(plan, operands)
         return plan(*operands, backend=self.einsum_backend)
+
+    def _tune(self, plan: Any, operands: list[Any]) -> None:
+        """Time the plan's candidate programs once on these operands (eager backends only)."""
+        plan.tune(*operands, backend=self.einsum_backend)
 
 
 class NumpyOps(Ops):
@@ -621,6 +629,11 @@ class TorchOps(Ops):
         # torch.einsum, which plans its path with opt_einsum once, when tracing.
         return self._torch.einsum(equation, *operands)
 
+    def _tune(self, plan: Any, operands: list[Any]) -> None:
+        cuda = operands[0].is_cuda
+        with self._torch.no_grad():
+            plan.tune(*operands, backend=self.einsum_backend, sync=self._torch.cuda.synchronize if cuda else None)
+
     def device(self, x: Any) -> Any:
         return x.device
 
@@ -684,6 +697,11 @@ class JaxOps(Ops):
 
     def is_tracer(self, x: Any) -> bool:
         return isinstance(x, self._jax.core.Tracer)
+
+    def _tune(self, plan: Any, operands: list[Any]) -> None:
+        # XLA lays out and fuses the jitted program itself; eager timings would mostly
+        # measure per-primitive compilation, so JAX keeps the cost model's choice
+        return None
 
     def compile(self, fn: Any) -> Any:
         # eager JAX compiles every primitive for every new shape; one jit per

@@ -1,0 +1,352 @@
+"""Contraction paths lowered to matrix products: the code a hand-written forward would run.
+
+opt_einsum chooses *which* pairs to contract; how each pair is then executed
+decides the time.  A generic pairwise contraction (``tensordot``) transposes
+its operands into a standard layout, copying parameter tensors on every call.
+:func:`lower` turns a path into a :class:`Program`: per step, it groups the
+indices into batch, kept-left, contracted and kept-right, orders each group
+the way the operands already lie in memory, and so reaches a single
+``matmul`` (or a broadcast multiply when nothing is summed) over *views* of
+its operands.  A copy is made only where no ordering makes the operand a
+view; :attr:`Program.copied` counts those elements, and :func:`candidates`
+searches contraction orders (and operand roles) for programs with few FLOPs
+*and* few copies.
+
+A program runs on any backend whose arrays have ``reshape``, ``@`` and ``*``
+(NumPy, PyTorch, JAX): it is plain array code, so ``jax.jit`` traces it and
+``torch.autograd`` differentiates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Sequence
+
+__all__ = ["Program", "candidates", "lower"]
+
+# A copied element is charged this many FLOPs when ranking programs: a strided
+# copy moves memory at a few elements per nanosecond while a GEMM does tens of
+# FLOPs per nanosecond per core.
+COPY_COST = 16
+
+# Contraction orders are enumerated exhaustively up to this many operands
+# (5 operands: 180 orders, 6: 2,700).
+EXHAUSTIVE_OPERANDS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One pairwise contraction of the lowered program (internal)."""
+
+    i: int  # positions of the two operands in the current operand list
+    j: int
+    kind: str  # "matmul" | "mul" | "einsum"
+    a_perm: tuple[int, ...] | None  # a permutation that makes operand i match the layout (a copy), or None
+    a_shape: tuple[int, ...]  # the view shape
+    a_swap: bool  # swap the last two axes of the view (a transposed view)
+    b_perm: tuple[int, ...] | None
+    b_shape: tuple[int, ...]
+    b_swap: bool
+    out_shape: tuple[int, ...]
+    einsum: str = ""  # the step's equation, for kind == "einsum"
+
+
+def _permute(x: Any, perm: tuple[int, ...], backend: str) -> Any:
+    return x.permute(perm) if backend == "torch" else x.transpose(perm)
+
+
+def _swap(x: Any, backend: str) -> Any:
+    return x.transpose(-1, -2) if backend == "torch" else x.swapaxes(-1, -2)
+
+
+def _einsum(backend: str) -> Any:
+    if backend == "torch":
+        import torch
+
+        return torch.einsum
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.einsum
+    import numpy as np
+
+    return np.einsum
+
+
+def _operand(x: Any, perm: tuple[int, ...] | None, shape: tuple[int, ...], swap: bool, backend: str) -> Any:
+    if perm is not None:
+        x = _permute(x, perm, backend)
+    x = x.reshape(shape)
+    return _swap(x, backend) if swap else x
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A contraction path lowered to reshapes, views and matrix products.
+
+    Attributes
+    ----------
+    path : tuple of tuple of int
+        The pairwise contraction order (opt_einsum's format).
+    flops : int
+        FLOPs of the matrix products and multiplies (a multiply-add counts two).
+    copied : int
+        Elements the program copies per call to bring operands into a layout
+        a matrix product can read (zero when every operand is used as a view).
+    written : int
+        Elements of the intermediate arrays the steps write.
+    cost : float
+        ``flops + COPY_COST * (copied + written)``: the model used to rank
+        programs (memory traffic is charged, not only arithmetic).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = lower("bi,io,on->bn", [(2, 3), (3, 4), (4, 5)], [(0, 1), (0, 1)])
+    >>> p.copied
+    0
+    >>> x, u, v = np.ones((2, 3)), np.ones((3, 4)), np.ones((4, 5))
+    >>> bool(np.allclose(p(x, u, v, backend="numpy"), x @ u @ v))
+    True
+    """
+
+    path: tuple[tuple[int, ...], ...]
+    flops: int
+    copied: int
+
+    written: int = 0
+    steps: tuple[_Step, ...] = dataclasses.field(repr=False, default=())
+    final_perm: tuple[int, ...] | None = dataclasses.field(repr=False, default=None)
+
+    @property
+    def cost(self) -> float:
+        return self.flops + COPY_COST * (self.copied + self.written)
+
+    def __call__(self, *operands: Any, backend: str) -> Any:
+        """Run the program on ``operands`` (arrays of ``backend``: ``"numpy"``, ``"torch"`` or ``"jax"``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> lower("ij,jk->ki", [(2, 3), (3, 4)], [(0, 1)])(np.ones((2, 3)), np.ones((3, 4)), backend="numpy").shape
+        (4, 2)
+        """
+        stack = list(operands)
+        for step in self.steps:
+            a, b = stack[step.i], stack[step.j]
+            for k in sorted((step.i, step.j), reverse=True):
+                del stack[k]
+            if step.kind == "einsum":
+                out = _einsum(backend)(step.einsum, a, b)
+            else:
+                a = _operand(a, step.a_perm, step.a_shape, step.a_swap, backend)
+                b = _operand(b, step.b_perm, step.b_shape, step.b_swap, backend)
+                out = a @ b if step.kind == "matmul" else a * b
+                out = out.reshape(step.out_shape)
+            stack.append(out)
+        out = stack[0]
+        if self.final_perm is not None:
+            out = _permute(out, self.final_perm, backend)
+        return out
+
+
+def _layout(
+    terms: str, shape: tuple[int, ...], groups: Sequence[Sequence[str]], sizes: dict[str, int]
+) -> tuple[tuple[int, ...] | None, tuple[int, ...], bool, int]:
+    """How to view an operand with indices ``terms`` as ``[batch, rows, cols]`` given by three index groups.
+
+    ``groups`` is ``(batch, rows, cols)``; the operand is a view when its indices
+    already lie as ``batch + rows + cols`` or ``batch + cols + rows`` (then the
+    last two axes are swapped, a transposed view).  Otherwise it is permuted
+    (copied).  Returns ``(perm or None, view shape, swap, copied elements)``.
+    """
+    batch, rows, cols = groups
+    size = lambda g: math.prod(sizes[c] for c in g)  # noqa: E731
+    shape3 = ((size(batch),) if batch else ()) + (size(rows), size(cols))
+    # axes of size one may sit anywhere: a reshape moves them without copying
+    wide = lambda g: "".join(c for c in g if sizes[c] != 1)  # noqa: E731
+    if wide(terms) == wide(batch) + wide(rows) + wide(cols):
+        return None, shape3, False, 0
+    if wide(terms) == wide(batch) + wide(cols) + wide(rows):
+        return None, ((size(batch),) if batch else ()) + (size(cols), size(rows)), True, 0
+    perm = tuple(terms.index(c) for c in (*batch, *rows, *cols))
+    return perm, shape3, False, math.prod(shape)
+
+
+def _ordered(letters: set[str], *orders: str) -> list[str]:
+    """``letters`` in the order of their first appearance in ``orders``."""
+    seen: list[str] = []
+    for order in orders:
+        for c in order:
+            if c in letters and c not in seen:
+                seen.append(c)
+    return seen
+
+
+def _lower_step(
+    ta: str, tb: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], keep: set[str], sizes: dict[str, int]
+) -> tuple[str, str, str, tuple, tuple, int, int, str]:
+    """Lower the contraction of terms ``ta``, ``tb`` (keeping ``keep``) to a matmul or multiply.
+
+    Returns ``(kind, out_terms, _, a_layout, b_layout, flops, copied, einsum)``.
+    """
+    sa, sb = set(ta), set(tb)
+    out_letters = (sa | sb) & keep
+    if len(sa) != len(ta) or len(sb) != len(tb) or (sa - sb - keep) or (sb - sa - keep):
+        # repeated indices or an index summed within one operand: a plain einsum step
+        out = "".join(_ordered(out_letters, ta, tb))
+        flops = 2 * math.prod(sizes[c] for c in sa | sb)
+        return "einsum", out, "", (), (), flops, 0, f"{ta},{tb}->{out}"
+    shared = sa & sb
+    contracted = shared - keep
+    best = None
+    # the shared groups must have one order in both operands: try each operand's order
+    for first in (ta, tb):
+        batch = _ordered(shared & keep, first)
+        cols = _ordered(contracted, first)
+        left = _ordered(sa - sb, ta)
+        right = _ordered(sb - sa, tb)
+        if contracted:
+            la = _layout(ta, shape_a, (batch, left, cols), sizes)
+            lb = _layout(tb, shape_b, (batch, cols, right), sizes)
+            kind = "matmul"
+        else:  # nothing summed: a broadcast multiply of [batch, left, 1] and [batch, 1, right]
+            la = _layout(ta, shape_a, (batch, left, []), sizes)
+            lb = _layout(tb, shape_b, (batch, [], right), sizes)
+            kind = "mul"
+        copied = la[3] + lb[3]
+        if best is None or copied < best[6]:
+            out = "".join(batch + left + right)
+            k = math.prod(sizes[c] for c in cols) if contracted else 1
+            flops = (2 if contracted else 1) * math.prod(sizes[c] for c in out) * k
+            best = (kind, out, "", la, lb, flops, copied, "")
+    return best
+
+
+def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]]) -> Program:
+    """Lower ``path`` (opt_einsum's format) for ``equation`` over ``shapes`` to a :class:`Program`.
+
+    Every path step must contract exactly two operands.
+
+    Examples
+    --------
+    ``x @ U`` (2*4*3*2 FLOPs), then a row-wise dot product with ``v`` (2*4*2):
+
+    >>> lower("bi,ir,br->b", [(4, 3), (3, 2), (4, 2)], [(0, 1), (0, 1)]).flops
+    64
+    """
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    sizes = {c: d for t, s in zip(terms, shapes) for c, d in zip(t, s)}
+    current = list(terms)
+    current_shapes = [tuple(s) for s in shapes]
+    steps = []
+    flops = copied = written = 0
+    for pair in path:
+        if len(pair) != 2:
+            raise ValueError(f"path step {tuple(pair)} contracts {len(pair)} operands; lower() takes pairs")
+        i, j = pair
+        rest = [t for k, t in enumerate(current) if k not in (i, j)]
+        keep = set(output).union(*rest) if rest else set(output)
+        kind, out, _, la, lb, f, c, eq = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j],
+                                                      keep, sizes)
+        out_shape = tuple(sizes[ch] for ch in out)
+        if kind == "einsum":
+            steps.append(_Step(i, j, kind, None, (), False, None, (), False, out_shape, eq))
+        else:
+            steps.append(_Step(i, j, kind, la[0], la[1], la[2], lb[0], lb[1], lb[2], out_shape))
+        flops += f
+        copied += c
+        if len(current) > 2:  # the last step writes the result, which every program writes
+            written += math.prod(out_shape)
+        for k in sorted((i, j), reverse=True):
+            del current[k]
+            del current_shapes[k]
+        current.append(out)
+        current_shapes.append(out_shape)
+    if len(current) != 1:
+        raise ValueError(f"path {list(path)} leaves {len(current)} operands; expected one")
+    final = current[0]
+    if set(final) != set(output) or len(final) != len(output):
+        raise ValueError(f"path {list(path)} does not produce the output {output!r} of {equation!r}")
+    perm = None if final == output else tuple(final.index(c) for c in output)
+    return Program(path=tuple(tuple(p) for p in path), flops=flops, copied=copied, written=written, steps=tuple(steps),
+                   final_perm=perm)
+
+
+def _all_paths(n: int) -> Any:
+    """Every pairwise contraction order of ``n`` operands (opt_einsum's path format)."""
+    if n <= 1:
+        yield ()
+        return
+    for pair in itertools.combinations(range(n), 2):
+        for rest in _all_paths(n - 1):
+            yield (pair, *rest)
+
+
+def _swapped(path: Sequence[Sequence[int]], flips: Sequence[bool]) -> tuple[tuple[int, ...], ...]:
+    """``path`` with the operand roles of the steps marked in ``flips`` exchanged."""
+    return tuple((j, i) if flip else (i, j) for (i, j), flip in zip(path, flips))
+
+
+def _order_flops(terms: Sequence[str], output: str, sizes: dict[str, int], order: Sequence[Sequence[int]]) -> int:
+    """FLOPs of the pairwise contraction ``order`` (a cheap count, before lowering)."""
+    current = list(terms)
+    total = 0
+    for i, j in order:
+        rest = [t for k, t in enumerate(current) if k not in (i, j)]
+        keep = set(output).union(*rest)
+        union = set(current[i]) | set(current[j])
+        out = "".join(sorted(union & keep))
+        total += (2 if union - keep else 1) * math.prod(sizes[c] for c in union)
+        for k in sorted((i, j), reverse=True):
+            del current[k]
+        current.append(out)
+    return total
+
+
+def candidates(
+    equation: str, shapes: Sequence[Sequence[int]], paths: Sequence[Sequence[Sequence[int]]], *, slack: float = 1.25,
+    limit: int = 4, exhaustive: bool = True,
+) -> list[Program]:
+    """The cheapest programs (by :attr:`Program.cost`) for ``equation``, best first.
+
+    ``paths`` are seed contraction orders (from opt_einsum's optimizers); with
+    ``exhaustive`` and at most ``EXHAUSTIVE_OPERANDS`` operands every order is
+    considered as well.  Orders whose FLOPs exceed ``slack`` times the least are
+    dropped; each kept order is lowered with every assignment of operand roles
+    (which side of each matrix product an operand takes decides the layout of
+    what follows).
+
+    Examples
+    --------
+    Two rows through two matrices: multiplying the rows first is the cheap order.
+
+    >>> best = candidates("bi,io,on->bn", [(2, 30), (30, 40), (40, 5)], [[(1, 2), (0, 1)]])[0]
+    >>> best.path, best.flops, best.copied
+    (((0, 1), (0, 1)), 5600, 0)
+    """
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    sizes = {c: d for t, s in zip(terms, shapes) for c, d in zip(t, s)}
+    orders = {tuple(tuple(p) for p in path) for path in paths if all(len(p) == 2 for p in path)}
+    if exhaustive and len(shapes) <= EXHAUSTIVE_OPERANDS:
+        orders.update(_all_paths(len(shapes)))
+    if not orders:
+        return []
+    counted = {order: _order_flops(terms, output, sizes, order) for order in orders}
+    least = min(counted.values())
+    kept = sorted((o for o, f in counted.items() if f <= slack * least), key=lambda o: (counted[o], o))
+    programs = {}
+    for order in kept[: 8 * limit]:
+        steps = len(order)
+        flips = itertools.product((False, True), repeat=steps) if steps <= 6 else [(False,) * steps]
+        for flip in flips:
+            variant = lower(equation, shapes, _swapped(order, flip))
+            key = tuple((s.kind, s.a_perm, s.a_shape, s.a_swap, s.b_perm, s.b_shape, s.b_swap) for s in variant.steps)
+            if key not in programs or variant.cost < programs[key].cost:
+                programs[key] = variant
+    ranked = sorted(programs.values(), key=lambda p: (p.cost, p.flops, p.path))
+    return ranked[:limit]
