@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--save", default=None, help="folder for the NumPy backend's weights file (default: temp)")
     parser.add_argument("--threads", type=int, default=1,
                         help="PyTorch CPU threads (default 1: this model is too small to gain from more)")
+    parser.add_argument("--gate-rank", type=int, default=None,
+                        help="low-rank gate of this rank (gate_rank=); the CP rank stays the one matched with "
+                             "full gates, so the MMoE has fewer parameters (default: full gate)")
     parser.add_argument("--quick", action="store_true", help="3 epochs: a smoke run of a few seconds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     args = parser.parse_args(argv)
@@ -351,6 +354,8 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         data = load_data(seed)
         budget = data.x_train.shape[1] * HIDDEN + HIDDEN  # the linear hidden layer's parameters
         config = mmoe_config(data.x_train.shape[1], HIDDEN, args.experts, seed)
+        if getattr(args, "gate_rank", None) is not None:
+            config["gate_rank"] = args.gate_rank
         for kind in ("mmoe", "linear"):
             trained = TRAINERS[backend](kind, data, config, argparse.Namespace(**{**vars(args), "seed": seed}))
             row = {"accuracy": float((trained.logits(data.x_test).argmax(1) == data.y_test).mean()),
@@ -375,11 +380,12 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         hidden_mmoe = results["mmoe"]["params"][0] - (HIDDEN * CLASSES + CLASSES)
         print(f"backend {backend}, {args.epochs} epochs, {len(data.x_train)} train / {len(data.x_test)} test "
               f"images, {args.repeats} seed(s) from {args.seed}")
-        print(f"{'hidden layer':<34}{'params (hidden)':>16}{'params (all)':>14}{'test accuracy':>22}{'train s':>9}")
-        rows = [(f"CP MMoE, {args.experts} experts, rank {config['rank']}", hidden_mmoe, results["mmoe"]),
+        print(f"{'hidden layer':<48}{'params (hidden)':>16}{'params (all)':>14}{'test accuracy':>22}{'train s':>9}")
+        gate = "" if config.get("gate_rank") is None else f", gate rank {config['gate_rank']}"
+        rows = [(f"CP MMoE, {args.experts} experts, rank {config['rank']}{gate}", hidden_mmoe, results["mmoe"]),
                 ("linear 64 -> 64", budget, results["linear"])]
         for name, hidden_params, r in rows:
-            print(f"{name:<34}{hidden_params:>16}{r['params'][0]:>14}{mean(r['accuracy']):>22}"
+            print(f"{name:<48}{hidden_params:>16}{r['params'][0]:>14}{mean(r['accuracy']):>22}"
                   f"{np.mean(r['seconds']):>9.1f}")
         print(f"experts used: {mean(results['mmoe']['used'], 1)} of {args.experts}; specialisation (mean over "
               f"used experts of the top class's share; 0.1 = none, 1 = one class each): "

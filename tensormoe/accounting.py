@@ -4,11 +4,14 @@ Every number here is derived from the objects that run the layer, never from a
 hand formula that could drift from them:
 
 * parameter counts come from :meth:`Factorization.param_shapes` (factors and
-  Tucker core) and the gate shapes ``[in_dim, N_h]``;
+  Tucker core) and the gate shapes of the dense router
+  (:meth:`tensormoe.routers.Router.param_shapes`): ``[in_dim, N_h]``, or with
+  ``gate_rank=r`` the two factors ``[in_dim, r]`` and ``[r, N_h]``;
 * the FLOPs and the largest intermediate of the forward contraction come from
   the opt_einsum plan the layer runs (:func:`tensormoe.contraction.get_plan`),
   where a multiply-add counts two and an elementwise product one;
-* the gates' matrix products ``x @ G_h`` are planned the same way and counted
+* the gates' matrix products ``x @ G_h`` (``(x @ G_down_h) @ G_up_h`` when
+  low-rank: ``2 B r (in_dim + N_h)``) are planned the same way and counted
   **separately** (``gate_flops``); their normalisation and activation
   (``O(B N_h log N_h)`` for the sort in entmax) are not counted;
 * a plain ``in_dim x out_dim`` linear layer is counted the way the MMoE layer
@@ -71,14 +74,16 @@ class Cost:
         How many of ``factor_params`` hold the bias row ``W[..., in_dim, :]``
         (0 without a bias).
     gate_params : int
-        Scalars in the gates ``G_h[in_dim, N_h]`` (0 when not counted).
+        Scalars in the gates ``G_h[in_dim, N_h]``, or their low-rank factors
+        (0 when not counted).
     dense_params : int
         Entries of the dense tensor ``W`` the factors stand for.
     forward_flops : int
         FLOPs of the planned factorized contraction for ``batch_size`` rows,
         gates excluded.
     gate_flops : int
-        FLOPs of the gates' products ``x @ G_h`` for ``batch_size`` rows.
+        FLOPs of the gates' products ``x @ G_h`` (or ``(x @ G_down_h) @ G_up_h``)
+        for ``batch_size`` rows.
     peak_intermediate : int
         Elements of the largest array the planned contraction creates (the
         output included), for ``batch_size`` rows.
@@ -288,30 +293,54 @@ def bias_params(factorization: Factorization) -> int:
     return sum(math.prod(shapes[name]) // size for name, letters in network.items() if letter in letters)
 
 
-def gate_params(in_dim: int, expert_dims: int | Sequence[int]) -> int:
+def _gate_shapes(in_dim: int, expert_dims: int | Sequence[int], gate_rank: int | None) -> list[list[tuple[int, int]]]:
+    """The gate matrices of every level, in the order ``x`` meets them (the dense router's shapes)."""
+    from .routers import DenseRouter
+
+    in_dim = check_positive_int(in_dim, "in_dim")
+    rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
+    router = DenseRouter(rank=rank)
+    return [list(router.param_shapes(in_dim, n).values()) for n in _expert_dims(expert_dims)]
+
+
+def gate_params(in_dim: int, expert_dims: int | Sequence[int], gate_rank: int | None = None) -> int:
     """Scalars in the gates ``G_h[in_dim, N_h]`` of every level.
+
+    With ``gate_rank=r`` a level whose ``r < min(in_dim, N_h)`` holds the factors
+    ``[in_dim, r]`` and ``[r, N_h]`` instead (the layers' ``gate_rank``).
 
     Examples
     --------
     >>> gate_params(768, [64])
     49152
+    >>> gate_params(768, [1024, 1024], gate_rank=32) == 2 * 32 * (768 + 1024)
+    True
     """
-    return check_positive_int(in_dim, "in_dim") * sum(_expert_dims(expert_dims))
+    return sum(math.prod(shape) for level in _gate_shapes(in_dim, expert_dims, gate_rank) for shape in level)
 
 
-def gate_flops(in_dim: int, expert_dims: int | Sequence[int], batch_size: int = 1) -> int:
+def gate_flops(in_dim: int, expert_dims: int | Sequence[int], batch_size: int = 1, gate_rank: int | None = None) -> int:
     """FLOPs of the gates' products ``x @ G_h`` over every level (planned like the forward).
 
-    The normalisation and the activation of the logits are not counted.
+    With ``gate_rank=r``, low-rank levels cost the two products
+    ``(x @ G_down_h) @ G_up_h``: ``2 B r (in_dim + N_h)``.  The normalisation and
+    the activation of the logits are not counted.
 
     Examples
     --------
     >>> gate_flops(768, [64], batch_size=2) == 2 * 2 * 768 * 64
     True
+    >>> gate_flops(768, [1024], batch_size=2, gate_rank=32) == 2 * 2 * 32 * (768 + 1024)
+    True
     """
-    in_dim = check_positive_int(in_dim, "in_dim")
     batch_size = check_positive_int(batch_size, "batch_size")
-    return sum(get_plan("bi,in->bn", (batch_size, in_dim), (in_dim, n)).flops for n in _expert_dims(expert_dims))
+    flops = 0
+    for level in _gate_shapes(in_dim, expert_dims, gate_rank):
+        rows = (batch_size, level[0][0])
+        for shape in level:  # x @ G, or (x @ G_down) @ G_up
+            flops += get_plan("bi,in->bn", rows, shape).flops
+            rows = (batch_size, shape[1])
+    return flops
 
 
 def linear_params(in_dim: int, out_dim: int, bias: bool = True) -> int:
@@ -350,6 +379,7 @@ def factorization_cost(
     backend: str = "numpy",
     dtype: str = "float32",
     optimize: str = "auto",
+    gate_rank: int | None = None,
 ) -> Cost:
     """The :class:`Cost` of a layer whose weight tensor has ``factorization``.
 
@@ -367,6 +397,8 @@ def factorization_cost(
     backend, dtype, optimize : str
         The plan's key (the same as the layer's); the path and its cost depend
         only on the shapes and the optimizer.
+    gate_rank : int, optional
+        The layer's ``gate_rank``: count low-rank gates.
 
     Examples
     --------
@@ -399,10 +431,10 @@ def factorization_cost(
         batch_size=batch_size,
         factor_params=factorization.n_params(),
         bias_params=bias_params(factorization) if bias else 0,
-        gate_params=gate_params(in_dim, experts) if count_gates else 0,
+        gate_params=gate_params(in_dim, experts, gate_rank) if count_gates else 0,
         dense_params=math.prod(factorization.dims),
         forward_flops=plan.flops,
-        gate_flops=gate_flops(in_dim, experts, batch_size) if count_gates else 0,
+        gate_flops=gate_flops(in_dim, experts, batch_size, gate_rank) if count_gates else 0,
         peak_intermediate=plan.largest_intermediate,
         dense_flops=dense.flops,
         linear_params=linear_params(in_dim, out_dim, bias),
@@ -422,6 +454,7 @@ def cost(
     bias: bool = True,
     count_gates: bool = True,
     optimize: str = "auto",
+    gate_rank: int | None = None,
 ) -> Cost:
     """The :class:`Cost` of a layer given by its configuration, without building it.
 
@@ -439,6 +472,8 @@ def cost(
     count_gates : bool
     optimize : str
         opt_einsum path optimizer.
+    gate_rank : int, optional
+        Rank of low-rank gates (the layers' ``gate_rank``); default full gates.
 
     Examples
     --------
@@ -447,6 +482,15 @@ def cost(
     (917760, True)
     >>> round(c.forward_flops / c.linear_flops, 2)
     1.55
+
+    Most of the million-expert layer's FLOPs are in its two ``768 x 1024``
+    gates; low-rank gates cut them:
+
+    >>> round(c.flops / c.linear_flops, 2), round(cost("cp", 768, 768, [1024, 1024], 256, batch_size=64,
+    ...     gate_rank=64).flops / c.linear_flops, 2)
+    (4.22, 1.94)
     """
     factorization = make_factorization(kind, in_dim, out_dim, expert_dims, ranks, bias=bias)
-    return factorization_cost(factorization, batch_size, bias=bias, count_gates=count_gates, optimize=optimize)
+    return factorization_cost(
+        factorization, batch_size, bias=bias, count_gates=count_gates, optimize=optimize, gate_rank=gate_rank
+    )

@@ -74,7 +74,10 @@ Examples
 _HEADER = "__tensormoe__"
 # configuration entries that must agree between a file and the layer it is loaded into
 # (the rest - seed, init_std, dtype, optimize - do not change what the weights compute)
-_MUST_MATCH = ("class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm", "router")
+# (a file written before gate_rank existed has no entry: .get gives None, the full gates it holds)
+_MUST_MATCH = (
+    "class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm", "router", "gate_rank"
+)
 _FLOAT_KINDS = ("float16", "float32", "float64")
 _MAX_HEADER_BYTES = 1 << 20
 

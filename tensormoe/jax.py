@@ -55,7 +55,7 @@ class _Static:
         # everything the forward depends on (routers with all their settings), not the seed
         self.key = repr(
             (type(layer).__name__, layer.in_dim, layer.out_dim, layer.factorization, layer.bias, layer.gate,
-             layer.gate_norm, layer.routers, layer.dtype, layer.optimize)
+             layer.gate_norm, layer.gate_rank, layer.routers, layer.dtype, layer.optimize)
         )
 
     def __eq__(self, other: object) -> bool:

@@ -142,6 +142,14 @@ class MMoE:
         for every level, or a list with one per level.  Default: a dense router
         with ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).
         Top-k levels contract only the selected experts' factor rows.
+    gate_rank : int, optional
+        Low-rank gates: each level's logits are ``(x @ gate_down_h) @ gate_up_h``
+        with ``gate_down_h[I, r]`` and ``gate_up_h[r, N_h]`` instead of
+        ``x @ gate_h[I, N_h]`` (the learned noise projection of top-k routers
+        likewise), costing ``2 B r (I + N_h)`` FLOPs instead of ``2 B I N_h``.
+        Default ``None``: full gates.  A level with ``gate_rank >= min(I, N_h)``
+        keeps its full gate (the product could not express anything more).
+        Router objects given without a rank get this one.
     init_std : float, optional
         Standard deviation of the entries of the reconstructed ``W`` at
         initialisation (default ``1 / sqrt(in_dim)``).
@@ -174,7 +182,8 @@ class MMoE:
     ----------
     params : dict of str to array
         The layer's parameters on the backend that was current when it was built:
-        ``factor_k`` (and ``core`` for Tucker) and one ``gate_h[I, N_h]`` per level.
+        ``factor_k`` (and ``core`` for Tucker) and one ``gate_h[I, N_h]`` per level
+        (``gate_down_h[I, r]`` and ``gate_up_h[r, N_h]`` with ``gate_rank=r``).
     factorization : Factorization
         The weight tensor's format, dims and ranks.
 
@@ -216,6 +225,7 @@ class MMoE:
         optimize: str = "auto",
         router: Any = None,
         check_finite: bool = False,
+        gate_rank: int | None = None,
     ) -> None:
         self.in_dim = check_positive_int(in_dim, "in_dim")
         self.out_dim = check_positive_int(out_dim, "out_dim")
@@ -223,7 +233,8 @@ class MMoE:
         self.bias = _v.check_bool(bias, "bias")
         self.gate = _v.check_choice(gate, "gate", sorted(_gates.ACTIVATIONS), what="a gate activation")
         self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_gates.NORMS))
-        self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm)
+        self.gate_rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
+        self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank)
         self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         self.init_std = (
             1.0 / math.sqrt(self.in_dim) if init_std is None else _v.check_positive_real(init_std, "init_std")
@@ -941,7 +952,7 @@ class MMoE:
 
         return factorization_cost(
             self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
-            optimize=self.optimize,
+            optimize=self.optimize, gate_rank=self.gate_rank,
         )
 
     # -- configuration ------------------------------------------------------------
@@ -980,6 +991,7 @@ class MMoE:
             "optimize": self.optimize,
             "router": router,
             "check_finite": self.check_finite,
+            "gate_rank": self.gate_rank,
         }
 
     def _rank_config(self) -> dict[str, Any]:
@@ -987,10 +999,12 @@ class MMoE:
 
     def __repr__(self) -> str:
         default = all(
-            isinstance(r, _routers.DenseRouter) and (r.activation, r.norm) == (self.gate, self.gate_norm)
+            isinstance(r, _routers.DenseRouter) and (r.activation, r.norm, r.rank) == (self.gate, self.gate_norm, self.gate_rank)
             for r in self.routers
         )
         routing = f"gate={self.gate!r}" if default else f"router={[r.name for r in self.routers]!r}"
+        if self.gate_rank is not None:
+            routing += f", gate_rank={self.gate_rank}"
         return (
             f"{type(self).__name__}(in_dim={self.in_dim}, out_dim={self.out_dim}, "
             f"expert_dims={list(self.expert_dims)}, {self._rank_repr()}, bias={self.bias}, {routing})"
@@ -1172,7 +1186,8 @@ def layer_from_config(config: Mapping[str, Any]) -> MMoE:
     rank_key = "rank" if cls is CPMMoE else "ranks"
     required = ("in_dim", "out_dim", "expert_dims", rank_key)
     missing = [k for k in required if k not in kwargs]
-    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize", "router", "check_finite"}
+    allowed = {*required, "hierarchy", "bias", "gate", "gate_norm", "init_std", "dtype", "seed", "optimize", "router",
+               "check_finite", "gate_rank"}
     unknown = sorted(k for k in kwargs if k not in allowed)
     if missing or unknown:
         raise ValueError(

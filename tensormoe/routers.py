@@ -42,6 +42,7 @@ selects the same experts (ties go to the lower index everywhere).
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import re
@@ -188,6 +189,17 @@ def _logsumexp(ops: Ops, z: Any) -> Any:
     return m + ops.log(ops.sum(ops.exp(z - m)))
 
 
+def _check_rank(rank: Any) -> int | None:
+    if rank is None:
+        return None
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):
+        raise TypeError(f"rank must be a positive integer (the gate projections' rank) or None; "
+                        f"got {rank!r} of type {type(rank).__name__}")
+    if rank < 1:
+        raise ValueError(f"rank must be a positive integer (the gate projections' rank) or None; got {rank!r}")
+    return int(rank)
+
+
 def _check_norm(norm: Any) -> Any:
     if norm not in _gates.NORMS:
         raise ValueError(f"norm={norm!r} is not supported; expected one of {list(_gates.NORMS)}")
@@ -215,30 +227,97 @@ class Router:
     #: zero (every expert equally likely, the MMoE's choice), a small value breaks the
     #: ties that make hard selection (top-k, expert choice) pick the lowest indices
     init_logit_std: float = 0.0
+    #: rank of the low-rank gate projections (``None``: full ``[in_dim, M]`` matrices);
+    #: set by the ``rank=`` argument of every router
+    rank: int | None = None
+
+    def _projections(self, in_dim: int, n_experts: int) -> dict[str, int]:
+        """Columns ``M`` of every projection ``x @ P[in_dim, M]`` of the router, by name."""
+        return {"gate": n_experts}
+
+    def low_rank(self, in_dim: int, columns: int) -> bool:
+        """Whether a projection ``[in_dim, columns]`` is stored as a low-rank product.
+
+        True when the router has a ``rank`` below ``min(in_dim, columns)``; at or
+        above it a product ``[in_dim, r] @ [r, columns]`` can express every
+        ``[in_dim, columns]`` matrix, so the full matrix is kept: it is the same
+        function class with fewer parameters and FLOPs.
+
+        Examples
+        --------
+        >>> DenseRouter(rank=8).low_rank(64, 32), DenseRouter(rank=8).low_rank(64, 4), DenseRouter().low_rank(64, 32)
+        (True, False, False)
+        """
+        return self.rank is not None and self.rank < min(in_dim, columns)
 
     def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the router's parameters, by name, for ``in_dim`` features and ``n_experts`` experts.
+
+        Every projection ``P`` (``gate``; ``gate_noise`` of noisy top-k) is one
+        matrix ``[in_dim, M]``, or, for a router with ``rank=r`` below
+        ``min(in_dim, M)``, two factors ``P_down[in_dim, r]`` and ``P_up[r, M]``
+        (:meth:`low_rank`).
 
         Examples
         --------
         >>> DenseRouter().param_shapes(4, 3), SoftRouter(slots_per_expert=2).param_shapes(4, 3)
         ({'gate': (4, 3)}, {'gate': (4, 6)})
+        >>> DenseRouter(rank=2).param_shapes(8, 5)
+        {'gate_down': (8, 2), 'gate_up': (2, 5)}
         """
-        return {"gate": (in_dim, n_experts)}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, columns in self._projections(in_dim, n_experts).items():
+            if self.low_rank(in_dim, columns):
+                shapes[f"{name}_down"] = (in_dim, self.rank)
+                shapes[f"{name}_up"] = (self.rank, columns)
+            else:
+                shapes[name] = (in_dim, columns)
+        return shapes
+
+    def project(self, params: Mapping[str, Any], name: str, x: Any) -> Any:
+        """``x @ params[name]``, or ``(x @ params[name_down]) @ params[name_up]`` for a low-rank projection.
+
+        Which form is used follows the parameters given (their names come from
+        :meth:`param_shapes`), so it is fixed when a function is traced.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> down, up = np.ones((3, 1)), np.array([[1.0, 2.0]])
+        >>> DenseRouter(rank=1).project({"gate_down": down, "gate_up": up}, "gate", np.eye(3)[:1])
+        array([[1., 2.]])
+        """
+        if name in params:
+            return x @ params[name]
+        return (x @ params[f"{name}_down"]) @ params[f"{name}_up"]
 
     def init(self, in_dim: int, n_experts: int, rng: np.random.Generator | int | None = None) -> dict[str, np.ndarray]:
         """Float64 parameters: the gate ``N(0, (init_logit_std / sqrt(in_dim))**2)``, all others zero.
+
+        A low-rank projection starts with the down factor ``N(0, 1 / in_dim)`` (so
+        ``x @ P_down`` has unit variance for unit inputs) and the up factor
+        ``N(0, (init_logit_std / sqrt(r))**2)`` for the gate, zero otherwise: its
+        product starts like the full matrix would (zero logits for the dense
+        routers), and the gradient reaches both factors (two zero factors would
+        get none).
 
         Examples
         --------
         >>> float(abs(DenseRouter().init(4, 3)["gate"]).max()), bool(TopKRouter().init(4, 3, rng=0)["gate"].std() > 0)
         (0.0, True)
+        >>> p = DenseRouter(rank=2).init(8, 5, rng=0)
+        >>> bool(p["gate_down"].std() > 0), float(abs(p["gate_up"]).max())
+        (True, 0.0)
         """
         rng = np.random.default_rng(0 if rng is None else rng)
         out = {}
         for name, shape in self.param_shapes(in_dim, n_experts).items():
             if name == "gate" and self.init_logit_std > 0:
                 out[name] = rng.normal(0.0, self.init_logit_std / math.sqrt(in_dim), size=shape)
+            elif name.endswith("_down"):
+                out[name] = rng.normal(0.0, 1.0 / math.sqrt(in_dim), size=shape)
+            elif name == "gate_up" and self.init_logit_std > 0:
+                out[name] = rng.normal(0.0, self.init_logit_std / math.sqrt(shape[0]), size=shape)
             else:
                 out[name] = np.zeros(shape)
         return out
@@ -277,7 +356,7 @@ class Router:
         return None
 
     def logits(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
-        """``x @ gate``, normalised when the router has a ``norm``.
+        """``x @ gate`` (``(x @ gate_down) @ gate_up`` when low-rank), normalised when the router has a ``norm``.
 
         Examples
         --------
@@ -286,7 +365,7 @@ class Router:
         >>> DenseRouter(norm=None).logits(get_ops("numpy"), {"gate": np.eye(2)}, np.array([[1.0, 2.0]]))
         array([[1., 2.]])
         """
-        z = x @ params["gate"]
+        z = self.project(params, "gate", x)
         norm = _gates.NORMS[getattr(self, "norm", None)]
         return z if norm is None else norm(z, ops=ops)
 
@@ -357,7 +436,7 @@ class Router:
         return ungroup(ops, routing, lead)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not (k == "rank" and v is None))
         return f"{type(self).__name__}({fields})"
 
 
@@ -374,6 +453,9 @@ class DenseRouter(Router):
         The map from logits to the simplex (:mod:`tensormoe.gates`).
     norm : {"layernorm", None}
         Normalisation of the logits first.
+    rank : int, optional
+        Rank of a low-rank gate ``gate_down[I, r] @ gate_up[r, N]`` (default: one
+        full ``[I, N]`` matrix); see :meth:`Router.low_rank`.
 
     Examples
     --------
@@ -383,13 +465,14 @@ class DenseRouter(Router):
     ([0.25, 0.25, 0.25, 0.25], 1.0)
     """
 
-    def __init__(self, activation: str = "entmax15", norm: str | None = "layernorm") -> None:
+    def __init__(self, activation: str = "entmax15", norm: str | None = "layernorm", rank: int | None = None) -> None:
         if activation not in _gates.ACTIVATIONS:
             raise ValueError(
                 f"activation={activation!r} is not a gate activation; expected one of {sorted(_gates.ACTIVATIONS)}"
             )
         self.activation = activation
         self.norm = _check_norm(norm)
+        self.rank = _check_rank(rank)
         self.name = activation
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
@@ -424,6 +507,9 @@ class TopKRouter(Router):
         probability, as in Switch, so the router still receives gradients.
     norm : {None, "layernorm"}
         Normalisation of the logits (default none, as in the papers).
+    rank : int, optional
+        Rank of low-rank projections ``P_down[I, r] @ P_up[r, N]`` for the gate
+        and the learned noise (default: full ``[I, N]`` matrices).
 
     Examples
     --------
@@ -435,7 +521,7 @@ class TopKRouter(Router):
     """
 
     def __init__(self, k: int = 1, noise: str | float | None = "learned", renormalize: bool | None = None,
-                 norm: str | None = None) -> None:
+                 norm: str | None = None, rank: int | None = None) -> None:
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer (experts per token); got {k!r}")
         self.k = int(k)
@@ -448,15 +534,16 @@ class TopKRouter(Router):
             raise TypeError(f"renormalize must be True, False or None; got {renormalize!r}")
         self.renormalize = self.k > 1 if renormalize is None else renormalize
         self.norm = _check_norm(norm)
+        self.rank = _check_rank(rank)
         self.name = f"top{self.k}"
 
     init_logit_std = 1e-2
 
-    def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
-        shapes = {"gate": (in_dim, n_experts)}
+    def _projections(self, in_dim: int, n_experts: int) -> dict[str, int]:
+        out = {"gate": n_experts}
         if self.noise == "learned":
-            shapes["gate_noise"] = (in_dim, n_experts)
-        return shapes
+            out["gate_noise"] = n_experts
+        return out
 
     def check(self, n_experts: int) -> None:
         if self.k > n_experts:
@@ -469,7 +556,7 @@ class TopKRouter(Router):
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         logits = self.logits(ops, params, x)
         if noise is not None:
-            std = ops.softplus(x @ params["gate_noise"]) if self.noise == "learned" else self.noise
+            std = ops.softplus(self.project(params, "gate_noise", x)) if self.noise == "learned" else self.noise
             logits = logits + noise * std
         probs = _gates.softmax(logits, ops=ops)
         _, indices = ops.top_k(logits, self.k)
@@ -497,6 +584,8 @@ class ExpertChoiceRouter(Router):
         Average number of experts per token (default 2, as in the paper).
     norm : {None, "layernorm"}
         Normalisation of the logits.
+    rank : int, optional
+        Rank of a low-rank gate ``gate_down[I, r] @ gate_up[r, N]`` (default: full).
 
     Examples
     --------
@@ -508,12 +597,13 @@ class ExpertChoiceRouter(Router):
     [[1, 0], [1, 0], [0, 1], [0, 1]]
     """
 
-    def __init__(self, capacity_factor: float = 2.0, norm: str | None = None) -> None:
+    def __init__(self, capacity_factor: float = 2.0, norm: str | None = None, rank: int | None = None) -> None:
         if (not isinstance(capacity_factor, numbers.Real) or isinstance(capacity_factor, bool)
                 or not capacity_factor > 0 or not math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor must be a positive number; got {capacity_factor!r}")
         self.capacity_factor = float(capacity_factor)
         self.norm = _check_norm(norm)
+        self.rank = _check_rank(rank)
         self.name = "expert_choice"
 
     init_logit_std = 1e-2
@@ -555,6 +645,9 @@ class SoftRouter(Router):
     ----------
     slots_per_expert : int
         Slots ``p`` of each expert.
+    rank : int, optional
+        Rank of a low-rank slot projection ``gate_down[I, r] @ gate_up[r, S]``
+        (default: full ``[I, S]``).
 
     Examples
     --------
@@ -564,23 +657,24 @@ class SoftRouter(Router):
     ((5, 2), [1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0])
     """
 
-    def __init__(self, slots_per_expert: int = 1) -> None:
+    def __init__(self, slots_per_expert: int = 1, rank: int | None = None) -> None:
         if not isinstance(slots_per_expert, numbers.Integral) or isinstance(slots_per_expert, bool) or slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be a positive integer; got {slots_per_expert!r}")
         self.slots_per_expert = int(slots_per_expert)
+        self.rank = _check_rank(rank)
         self.name = "soft"
 
     soft = True
     init_logit_std = 1e-2
 
-    def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
-        return {"gate": (in_dim, n_experts * self.slots_per_expert)}
+    def _projections(self, in_dim: int, n_experts: int) -> dict[str, int]:
+        return {"gate": n_experts * self.slots_per_expert}
 
     def slots(self, n_experts: int) -> int:
         return n_experts * self.slots_per_expert
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
-        logits = x @ params["gate"]  # [G, T, S]
+        logits = self.project(params, "gate", x)  # [G, T, S]
         combine = _gates.softmax(logits, ops=ops)
         by_slot = ops.swap_last(logits)  # [G, S, T]
         if mask is None:
@@ -772,57 +866,77 @@ Examples
 """
 
 
-def get_router(spec: str | Router, gate_norm: str | None = "layernorm") -> Router:
+def get_router(spec: str | Router, gate_norm: str | None = "layernorm", rank: int | None = None) -> Router:
     """A :class:`Router` from a name, or ``spec`` itself if it is one.
 
     Names: ``"entmax15"``, ``"softmax"``, ``"sparsemax"`` (:class:`DenseRouter`
     with ``norm=gate_norm``); ``"top<k>"`` such as ``"top1"``, ``"top2"``
     (:class:`TopKRouter`, learned noise); ``"expert_choice"``
     (:class:`ExpertChoiceRouter`, capacity factor 2); ``"soft"``
-    (:class:`SoftRouter`, one slot per expert).
+    (:class:`SoftRouter`, one slot per expert).  ``rank`` is the rank of the
+    low-rank gate projections of a router built from a name (default: full
+    matrices); a Router given as ``spec`` keeps its own.
 
     Examples
     --------
     >>> get_router("top3")
     TopKRouter(k=3, noise='learned', renormalize=True, norm=None, name='top3')
-    >>> get_router("softmax", gate_norm=None)
-    DenseRouter(activation='softmax', norm=None, name='softmax')
+    >>> get_router("softmax", gate_norm=None, rank=8)
+    DenseRouter(activation='softmax', norm=None, rank=8, name='softmax')
     """
     if isinstance(spec, Router):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"router must be a router name or a Router; got {spec!r} of type {type(spec).__name__}")
     if spec in _gates.ACTIVATIONS:
-        return DenseRouter(spec, norm=gate_norm)
+        return DenseRouter(spec, norm=gate_norm, rank=rank)
     match = re.fullmatch(r"top([0-9]+)", spec)
     if match:
-        return TopKRouter(k=int(match.group(1)))
+        return TopKRouter(k=int(match.group(1)), rank=rank)
     if spec == "expert_choice":
-        return ExpertChoiceRouter()
+        return ExpertChoiceRouter(rank=rank)
     if spec == "soft":
-        return SoftRouter()
+        return SoftRouter(rank=rank)
     raise ValueError(f"router={spec!r} is not a router name; expected one of {list(ROUTERS)} or a Router instance")
 
 
-def resolve_routers(router: Any, expert_dims: Sequence[int], gate: str, gate_norm: str | None) -> tuple[Router, ...]:
+def _with_rank(router: Router, gate_rank: int | None, where: str) -> Router:
+    """``router``, or a copy of it with ``rank=gate_rank`` when the layer sets one and the router has none."""
+    if gate_rank is None or router.rank == gate_rank:
+        return router
+    if router.rank is not None:
+        raise ValueError(
+            f"gate_rank={gate_rank!r} conflicts with {where}, a {type(router).__name__} with rank={router.rank!r}; "
+            "expected gate_rank=None (each router keeps its own rank) or the router's rank"
+        )
+    out = copy.copy(router)
+    out.rank = gate_rank
+    return out
+
+
+def resolve_routers(
+    router: Any, expert_dims: Sequence[int], gate: str, gate_norm: str | None, gate_rank: int | None = None
+) -> tuple[Router, ...]:
     """One router per level from a layer's ``router=`` argument (internal).
 
     ``None``: a :class:`DenseRouter` with the layer's ``gate`` and ``gate_norm``
     on every level; a name or a Router: the same router on every level; a
-    sequence: one per level.
+    sequence: one per level.  ``gate_rank`` is given to every router (Router
+    objects without a rank are copied with it; one with another rank is an error).
     """
     levels = len(expert_dims)
     if router is None:
-        routers = [DenseRouter(gate, gate_norm)] * levels
+        routers = [DenseRouter(gate, gate_norm, rank=gate_rank)] * levels
     elif isinstance(router, (str, Router)):
-        routers = [get_router(router, gate_norm)] * levels
+        routers = [_with_rank(get_router(router, gate_norm, gate_rank), gate_rank, "router")] * levels
     elif isinstance(router, Sequence):
         if len(router) != levels:
             raise ValueError(
                 f"router lists {len(router)} routers but the layer has {levels} expert levels; "
                 "give one router per level, or one for all"
             )
-        routers = [get_router(r, gate_norm) for r in router]
+        routers = [_with_rank(get_router(r, gate_norm, gate_rank), gate_rank, f"router[{h}]")
+                   for h, r in enumerate(router)]
     else:
         raise TypeError(
             f"router must be a router name, a Router, or a list of them (one per level); got {type(router).__name__}"
@@ -885,10 +999,23 @@ def check_router_params(router: Router, params: Mapping[str, Any], in_dim: int, 
 
 
 def _n_experts_from(router: Router, params: Mapping[str, Any], in_dim: int) -> int:
-    gate = params.get("gate") if isinstance(params, Mapping) else None
-    if gate is None or getattr(gate, "ndim", 0) != 2:
-        raise ValueError("params must hold 'gate', a matrix [in_dim, n_experts]")
-    if gate.shape[0] != in_dim:
-        raise ValueError(f"x has {in_dim} features but params['gate'] has shape {tuple(gate.shape)}; "
-                         f"expected [{in_dim}, n_experts]")
-    return gate.shape[1] // router.slots(1) if router.soft else gate.shape[1]
+    params = params if isinstance(params, Mapping) else {}
+    if "gate" not in params and "gate_up" in params:
+        # low-rank gate: the columns are gate_up's, the input rows gate_down's
+        up, down = params["gate_up"], params.get("gate_down")
+        if getattr(up, "ndim", 0) != 2 or getattr(down, "ndim", 0) != 2:
+            raise ValueError("params must hold 'gate_down' [in_dim, rank] and 'gate_up' [rank, n_experts], matrices")
+        if down.shape[0] != in_dim:
+            raise ValueError(f"x has {in_dim} features but params['gate_down'] has shape {tuple(down.shape)}; "
+                             f"expected [{in_dim}, rank]")
+        columns = up.shape[1]
+    else:
+        gate = params.get("gate")
+        if gate is None or getattr(gate, "ndim", 0) != 2:
+            raise ValueError("params must hold 'gate', a matrix [in_dim, n_experts] (or, for a low-rank router, "
+                             "'gate_down' [in_dim, rank] and 'gate_up' [rank, n_experts])")
+        if gate.shape[0] != in_dim:
+            raise ValueError(f"x has {in_dim} features but params['gate'] has shape {tuple(gate.shape)}; "
+                             f"expected [{in_dim}, n_experts]")
+        columns = gate.shape[1]
+    return columns // router.slots(1) if router.soft else columns

@@ -350,9 +350,10 @@ class MMoEMLP(nn.Module):
 
     The coefficients ``a`` come from the first layer's gates and are reused by the
     second (the MLP replacement of the MMoE paper for GPT-2 and MLP-Mixer).  The
-    second layer's own gates are unused: they stay in its parameters (so each
-    layer remains complete, e.g. for :mod:`tensormoe.io`) but are frozen
-    (``requires_grad=False``).
+    second layer's own gates (every router parameter: ``gate_h``, or
+    ``gate_down_h`` and ``gate_up_h`` with ``gate_rank``, ``gate_noise_h``) are
+    unused: they stay in its parameters (so each layer remains complete, e.g. for
+    :mod:`tensormoe.io`) but are frozen (``requires_grad=False``).
 
     Parameters
     ----------
@@ -389,8 +390,10 @@ class MMoEMLP(nn.Module):
         self.first = first
         self.second = second
         self.activation = activation
-        for h in range(len(second.expert_dims)):
-            second.params[f"gate_{h}"].requires_grad_(False)
+        factors = second.layer.factorization.param_shapes()
+        for name, value in second.params.items():
+            if name not in factors:  # the routers' parameters
+                value.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``second(activation(first(x, a)), a)`` with ``a = first.coefficients(x)``.
