@@ -307,7 +307,10 @@ def get_plan(
         # opt_einsum's "auto" is greedy beyond four operands and misses cheaper orders of
         # hierarchical layers; the dynamic programme finds them (once per plan)
         for other in ("greedy", "dp"):
-            other_path, other_info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=other)
+            try:
+                other_path, other_info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=other)
+            except RuntimeError:  # dp finds no path where an axis has size zero; "auto" has one
+                continue
             if other_info.opt_cost < info.opt_cost:
                 path, info = other_path, other_info
                 expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
@@ -337,7 +340,11 @@ def _candidates(equation: str, shapes: tuple, path: list, optimize: str, flops: 
         return lowering.candidates(equation, shapes, [path], exhaustive=False, limit=1)
     seeds = [path]
     if optimize == "auto":
-        seeds += [opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=o)[0] for o in ("greedy", "dp")]
+        for other in ("greedy", "dp"):
+            try:
+                seeds.append(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=other)[0])
+            except RuntimeError:
+                continue
     return lowering.candidates(equation, shapes, seeds, exhaustive=optimize == "auto", limit=_TUNE_CANDIDATES)
 
 

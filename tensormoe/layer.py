@@ -349,11 +349,14 @@ class MMoE:
         >>> CPMMoE(4, 3, [5], rank=2).param_shapes()
         {'factor_0': (5, 2), 'factor_1': (5, 2), 'factor_2': (3, 2), 'gate_0': (4, 5)}
         """
-        shapes = dict(self.factorization.param_shapes())
-        for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
-            for name, shape in router.param_shapes(self.in_dim, n).items():
-                shapes[f"{name}_{h}"] = shape
-        return shapes
+        shapes = self.__dict__.get("_param_shapes")
+        if shapes is None:  # fixed by the configuration: computed once (checked on every call)
+            shapes = dict(self.factorization.param_shapes())
+            for h, (router, n) in enumerate(zip(self.routers, self.expert_dims)):
+                for name, shape in router.param_shapes(self.in_dim, n).items():
+                    shapes[f"{name}_{h}"] = shape
+            self._param_shapes = shapes
+        return dict(shapes)
 
     def init(self, seed: int | None = None) -> dict[str, Any]:
         """Draw a fresh set of parameters on the current backend.
@@ -600,7 +603,7 @@ class MMoE:
         return out
 
     def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
-        name = next(iter(self.factorization.network()))
+        name = next(iter(self.__dict__.get("_param_shapes") or self.param_shapes()))
         value = params.get(name) if isinstance(params, Mapping) else None
         return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
 

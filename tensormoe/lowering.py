@@ -122,6 +122,14 @@ class Program:
 
     @property
     def cost(self) -> float:
+        """FLOPs plus ``COPY_COST`` per element copied or written: what programs are ranked by.
+
+        Examples
+        --------
+        >>> p = lower("bi,io,on->bn", [(2, 3), (3, 4), (4, 5)], [(0, 1), (0, 1)])
+        >>> p.cost == p.flops + COPY_COST * (p.copied + p.written)
+        True
+        """
         return self.flops + COPY_COST * (self.copied + self.written)
 
     def __call__(self, *operands: Any, backend: str) -> Any:

@@ -23,6 +23,13 @@ __all__ = ["Ops", "get_ops", "ops_for_array"]
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _is_torch_dtype(dtype: Any) -> bool:
+    return type(dtype).__module__ == "torch"
+
+
 class Ops:
     """Array operations of one backend (abstract).
 
@@ -77,8 +84,10 @@ class Ops:
         'float32'
         """
         dtype = x.dtype
-        name = getattr(dtype, "name", None)  # NumPy and JAX dtypes
-        return name if isinstance(name, str) else str(dtype).replace("torch.", "")
+        name = _DTYPE_NAMES.get(dtype)
+        if name is None:  # NumPy's dtype.name is computed in Python on every access: remember it
+            name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "") if _is_torch_dtype(dtype) else dtype.name
+        return name
 
     def asarray(self, x: Any, dtype: str | None = None, like: Any = None) -> Any:
         """An array of this backend from ``x`` (any array or nested list).
