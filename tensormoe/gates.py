@@ -5,8 +5,25 @@ simplex (non-negative, summing to one over the last axis):
 
 * :func:`softmax` — dense, ``exp(z) / sum(exp(z))``;
 * :func:`entmax15` — 1.5-entmax (Peters, Niculae & Martins 2019), sparse, the
-  reference MMoE's default, computed exactly by sorting;
+  reference MMoE's default;
 * :func:`sparsemax` — Euclidean projection onto the simplex (Martins & Astudillo 2016).
+
+The two sparse gates find their exact threshold ``tau`` by one of two methods
+(``method=``, see :data:`METHODS`): ``"sort"`` sorts the logits and scans their
+cumulative sums; ``"newton"`` never sorts.  Both activations are ``p =
+relu(z' - tau)**(1/(alpha-1))`` with ``g(t) = sum relu(z' - t)**(1/(alpha-1)) - 1``
+convex and decreasing until it reaches ``-1``, and ``tau`` its root.  Newton's
+method started left of the root, at ``max z' - 1``, climbs to it monotonically
+without overshooting; each step needs only elementwise operations and row sums.
+After each step the threshold is solved in closed form on the current support
+``S = {z' > t}``; when that threshold is consistent with ``S`` it is the exact
+root, and the search stops.  For sparsemax this is Michelot's (1986) algorithm
+and stops after at most ``N`` steps; for 1.5-entmax it stops once ``t`` passes
+the largest logit outside the support (quadratic convergence).  The search runs
+without gradient tracking; ``tau`` is then computed differentiably in closed
+form from the support found, so values and gradients equal the sort method's up
+to rounding.  ``"auto"`` (the default) uses ``"newton"`` except under
+``torch.compile``, where a data-dependent loop would break the graph.
 
 All three subtract the row maximum first, so large logits neither overflow nor
 lose the support.  :func:`layer_norm` is the optional normalisation of the
@@ -26,12 +43,29 @@ The result always has the dtype of the logits.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .ops import Ops, get_ops
 from .validation import array_dtype, check_array, check_positive_real, describe
 
-__all__ = ["ACTIVATIONS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
+__all__ = ["ACTIVATIONS", "METHODS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
+
+METHODS = ("auto", "sort", "newton")
+"""Threshold methods of the sparse gates (:func:`entmax15`, :func:`sparsemax`): their ``method=`` values.
+
+``"sort"`` sorts the logits; ``"newton"`` finds the support by Newton steps
+without sorting (exact, see the module notes); ``"auto"`` picks ``"newton"``
+except under ``torch.compile``, where it picks ``"sort"``.
+
+Examples
+--------
+>>> METHODS
+('auto', 'sort', 'newton')
+"""
+
+#: Cap on Newton steps for 1.5-entmax (a safeguard: quadratic convergence needs far fewer)
+_MAX_NEWTON_STEPS = 100
 
 
 def _checked_ops(z: Any, ops: Any) -> Ops:
@@ -44,6 +78,19 @@ def _checked_ops(z: Any, ops: Any) -> Ops:
     if z.shape[-1] < 1:
         raise ValueError(f"z must have at least one entry (expert) on its last axis; got shape {tuple(z.shape)}")
     return ops
+
+
+def _checked_method(method: Any) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method={method!r} is not a threshold method; expected one of {list(METHODS)}")
+    return method
+
+
+def _resolved_method(method: str, ops: Ops) -> str:
+    """The method to run: ``"auto"`` becomes ``"sort"`` under ``torch.compile``, else ``"newton"``."""
+    if method == "auto":
+        return "sort" if ops.is_compiling() else "newton"
+    return method
 
 
 def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
@@ -110,11 +157,23 @@ def _nan_if_any_nan(tau: Any, z: Any, ops: Ops) -> Any:
     return tau + 0 * ops.sum(z)
 
 
-def entmax15(z: Any, ops: Ops | None = None) -> Any:
+def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
     """1.5-entmax over the last axis: ``p = relu(z/2 - tau)**2`` with ``sum(p) = 1``.
 
-    The threshold ``tau`` is found exactly from the sorted logits; coefficients of
-    experts below it are exactly zero.
+    The threshold ``tau`` is exact; coefficients of experts below it are exactly
+    zero.
+
+    Parameters
+    ----------
+    z : array ``[..., N]``
+        Floating-point logits of the current backend (or of ``ops``), ``N >= 1``.
+    ops : Ops, optional
+        The backend's operations (default: the current backend's).
+    method : {"auto", "sort", "newton"}
+        How the threshold is found (see :data:`METHODS`): ``"sort"`` sorts the
+        logits; ``"newton"`` does not (faster on CPU for many experts); ``"auto"``
+        uses ``"newton"`` except under ``torch.compile``.  All give the same
+        values and gradients up to rounding.
 
     Examples
     --------
@@ -123,11 +182,21 @@ def entmax15(z: Any, ops: Ops | None = None) -> Any:
     [0.5, 0.5]
     >>> entmax15(np.array([10.0, 0.0])).round(6).tolist()
     [1.0, 0.0]
+    >>> z = np.array([1.0, 0.8, -2.0])
+    >>> bool(np.allclose(entmax15(z, method="sort"), entmax15(z, method="newton")))
+    True
     """
-    return _run(_entmax15, z, ops)
+    method = _checked_method(method)
+    return _run(_entmax15, z, ops, method)
 
 
-def _entmax15(z: Any, ops: Ops) -> Any:
+def _entmax15(z: Any, ops: Ops, method: str) -> Any:
+    if _resolved_method(method, ops) == "newton":
+        return _entmax15_newton(z, ops)
+    return _entmax15_sort(z, ops)
+
+
+def _entmax15_sort(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 0.5)
     zs, k = _sorted_support(z, ops)
     mean = ops.cumsum(zs) / k
@@ -144,19 +213,99 @@ def _entmax15(z: Any, ops: Ops) -> Any:
     return p * p
 
 
-def sparsemax(z: Any, ops: Ops | None = None) -> Any:
+def _entmax15_step(z: Any, t: Any, ops: Ops) -> tuple[Any, ...]:
+    """On the support ``S = {z > t}``: the closed-form threshold, its consistency, and the Newton step.
+
+    With ``d = z - t`` on ``S``, ``s1 = sum d``, ``s2 = sum d**2`` and ``k = |S|``,
+    the threshold of ``S`` is ``t + u`` where ``u`` is the smaller root of
+    ``k u**2 - 2 s1 u + s2 - 1 = 0``, written ``u = (s2 - 1) / (s1 + sqrt(D))``,
+    ``D = s1**2 - k (s2 - 1)`` (no cancellation).  It is the exact threshold iff
+    no member of ``S`` lies below it (non-members lie at or below ``t``).  The
+    Newton step on ``g(t) = sum relu(z - t)**2 - 1`` is ``(s2 - 1) / (2 s1)``.
+    Rows without any member (NaN rows) give ``u = 0``.  Differentiable in ``z``
+    for a fixed ``t``.  Returns ``u`` and the intermediates the search needs:
+    the membership mask, ``d``, whether ``D >= 0``, whether ``S`` is non-empty,
+    ``s2 - 1`` and ``s1``.
+    """
+    member = z > t
+    d = ops.where(member, z - t, 0.0)
+    s1, s2 = ops.sum(d), ops.sum(d * d)
+    k = ops.cast_like(ops.count_true(member), z)
+    excess = s2 - 1
+    disc = s1 * s1 - k * excess
+    real = disc >= 0
+    # a finite sqrt (and gradient) where D < 0 or empty: those rows are not consistent
+    denom = s1 + ops.sqrt(ops.where(real, disc, 1.0))
+    nonempty = k > 0
+    u = ops.where(nonempty, excess / ops.where(nonempty, denom, 1.0), 0.0)
+    return u, member, d, real, nonempty, excess, s1
+
+
+def _entmax15_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
+    """The left end ``t`` of the exact support's piece, found by Newton steps; and the step count.
+
+    ``z`` are the shifted logits (row maximum 0, so ``t = -1`` starts left of
+    the root).  Each row stops once the closed-form threshold of ``{z > t}`` is
+    consistent (exact), or when a step no longer increases ``t`` (converged to
+    rounding, or a row without members).  No gradient flows through ``t``.
+    """
+    z = ops.stop_gradient(z)
+
+    def body(state: Any) -> Any:
+        t, done = state
+        u, member, d, real, nonempty, excess, s1 = _entmax15_step(z, t, ops)
+        exact = real & (ops.count_true(member & (d < u)) == 0)
+        step = excess / ops.where(s1 > 0, 2 * s1, 1.0)
+        stalled = ~(t + step > t) | ~nonempty
+        finished = done | exact | stalled
+        return ops.where(finished, t, t + step), finished
+
+    t0 = ops.max(z) * 0 - 1.0
+    (t, _), steps = ops.while_loop(lambda s: ops.any_true(~s[1]), body, (t0, t0 > 0), _MAX_NEWTON_STEPS)
+    return t, steps
+
+
+def _entmax15_newton(z: Any, ops: Ops) -> Any:
+    z = _shifted(z, ops, 0.5)
+    t, _ = _search(_entmax15_threshold_search, z, ops)
+    u = _entmax15_step(z, t, ops)[0]
+    tau = _nan_if_any_nan(t + u, z, ops)
+    p = ops.relu(z - tau)
+    return p * p
+
+
+def sparsemax(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
     """Sparsemax over the last axis: the Euclidean projection of ``z`` onto the simplex.
+
+    Parameters
+    ----------
+    z : array ``[..., N]``
+        Floating-point logits of the current backend (or of ``ops``), ``N >= 1``.
+    ops : Ops, optional
+        The backend's operations (default: the current backend's).
+    method : {"auto", "sort", "newton"}
+        How the threshold is found (see :data:`METHODS`); all give the same values
+        and gradients up to rounding.
 
     Examples
     --------
     >>> import numpy as np
     >>> sparsemax(np.array([0.5, 0.0, -3.0])).tolist()
     [0.75, 0.25, 0.0]
+    >>> sparsemax(np.array([0.5, 0.0, -3.0]), method="sort").tolist()
+    [0.75, 0.25, 0.0]
     """
-    return _run(_sparsemax, z, ops)
+    method = _checked_method(method)
+    return _run(_sparsemax, z, ops, method)
 
 
-def _sparsemax(z: Any, ops: Ops) -> Any:
+def _sparsemax(z: Any, ops: Ops, method: str) -> Any:
+    if _resolved_method(method, ops) == "newton":
+        return _sparsemax_newton(z, ops)
+    return _sparsemax_sort(z, ops)
+
+
+def _sparsemax_sort(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 1.0)
     zs, k = _sorted_support(z, ops)
     cs = ops.cumsum(zs)
@@ -165,6 +314,60 @@ def _sparsemax(z: Any, ops: Ops) -> Any:
     # float32 to float64 on NumPy)
     tau = (ops.take_last(cs, support - 1) - 1) / ops.cast_like(support, z)
     return ops.relu(z - _nan_if_any_nan(tau, z, ops))
+
+
+def _sparsemax_step(z: Any, t: Any, ops: Ops) -> tuple[Any, Any]:
+    """The closed-form threshold ``t + (sum_S (z - t) - 1) / |S|`` of ``S = {z > t}``, and ``|S|``.
+
+    Differentiable in ``z`` for a fixed ``t``; a row without members keeps ``t - 1``.
+    """
+    member = z > t
+    k = ops.cast_like(ops.count_true(member), z)
+    s1 = ops.sum(ops.where(member, z - t, 0.0))
+    return t + (s1 - 1) / ops.clip_min(k, 1.0), k
+
+
+def _sparsemax_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
+    """Michelot's iteration: ``t`` whose support ``{z > t}`` gives the exact threshold; and the step count.
+
+    From ``t = -1`` (left of the root: the row maximum is 0) each step replaces
+    ``t`` by the closed-form threshold of ``{z > t}``; ``t`` increases and the
+    support shrinks until it stops changing, after at most ``N`` steps.  A row
+    stops when its support did not shrink (the previous ``t`` is kept, so its
+    support is the consistent one).  No gradient flows through ``t``.
+    """
+    z = ops.stop_gradient(z)
+
+    def body(state: Any) -> Any:
+        t, size, done = state
+        tau, k = _sparsemax_step(z, t, ops)
+        finished = done | ~(k < size)
+        return ops.where(finished, t, tau), ops.where(finished, size, k), finished
+
+    t0 = ops.max(z) * 0 - 1.0
+    size0 = t0 * 0 + (z.shape[-1] + 1)
+    state, steps = ops.while_loop(lambda s: ops.any_true(~s[2]), body, (t0, size0, t0 > 0), z.shape[-1] + 2)
+    return state[0], steps
+
+
+def _sparsemax_newton(z: Any, ops: Ops) -> Any:
+    z = _shifted(z, ops, 1.0)
+    t, _ = _search(_sparsemax_threshold_search, z, ops)
+    tau = _sparsemax_step(z, t, ops)[0]
+    return ops.relu(z - _nan_if_any_nan(tau, z, ops))
+
+
+_JITTED: dict[Any, Any] = {}
+
+
+def _search(search: Any, z: Any, ops: Ops) -> tuple[Any, Any]:
+    """Run a threshold search; on JAX outside ``jit``, through a cached ``jax.jit`` (an eager loop re-traces)."""
+    if ops.name != "jax" or ops.is_tracer(z):
+        return search(z, ops)
+    fn = _JITTED.get(search)
+    if fn is None:
+        fn = _JITTED[search] = ops.compile(functools.partial(search, ops=ops))
+    return fn(z)
 
 
 def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
