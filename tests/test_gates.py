@@ -189,10 +189,20 @@ def run_gate(name, z, method, dtype="float32"):
 @pytest.mark.parametrize("name", sorted(SPARSE))
 @given(z=st.one_of(logits, tied_logits))
 def test_both_methods_equal_the_reference_and_each_other(backend, name, z):
-    """Shapes from 1 expert, scales from 1e-6 to 1e4, ties; the reference is bisection in float64."""
+    """Shapes from 1 expert, scales from 1e-6 to 1e4, ties, -inf masks; the reference is bisection in float64."""
     z32 = z.astype(np.float32).astype(np.float64)
     ref = bisection_reference(z32, SPARSE[name])
-    by_method = {m: run_gate(name, z, m) for m in METHODS}
+    # one fixed shape (JAX compiles once): z in the corner, its rows padded with -inf (masked
+    # experts), the other rows all zero
+    padded = np.zeros((4, 9))
+    padded[: z.shape[0]] = -np.inf
+    padded[: z.shape[0], : z.shape[1]] = z
+    by_method = {}
+    for m in METHODS:
+        p = run_gate(name, padded, m)
+        assert np.all(p[: z.shape[0], z.shape[1] :] == 0.0)
+        np.testing.assert_allclose(p[z.shape[0] :], 1 / 9, rtol=1e-6)
+        by_method[m] = p[: z.shape[0], : z.shape[1]]
     for p in by_method.values():
         np.testing.assert_allclose(p, ref, atol=2e-5)
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
