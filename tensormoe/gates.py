@@ -223,7 +223,7 @@ def _entmax15_sort(z: Any, ops: Ops) -> Any:
     return p * p
 
 
-def _entmax15_step(z: Any, t: Any, ops: Ops) -> tuple[Any, ...]:
+def _entmax15_step(z: Any, t: Any, ops: Ops, member: Any = None) -> tuple[Any, ...]:
     """On the support ``S = {z > t}``: the closed-form threshold ``t + u`` and what the search needs.
 
     With ``d = relu(z - t)`` (positive exactly on ``S``), ``s1 = sum d``,
@@ -234,9 +234,11 @@ def _entmax15_step(z: Any, t: Any, ops: Ops) -> tuple[Any, ...]:
     ``s2 - 1``, ``s1`` (the Newton step on ``g(t) = sum relu(z - t)**2 - 1`` is
     ``(s2 - 1) / (2 s1)``).  Rows without any member (NaN rows) give ``u = 0``.
     Differentiable in ``z`` for a fixed ``t`` (``d`` is masked with ``where``, not
-    ``relu``, whose gradient at a tie is 1/2 on JAX).
+    ``relu``, whose gradient at a tie is 1/2 on JAX).  ``member`` overrides the
+    support (the formula holds for any shift ``t`` when ``S`` is given).
     """
-    member = z > t
+    if member is None:
+        member = z > t
     d = ops.where(member, z - t, 0.0)
     s1, s2 = ops.sum(d), ops.sum(d * d)
     k = ops.cast_like(ops.count_true(member), z)
@@ -280,8 +282,11 @@ def _entmax15_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
 def _entmax15_newton(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 0.5)
     t, _ = _search(_entmax15_threshold_search, z, ops)
-    u = _entmax15_step(z, t, ops)[0]
-    tau = _nan_if_any_nan(t + u, z, ops)
+    # the support is {z > t}; its threshold is solved once more, shifted by the threshold
+    # itself (then d = z - shift is small and D free of cancellation, however far t was)
+    member = z > t
+    shift = ops.stop_gradient(t + _entmax15_step(z, t, ops, member)[0])
+    tau = _nan_if_any_nan(shift + _entmax15_step(z, shift, ops, member)[0], z, ops)
     p = ops.relu(z - tau)
     return p * p
 
