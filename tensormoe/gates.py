@@ -233,15 +233,18 @@ def _entmax15_step(z: Any, t: Any, ops: Ops, member: Any = None) -> tuple[Any, .
     cancellation).  Returns ``u``, ``d``, ``k``, whether ``D >= 0`` and
     ``s2 - 1``, ``s1`` (the Newton step on ``g(t) = sum relu(z - t)**2 - 1`` is
     ``(s2 - 1) / (2 s1)``).  Rows without any member (NaN rows) give ``u = 0``.
-    Differentiable in ``z`` for a fixed ``t`` (``d`` is masked with ``where``, not
-    ``relu``, whose gradient at a tie is 1/2 on JAX).  ``member`` overrides the
-    support (the formula holds for any shift ``t`` when ``S`` is given).
+    Given ``member`` (the support, for any shift ``t``: the formula holds for
+    every shift once ``S`` is fixed), the result is differentiable in ``z``: ``d``
+    is masked by multiplying with the mask, not by ``relu``, whose gradient at a
+    tie is 1/2 on JAX and 1 on PyTorch.  Without it (the search) ``S = {z > t}``.
     """
-    if member is None:
-        member = z > t
-    d = ops.where(member, z - t, 0.0)
+    if member is None:  # the search: no gradient, relu is the cheapest mask (np.where is slow)
+        d = ops.relu(z - t)
+        k = ops.cast_like(ops.count_true(d > 0), z)
+    else:
+        d = (z - t) * ops.cast_like(member, z)
+        k = ops.cast_like(ops.count_true(member), z)
     s1, s2 = ops.sum(d), ops.sum(d * d)
-    k = ops.cast_like(ops.count_true(member), z)
     excess = s2 - 1
     disc = s1 * s1 - k * excess
     real = disc >= 0
@@ -340,7 +343,8 @@ def _sparsemax_step(z: Any, t: Any, ops: Ops) -> tuple[Any, Any]:
     """
     member = z > t
     k = ops.cast_like(ops.count_true(member), z)
-    s1 = ops.sum(ops.where(member, z - t, 0.0))
+    # masked by a product, not where (slow on NumPy) or relu (wrong gradient at ties)
+    s1 = ops.sum((z - t) * ops.cast_like(member, z))
     return t + (s1 - 1) / ops.clip_min(k, 1.0), k
 
 
