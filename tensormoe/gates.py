@@ -202,7 +202,7 @@ def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
 
 def _entmax15(z: Any, ops: Ops, method: str) -> Any:
     if _resolved_method(method, ops) == "newton":
-        return _entmax15_newton(z, ops)
+        return _jitted_on_jax(_entmax15_newton, z, ops)
     return _entmax15_sort(z, ops)
 
 
@@ -284,7 +284,7 @@ def _entmax15_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
 
 def _entmax15_newton(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 0.5)
-    t, _ = _search(_entmax15_threshold_search, z, ops)
+    t, _ = _entmax15_threshold_search(z, ops)
     # the support is {z > t}; its threshold is solved once more, shifted by the threshold
     # itself (then d = z - shift is small and D free of cancellation, however far t was)
     member = z > t
@@ -321,7 +321,7 @@ def sparsemax(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
 
 def _sparsemax(z: Any, ops: Ops, method: str) -> Any:
     if _resolved_method(method, ops) == "newton":
-        return _sparsemax_newton(z, ops)
+        return _jitted_on_jax(_sparsemax_newton, z, ops)
     return _sparsemax_sort(z, ops)
 
 
@@ -373,7 +373,7 @@ def _sparsemax_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
 
 def _sparsemax_newton(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 1.0)
-    t, _ = _search(_sparsemax_threshold_search, z, ops)
+    t, _ = _sparsemax_threshold_search(z, ops)
     tau = _sparsemax_step(z, t, ops)[0]
     return ops.relu(z - _nan_if_any_nan(tau, z, ops))
 
@@ -381,18 +381,20 @@ def _sparsemax_newton(z: Any, ops: Ops) -> Any:
 _JITTED: dict[Any, Any] = {}
 
 
-def _search(search: Any, z: Any, ops: Ops) -> tuple[Any, Any]:
-    """Run a threshold search; on JAX through one cached ``jax.jit`` (eager or under ``grad``/``jit``).
+def _jitted_on_jax(fn: Any, z: Any, ops: Ops) -> Any:
+    """``fn(z, ops)``; on JAX through one cached ``jax.jit`` per ``fn`` (eager, or nested in ``grad``/``jit``).
 
-    Eager JAX would re-trace the ``while_loop`` on every call; a jitted search
-    is compiled once per shape and nests inside an outer ``jax.jit``.
+    Eager JAX would re-trace the search's ``while_loop`` and dispatch every
+    small operation on each call; a jitted gate is compiled once per shape, is
+    differentiable (the loop only sees ``stop_gradient`` values) and nests
+    inside an outer ``jax.jit``.
     """
     if ops.name != "jax":
-        return search(z, ops)
-    fn = _JITTED.get(search)
-    if fn is None:
-        fn = _JITTED[search] = ops.compile(functools.partial(search, ops=ops))
-    return fn(ops.stop_gradient(z))
+        return fn(z, ops)
+    jitted = _JITTED.get(fn)
+    if jitted is None:
+        jitted = _JITTED[fn] = ops.compile(functools.partial(fn, ops=ops))
+    return jitted(z)
 
 
 def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
