@@ -266,7 +266,7 @@ def _grads(name, method, z, w):
         import jax
         import jax.numpy as jnp
 
-        g = jax.grad(lambda zz: (f(zz, ops=ops, method=method) * jnp.asarray(w, jnp.float32)).sum())
+        g = jax.jit(jax.grad(lambda zz: (f(zz, ops=ops, method=method) * jnp.asarray(w, jnp.float32)).sum()))
         return np.asarray(g(jnp.asarray(z, jnp.float32)), dtype=np.float64)
     pytest.skip("NumPy has no autograd")
 
