@@ -486,6 +486,63 @@ class Ops:
         """
         return fn
 
+    # --- iterative solvers (the gates' sort-free thresholds) -----------------------
+    def stop_gradient(self, x: Any) -> Any:
+        """``x`` cut from autograd: the same values, no gradient flows back through them.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").stop_gradient(np.ones(2))
+        array([1., 1.])
+        """
+        return x
+
+    def any_true(self, mask: Any) -> Any:
+        """Whether any entry of ``mask`` is true, as a scalar of this backend (a tracer under ``jax.jit``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> bool(get_ops("numpy").any_true(np.array([[False, True]])))
+        True
+        """
+        return self.xp.any(mask)
+
+    def while_loop(self, cond: Any, body: Any, state: Any, max_iterations: int) -> tuple[Any, int]:
+        """Apply ``state = body(state)`` while ``cond(state)`` holds, at most ``max_iterations`` times.
+
+        ``cond`` returns a scalar boolean array of this backend (e.g. from
+        :meth:`any_true`).  Eager backends run a Python loop; JAX runs
+        ``jax.lax.while_loop`` (traceable under ``jax.jit``, not
+        reverse-differentiable: apply :meth:`stop_gradient` to its inputs).
+        Returns the final state and the number of iterations run (a Python int,
+        or a traced integer under ``jax.jit``).
+
+        Examples
+        --------
+        >>> get_ops("numpy").while_loop(lambda s: s < 10, lambda s: 2 * s, 1, 100)
+        (16, 4)
+        """
+        count = 0
+        while count < max_iterations and bool(cond(state)):
+            state = body(state)
+            count += 1
+        return state, count
+
+    def is_compiling(self) -> bool:
+        """Whether the call is being traced into a graph where a data-dependent Python loop would break it.
+
+        True only under ``torch.compile`` (Dynamo); ``jax.jit`` traces
+        :meth:`while_loop` natively, so it is False there.
+
+        Examples
+        --------
+        >>> get_ops("numpy").is_compiling()
+        False
+        """
+        return False
+
     # --- contraction --------------------------------------------------------------
     def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
         """Contract ``operands`` along ``equation`` with the cached plan of their shapes.
@@ -643,6 +700,12 @@ class TorchOps(Ops):
         with self._torch.no_grad():
             plan.tune(*operands, backend=self.einsum_backend, sync=self._torch.cuda.synchronize if cuda else None)
 
+    def stop_gradient(self, x: Any) -> Any:
+        return x.detach()
+
+    def is_compiling(self) -> bool:
+        return bool(self._torch.compiler.is_compiling())
+
     def device(self, x: Any) -> Any:
         return x.device
 
@@ -700,6 +763,20 @@ class JaxOps(Ops):
             rng, key = self._jax.random.split(rng)
             return self._jax.random.normal(key, shape, dtype=like.dtype), rng
         return super().normal(rng, shape, like)
+
+    def stop_gradient(self, x: Any) -> Any:
+        return self._jax.lax.stop_gradient(x)
+
+    def while_loop(self, cond: Any, body: Any, state: Any, max_iterations: int) -> tuple[Any, Any]:
+        lax, jnp = self._jax.lax, self.xp
+
+        def counted_cond(carry: Any) -> Any:
+            return jnp.logical_and(carry[1] < max_iterations, cond(carry[0]))
+
+        def counted_body(carry: Any) -> Any:
+            return body(carry[0]), carry[1] + 1
+
+        return lax.while_loop(counted_cond, counted_body, (state, jnp.asarray(0, dtype=jnp.int32)))
 
     def is_concrete(self, x: Any) -> bool:
         return not isinstance(x, self._jax.core.Tracer)

@@ -164,3 +164,171 @@ def test_non_finite_logits_follow_the_documented_rules(backend, name):
     np.testing.assert_allclose(p[0, [0, 2]], REFERENCES[name](np.array([[1.0, 0.5]]))[0], atol=2e-6)
     assert np.all(np.isnan(p[1:5])), p
     np.testing.assert_allclose(p[5], REFERENCES[name](z[5:])[0], atol=2e-6)
+
+
+# -- threshold methods of the sparse gates: sort and the sort-free Newton search ------------------
+
+SPARSE = {"entmax15": 1.5, "sparsemax": 2.0}
+METHODS = ["sort", "newton"]
+
+# logits with ties: a few distinct values (so equal logits, often at the threshold), times a scale
+tied_logits = st.tuples(
+    st.integers(1, 4), st.integers(1, 9), st.sampled_from([1e-6, 0.3, 1.0, 7.0, 1e4])
+).flatmap(
+    lambda a: arrays(np.float64, a[:2], elements=st.sampled_from([0.0, 0.25, 0.5, 1.0, -1.0, 2.0, -3.0])).map(
+        lambda z: z * a[2]
+    )
+)
+
+
+def run_gate(name, z, method, dtype="float32"):
+    ops = get_ops()
+    return to_numpy(getattr(gates, name)(ops.asarray(z, dtype), ops=ops, method=method))
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+@given(z=st.one_of(logits, tied_logits))
+def test_both_methods_equal_the_reference_and_each_other(backend, name, z):
+    """Shapes from 1 expert, scales from 1e-6 to 1e4, ties, -inf masks; the reference is bisection in float64."""
+    z32 = z.astype(np.float32).astype(np.float64)
+    ref = bisection_reference(z32, SPARSE[name])
+    # one fixed shape (JAX compiles once): z in the corner, its rows padded with -inf (masked
+    # experts), the other rows all zero
+    padded = np.zeros((4, 9))
+    padded[: z.shape[0]] = -np.inf
+    padded[: z.shape[0], : z.shape[1]] = z
+    by_method = {}
+    for m in METHODS:
+        p = run_gate(name, padded, m)
+        assert np.all(p[: z.shape[0], z.shape[1] :] == 0.0)
+        np.testing.assert_allclose(p[z.shape[0] :], 1 / 9, rtol=1e-6)
+        by_method[m] = p[: z.shape[0], : z.shape[1]]
+    for p in by_method.values():
+        np.testing.assert_allclose(p, ref, atol=2e-5)
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(by_method["newton"], by_method["sort"], atol=2e-6)
+    # exact zeros agree wherever the reference is clearly outside the support
+    outside = ref < 1e-3
+    assert np.all(by_method["newton"][outside & (by_method["sort"] == 0)] == 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+@pytest.mark.parametrize("method", METHODS)
+def test_edge_rows(backend, name, method):
+    """All-equal rows, one expert, huge and tiny logits, -inf masks, NaN/+inf/all -inf rows."""
+    z = np.array(
+        [
+            [0.0, 0.0, 0.0, 0.0],
+            [3.0, 3.0, 3.0, -1e30],
+            [1e30, -1e30, 1e30, 0.0],
+            [1e-30, -1e-30, 0.0, 1e-38],
+            [2.0, 0.0, 0.0, -np.inf],  # sparsemax: 0.0 sits exactly at the threshold
+            [1.0, -np.inf, -np.inf, -np.inf],
+            [np.nan, 0.0, 1.0, 2.0],
+            [np.inf, 0.0, 1.0, 2.0],
+            [-np.inf] * 4,
+        ]
+    )
+    with np.errstate(invalid="ignore"):
+        p = run_gate(name, z, method)
+    finite = z[:6].copy()
+    finite[np.isneginf(finite)] = -1e38  # masked: far below any threshold, as -inf is
+    ref = bisection_reference(finite.astype(np.float32).astype(np.float64), SPARSE[name])
+    np.testing.assert_allclose(p[:6], ref, atol=1e-6)
+    assert np.all(p[[4, 5], 3] == 0.0) and np.all(p[5] == [1.0, 0.0, 0.0, 0.0])
+    assert np.all(np.isnan(p[6:]))
+    single = run_gate(name, np.array([[5.0], [-1e20]]), method)
+    assert np.all(single == 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_methods_agree_on_many_experts(backend, name):
+    """[3, 4096]: long supports (small scale) and short ones (large scale), ties included."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(3, 4096)) * np.array([[0.01], [1.0], [30.0]])
+    z[:, :8] = z[:, :1]  # eight tied maxima
+    sort, newton = run_gate(name, z, "sort"), run_gate(name, z, "newton")
+    np.testing.assert_allclose(newton, sort, atol=1e-6)
+    np.testing.assert_allclose(newton.sum(-1), 1.0, rtol=1e-4)
+
+
+def _grads(name, method, z, w):
+    """Gradient of sum(w * gate(z)) with respect to z, on the current backend, as NumPy."""
+    ops = get_ops()
+    f = getattr(gates, name)
+    if ops.name == "pytorch":
+        import torch
+
+        zt = torch.tensor(z, dtype=torch.float32, requires_grad=True)
+        (f(zt, ops=ops, method=method) * torch.tensor(w, dtype=torch.float32)).sum().backward()
+        return zt.grad.numpy().astype(np.float64)
+    if ops.name == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        g = jax.jit(jax.grad(lambda zz: (f(zz, ops=ops, method=method) * jnp.asarray(w, jnp.float32)).sum()))
+        return np.asarray(g(jnp.asarray(z, jnp.float32)), dtype=np.float64)
+    pytest.skip("NumPy has no autograd")
+
+
+def _reference_grad(name, z, w):
+    """Closed-form Jacobian-vector product at the reference solution (Peters et al. 2019; Martins 2016)."""
+    p = bisection_reference(z.astype(np.float32).astype(np.float64), SPARSE[name])
+    # J = diag(s) - s s^T / sum(s); sparsemax: s = 1 on the support; 1.5-entmax: s = sqrt(p)
+    s = (p > 0).astype(float) if name == "sparsemax" else np.sqrt(p)
+    return s * w - s * (s * w).sum(-1, keepdims=True) / s.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_gradients_equal_between_methods_and_the_closed_form(backend, name):
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(6, 40)) * 2
+    z[1] = 0.0  # all equal
+    z[2, :5] = z[2].max() + 1  # tied maxima
+    w = rng.normal(size=z.shape)
+    by_method = {m: _grads(name, m, z, w) for m in METHODS}
+    assert np.all(np.isfinite(by_method["newton"]))
+    np.testing.assert_allclose(by_method["newton"], by_method["sort"], atol=1e-5)
+    np.testing.assert_allclose(by_method["newton"], _reference_grad(name, z, w), atol=1e-4)
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="JAX not installed")
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_newton_under_jax_jit_and_grad_is_finite_with_masks(name):
+    import jax
+    import jax.numpy as jnp
+
+    ops = get_ops("jax")
+    f = getattr(gates, name)
+    z = jnp.asarray([[1.0, -jnp.inf, 0.5, 0.2], [0.0, 0.0, 0.0, 0.0], [9.0, -9.0, 0.0, 8.5]], jnp.float32)
+    jitted = jax.jit(lambda zz: f(zz, ops=ops, method="newton"))
+    np.testing.assert_allclose(np.asarray(jitted(z)), np.asarray(f(z, ops=ops, method="sort")), atol=1e-6)
+    g = jax.jit(jax.grad(lambda zz: (f(zz, ops=ops, method="newton") * jnp.arange(4.0)).sum()))(z)
+    assert np.all(np.isfinite(np.asarray(g)))
+    assert float(g[0, 1]) == 0.0  # a masked expert gets no gradient
+
+
+@pytest.mark.skipif("pytorch" not in BACKENDS, reason="PyTorch not installed")
+@pytest.mark.parametrize("method", ["auto", "newton"])
+def test_torch_compile_full_graph_runs_the_sort_method(method):
+    """Under torch.compile every method runs as "sort" (the Newton loop would break the graph)."""
+    import torch
+
+    ops = get_ops("pytorch")
+    compiled = torch.compile(lambda z: gates.entmax15(z, ops=ops, method=method), backend="eager", fullgraph=True)
+    z = torch.randn(3, 9, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiled(z), gates.entmax15(z, ops=ops, method="sort"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+@pytest.mark.parametrize("method", ["Sort", "bisect", None, 2])
+def test_bad_method_names_the_argument(name, method):
+    with pytest.raises(ValueError, match=r"method=.*expected one of \['auto', 'sort', 'newton'\]"):
+        getattr(gates, name)(np.zeros((2, 3)), method=method)
+
+
+def test_auto_picks_newton_on_jax_only():
+    expected = {"numpy": "sort", "pytorch": "sort", "jax": "newton"}
+    for b in BACKENDS:
+        assert gates._resolved_method("auto", get_ops(b)) == expected[b]
+        assert gates._resolved_method("newton", get_ops(b)) == "newton"
