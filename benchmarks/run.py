@@ -65,7 +65,9 @@ KINDS = ("cp", "tucker", "tt", "tr")
 #: Targets of issue 6 (CPU).
 TARGET_LIMIT = 1.25  # planned / limit, every factorization, PyTorch and NumPy (and the million-expert layer)
 TARGET_UNPLANNED = 5.0  # unplanned torch.einsum / planned, small batches
-TARGET_MEMORY = 4.0  # measured forward memory / (B*(I+O+R+sum N) + params) elements, as bytes
+TARGET_MEMORY = 4.0
+#: Seconds of sampling per table row before it stops at the minimum of three samples (``--row-budget``).
+ROW_BUDGET_S = [3.0]  # measured forward memory / (B*(I+O+R+sum N) + params) elements, as bytes
 
 
 def sizes(quick: bool) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def sizes(quick: bool) -> dict[str, Any]:
     return {
         "I": 768, "O": 768, "N": 1024, "batches": [64, 4], "small_batch": 4,
         "ranks": {"cp": 256, "tucker": [64, 64, 64], "tt": [1, 32, 32, 1], "tr": [8, 16, 16, 8]},
-        "repeats": 10, "dense_ns": [8, 32, 128, 512], "dense_cap": 2**27, "dense_repeats": 3, "linear_kinds": list(KINDS),
+        "repeats": 10, "dense_ns": [8, 32, 128, 512], "dense_cap": 2**27, "dense_repeats": 2, "linear_kinds": list(KINDS),
         "unplanned_kinds": list(KINDS), "rss_subprocess": True,
         "million": [1024, 1024], "million_batch": 64, "gate_rank": 64,
         "scaling_ns": [1, 16, 256, 4096, [256, 256], [1024, 1024]], "scaling_rank_n": 1024,
@@ -159,8 +161,14 @@ class Backend:
 
 
 def time_side_by_side(fns: dict[str, Callable[[], Any]], be: Backend, repeats: int,
-                      sample_s: float = 1e-3) -> dict[str, dict[str, float]]:
-    """Median and minimum seconds per call of each function, timed round-robin after a warm-up."""
+                      sample_s: float = 1e-3, budget_s: float | None = None) -> dict[str, dict[str, float]]:
+    """Median and minimum milliseconds per call of each function, timed round-robin after a warm-up.
+
+    ``budget_s`` (default :data:`ROW_BUDGET_S`) bounds the sampling time: past it,
+    sampling stops once every function has at least three samples.
+    """
+    budget_s = ROW_BUDGET_S[0] if budget_s is None else budget_s
+    began = time.perf_counter()
     numbers, samples = {}, {k: [] for k in fns}
     for key, fn in fns.items():
         be.sync(fn())  # warm-up (JAX: compile)
@@ -171,6 +179,8 @@ def time_side_by_side(fns: dict[str, Callable[[], Any]], be: Backend, repeats: i
         if numbers[key] == 1:
             samples[key].append(once)  # a slow function: the calibration call is its first sample
     for k in range(repeats):
+        if k >= 3 and time.perf_counter() - began > budget_s:
+            break  # a slow or contended machine: enough samples for a median
         for key, fn in fns.items():
             if len(samples[key]) >= repeats:
                 continue
@@ -181,7 +191,7 @@ def time_side_by_side(fns: dict[str, Callable[[], Any]], be: Backend, repeats: i
             be.sync(out)
             samples[key].append((time.perf_counter() - start) / n)
     return {
-        k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "repeats": repeats, "number": numbers[k]}
+        k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "repeats": len(v), "number": numbers[k]}
         for k, v in samples.items()
     }
 
@@ -712,11 +722,13 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, axis, xkey, xlabel in ((axes[0], "experts", "experts", "number of experts N (1 or 2 levels)"),
+    for ax, axis, xkey, xlabel in ((axes[0], "experts", "experts", "number of experts (filled: one level; hollow: two levels [n, n])"),
                                    (axes[1], "rank", "rank", "CP rank R")):
         for backend in dict.fromkeys(r["backend"] for r in res["scaling"]):
             pts = [r for r in res["scaling"] if r["backend"] == backend and r["axis"] == axis]
-            ax.loglog([r[xkey] for r in pts], [r["min_ms"] for r in pts], "o-", label=backend)
+            line = ax.loglog([r[xkey] for r in pts], [r["min_ms"] for r in pts], "o-", label=backend)[0]
+            two = [r for r in pts if len(r["expert_dims"]) > 1]  # hollow markers: two expert levels
+            ax.loglog([r[xkey] for r in two], [r["min_ms"] for r in two], "o", mfc="white", color=line.get_color())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("forward time, ms (min)")
         ax.grid(True, which="both", alpha=0.3)
@@ -781,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="PyTorch device (JAX: its default)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=None, help="samples per timing (default 10; --quick 3)")
+    parser.add_argument("--row-budget", type=float, default=3.0,
+                        help="seconds of sampling per row; past it a row stops at 3 samples (default 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/<timestamp>.json)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -819,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None:
         cfg["repeats"] = args.repeats
     cfg["threads"] = args.threads
+    ROW_BUDGET_S[0] = cfg["row_budget_s"] = args.row_budget
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_path = Path(args.out) if args.out else HERE / "results" / f"{stamp}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
