@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_seconds"] = round(time.perf_counter() - started, 2)
     out_path.write_text(json.dumps(res, indent=1, default=str))
     m = res["meta"]
-    print(f"tensormoe benchmarks: {', '.join(backends)} on {m['cpu']} ({m['cpu_count']} cores"
+    print(f"tensormoe benchmarks: {', '.join(backends) or 'no backend left to run'} on {m['cpu']} ({m['cpu_count']} cores"
           + (f", torch threads {m['torch_threads']}" if "torch_threads" in m else "") + ")"
           + ("  [--quick]" if args.quick else "") + "\n")
     for title, headers, rows in tables(res):
