@@ -545,9 +545,10 @@ def _forward_memory(be: Backend, layer: Any, p: dict, x: Any, spec: dict) -> dic
     else:
         before, after = _rss_window(lambda: be.sync(layer.apply(p, x)))
         res, where = {"bytes": after - before, "method": _RSS_METHOD[0]}, "one call in this process (after the timings)"
-    if res is None or res["bytes"] <= 0:
-        return {"bytes": None, "method": "peak RSS growth: not measurable here"}
-    return {"bytes": res["bytes"], "method": f"{res['method']}, {where}"}
+    if res is None:
+        return {"bytes": None, "method": "peak RSS growth: the worker timed out"}
+    note = "" if res["bytes"] > 0 else " (0: the call fit in memory already resident, below what RSS resolves)"
+    return {"bytes": max(0, res["bytes"]), "method": f"{res['method']}, {where}{note}"}
 
 
 def section_million(be: Backend, cfg: dict, out: dict) -> None:
