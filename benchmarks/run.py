@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -503,6 +504,11 @@ def section_linear(be: Backend, cfg: dict, out: dict) -> None:
         out["linear"].append(row)
 
 
+def has_gate_rank() -> bool:
+    """Whether this version of the layers takes ``gate_rank=`` (a low-rank gate projection)."""
+    return any("gate_rank" in inspect.signature(cls.__init__).parameters for cls in (tensormoe.CPMMoE, tensormoe.MMoE))
+
+
 def million_rank(in_dim: int, out_dim: int, dims: list[int], flops_factor: float = 4.0) -> int:
     """CP rank making the layer's forward (gates included) about ``flops_factor`` linear layers, in steps of 32."""
     gates = in_dim * sum(dims)
@@ -568,10 +574,8 @@ def section_million(be: Backend, cfg: dict, out: dict) -> None:
     matmul = be.compile(lambda x, w: x @ w)
     fns = {"planned": lambda: layer.apply(p, x), "limit": lambda: limit(p, x), "linear": lambda: matmul(x, w_io)}
     low = None
-    try:
+    if has_gate_rank():
         low, lpn, _ = make_case("cp", i, o, dims, rank, batch, gate_rank=cfg["gate_rank"])
-    except TypeError:
-        pass  # this version of the layers has no gate_rank=
     if low is not None:
         lp = be.params(lpn)
         fns["gate_rank"] = lambda: low.apply(lp, x)
