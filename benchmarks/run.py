@@ -78,9 +78,9 @@ def sizes(quick: bool) -> dict[str, Any]:
             "I": 32, "O": 32, "N": 16, "batches": [8], "small_batch": 8,
             "ranks": {"cp": 8, "tucker": [4, 4, 4], "tt": [1, 4, 4, 1], "tr": [2, 4, 4, 2]},
             "repeats": 3, "dense_ns": [16, 64], "dense_cap": 2**17, "dense_repeats": 2, "linear_kinds": ["cp"],
-            "unplanned_kinds": ["cp"], "rss_subprocess": False,
+            "unplanned_kinds": ["cp"], "rss_subprocess": False, "unplanned_extras": False,
             "million": [32, 32], "million_batch": 8, "gate_rank": 4,
-            "scaling_ns": [1, [16, 16]], "scaling_rank_n": 16, "scaling_ranks": [2, 8], "scaling_rank": 4,
+            "scaling_ns": [1, [16, 16]], "scaling_rank_n": 16, "scaling_ranks": [8], "scaling_rank": 4,
             "scaling_batch": 8, "scaling_repeats": 2, "gate_shapes": [[8, 32]],
             "numpy_timeout": 5.0,
         }
@@ -88,7 +88,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         "I": 768, "O": 768, "N": 1024, "batches": [64, 4], "small_batch": 4,
         "ranks": {"cp": 256, "tucker": [64, 64, 64], "tt": [1, 32, 32, 1], "tr": [8, 16, 16, 8]},
         "repeats": 10, "dense_ns": [8, 32, 128, 512], "dense_cap": 2**27, "dense_repeats": 2, "linear_kinds": list(KINDS),
-        "unplanned_kinds": list(KINDS), "rss_subprocess": True,
+        "unplanned_kinds": list(KINDS), "rss_subprocess": True, "unplanned_extras": True,
         "million": [1024, 1024], "million_batch": 64, "gate_rank": 64,
         "scaling_ns": [1, 16, 256, 4096, [256, 256], [1024, 1024]], "scaling_rank_n": 1024,
         "scaling_ranks": [16, 64, 256, 1024], "scaling_rank": 64, "scaling_batch": 64, "scaling_repeats": 5,
@@ -376,9 +376,10 @@ def section_limit(be: Backend, cfg: dict, out: dict) -> None:
                 import jax.numpy as jnp
 
                 fns["unplanned"] = lambda layer=layer, p=p, x=x, eq=eq: jnp.einsum(eq, *unplanned_operands(layer, p, x, ops))
+            if be.name == "jax" and kind in cfg["unplanned_kinds"] and cfg["unplanned_extras"]:
                 jitted = be.compile(lambda p, x, layer=layer, eq=eq: jnp.einsum(eq, *unplanned_operands(layer, p, x, ops)))
                 fns["unplanned_jit"] = lambda jitted=jitted, p=p, x=x: jitted(p, x)
-            if "unplanned" in fns:  # the contraction alone, operands computed once: cached plan vs the einsum
+            if "unplanned" in fns and cfg["unplanned_extras"]:  # the contraction alone, operands computed once: cached plan vs the einsum
                 operands = unplanned_operands(layer, p, x, ops)
                 einsum = torch.einsum if be.name == "pytorch" else jnp.einsum
                 fns["contract_planned"] = lambda operands=operands, eq=eq, layer=layer: ops.contract(
@@ -406,8 +407,9 @@ def section_limit(be: Backend, cfg: dict, out: dict) -> None:
             else:
                 row["unplanned"] = t["unplanned"]
                 row["speedup"] = ratio(t["unplanned"], t["planned"])
-                row["contraction"] = {"planned": t["contract_planned"], "unplanned": t["contract_unplanned"],
-                                      "speedup": ratio(t["contract_unplanned"], t["contract_planned"])}
+                if "contract_planned" in t:
+                    row["contraction"] = {"planned": t["contract_planned"], "unplanned": t["contract_unplanned"],
+                                          "speedup": ratio(t["contract_unplanned"], t["contract_planned"])}
                 if "unplanned_jit" in t:
                     row["unplanned_jit"] = t["unplanned_jit"]
                     row["speedup_jit"] = ratio(t["unplanned_jit"], t["planned"])
