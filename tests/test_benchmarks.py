@@ -1,0 +1,125 @@
+"""The benchmark suite (benchmarks/run.py) runs, and its limits compute what the layers compute."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tensormoe
+from helpers import BACKENDS, to_numpy
+from tensormoe.layer import make_layer
+from tensormoe.ops import get_ops
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` (benchmarks/ is scripts, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return sys.modules[name] if sys.modules[name] is not module else module
+
+
+chains = _load("chains")
+
+# (kind, expert_dims, ranks, bias): hierarchy 1 and 2 for every format, bias on and off, ranks not all equal
+CONFIGS = [
+    ("cp", [5], 3, True),
+    ("cp", [4, 3], 2, False),
+    ("tucker", [5], [3, 4, 2], False),
+    ("tucker", [4, 3], [2, 3, 4, 3], True),
+    ("tt", [5], [1, 2, 3, 1], True),
+    ("tt", [4, 3], [1, 3, 2, 4, 1], False),
+    ("tr", [5], [2, 3, 4, 2], False),
+    ("tr", [4, 3], [3, 2, 4, 2, 3], True),
+]
+
+
+@pytest.mark.parametrize("kind,dims,ranks,bias", CONFIGS)
+def test_hand_chain_equals_layer_and_dense_reference(backend, kind, dims, ranks, bias):
+    ops = get_ops()
+    rng = np.random.default_rng(len(dims) * 10 + bias)
+    layer = make_layer(kind, 6, 5, dims, ranks, bias=bias, gate="sparsemax", seed=3)
+    params = dict(layer.params)
+    for h, n in enumerate(dims):  # random gates: the sparse coefficients are not uniform
+        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(6, n)), "float32")
+    x = ops.asarray(rng.normal(size=(7, 6)), "float32")
+    # compiled as the benchmark runs it (jax.jit on JAX: one compilation instead of one per operation)
+    # one compiled program on JAX (the layer's own jit inlines), plain calls elsewhere
+    run = ops.compile(lambda p, x: (chains.limit_forward(layer, p, x, ops), layer.apply(p, x), layer.dense_forward(p, x)))
+    limit, planned, dense = (to_numpy(y) for y in run(params, x))
+    assert np.abs(planned).max() > 1e-3  # a non-trivial output
+    np.testing.assert_allclose(limit, planned, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(limit, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_hand_chain_with_given_coefficients_matches_dense_einsum():
+    # independent of the layer's forward: the CP chain against an explicit einsum through W
+    layer = make_layer("cp", 4, 3, [5, 2], 3, seed=1)
+    ops = get_ops("numpy")
+    rng = np.random.default_rng(0)
+    p = {k: np.asarray(v, np.float64) for k, v in layer.params.items()}
+    a = [rng.random((6, 5)), rng.random((6, 2))]
+    x = rng.normal(size=(6, 4))
+    w = np.einsum("nr,mr,ir,or->nmio", p["factor_0"], p["factor_1"], p["factor_2"], p["factor_3"])
+    want = np.einsum("bn,bm,bi,nmio->bo", a[0], a[1], x, w[:, :, :4]) + np.einsum("bn,bm,nmo->bo", *a, w[:, :, 4])
+    np.testing.assert_allclose(chains.cp_chain(layer, p, x, a, ops), want, rtol=1e-10)
+
+
+def test_million_rank_makes_about_four_linear_layers():
+    run = _load("run")
+    r = run.million_rank(768, 768, [1024, 1024])
+    layer = tensormoe.CPMMoE(768, 768, [1024, 1024], rank=r)
+    c = layer.cost(64)
+    assert 3.5 <= c.flops / c.linear_flops <= 4.5
+    assert c.gate_flops > c.forward_flops  # most FLOPs in the two gates
+
+
+def _finite_timings(node):
+    """Every ``{"median_ms", "min_ms"}`` dict under ``node``."""
+    if isinstance(node, dict):
+        if "median_ms" in node and "min_ms" in node:
+            yield node
+        for v in node.values():
+            yield from _finite_timings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _finite_timings(v)
+
+
+def test_quick_run(tmp_path):
+    out = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out), "--backends", ",".join(BACKENDS)],
+        capture_output=True, text=True, timeout=300, cwd=str(BENCH.parent),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for section in ("limit", "unplanned", "dense", "linear", "million", "scaling", "gates"):
+        assert res[section], f"section {section} is empty"
+        assert {r["backend"] for r in res[section]} == set(BACKENDS), section
+    timings = list(_finite_timings({k: res[k] for k in ("limit", "unplanned", "dense", "linear", "million", "scaling", "gates")}))
+    assert len(timings) > 50
+    assert all(math.isfinite(t["median_ms"]) and t["median_ms"] > 0 and t["min_ms"] > 0 for t in timings)
+    # every hand chain was checked against the layer, on every backend and format
+    checked = {(v["backend"], v["kind"]) for v in res["verified"] if v["ok"]}
+    assert checked >= {(b, k) for b in BACKENDS for k in ("cp", "tucker", "tt", "tr", "cp-million")}
+    assert any(r.get("skipped") for r in res["dense"])  # the memory cap is applied
+    for r in res["million"]:
+        assert r["memory"]["bytes"] is not None and r["memory"]["bound_bytes"] < r["dense_w_bytes"]
+        if "RSS" not in r["memory"]["method"]:  # tracemalloc / XLA see every buffer; RSS may see none at tiny sizes
+            assert r["memory"]["bytes"] > 0
+    assert Path(res["plot"]).is_file() and Path(res["plot"]).stat().st_size > 1000
+    assert "Planned forward vs the limit" in done.stdout and "target" in done.stdout
+    assert res["meta"]["cpu_count"] >= 1 and res["meta"]["sizes"]["I"] > 0
