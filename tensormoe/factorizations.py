@@ -251,7 +251,8 @@ class Factorization:
         """
         selected = {self.mode_symbol(h): h for h in indices}
         out = []
-        for name, letters in self.network().items():
+        network = self.__dict__.get("_network") or self.__dict__.setdefault("_network", self.network())
+        for name, letters in network.items():
             levels = [selected[c] for c in letters if c in selected]
             value = params[name]
             if levels:

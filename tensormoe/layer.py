@@ -503,7 +503,7 @@ class MMoE:
 
     def _routed_forward(
         self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any, routing: Any, mask: Any, noise: Any,
-        statistics: bool, dense: bool,
+        statistics: bool, dense: bool, want_routing: bool = True,
     ) -> tuple[Any, Any]:
         lead = tuple(x.shape[:-1])
         if coefficients is not None:
@@ -538,15 +538,18 @@ class MMoE:
         y = ops.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
         if soft is not None:
             y = _routers.soft_combine(ops, routing[soft], y)
+        y = ops.reshape(y, (*lead, self.out_dim))
+        if not want_routing:
+            return y, None
         slot_lead = (*lead[:-1], rows.shape[1])
         routing = tuple(
             _routers.ungroup(ops, r, lead if soft is None or h == soft else slot_lead) for h, r in enumerate(routing)
         )
-        return ops.reshape(y, (*lead, self.out_dim)), routing
+        return y, routing
 
     def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
                  mask: Any = None, noise: Any = None) -> Any:
-        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False)[0]
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False, False)[0]
 
     def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                               routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
@@ -554,7 +557,7 @@ class MMoE:
 
     def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                        routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
-        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, True)[0]
+        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, True, False)[0]
 
     def _routing(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None,
                  statistics: bool = True) -> tuple:

@@ -78,7 +78,8 @@ def _einsum(backend: str) -> Any:
 def _operand(x: Any, perm: tuple[int, ...] | None, shape: tuple[int, ...], swap: bool, backend: str) -> Any:
     if perm is not None:
         x = _permute(x, perm, backend)
-    x = x.reshape(shape)
+    if x.shape != shape:  # torch.Size equals a tuple; a reshape costs a dispatch even as a no-op
+        x = x.reshape(shape)
     return _swap(x, backend) if swap else x
 
 
@@ -152,7 +153,8 @@ class Program:
                 a = _operand(a, step.a_perm, step.a_shape, step.a_swap, backend)
                 b = _operand(b, step.b_perm, step.b_shape, step.b_swap, backend)
                 out = a @ b if step.kind == "matmul" else a * b
-                out = out.reshape(step.out_shape)
+                if out.shape != step.out_shape:
+                    out = out.reshape(step.out_shape)
             stack.append(out)
         out = stack[0]
         if self.final_perm is not None:
