@@ -165,24 +165,27 @@ class Program:
 def _layout(
     terms: str, shape: tuple[int, ...], groups: Sequence[Sequence[str]], sizes: dict[str, int]
 ) -> tuple[tuple[int, ...] | None, tuple[int, ...], bool, int]:
-    """How to view an operand with indices ``terms`` as ``[batch, rows, cols]`` given by three index groups.
+    """How to view an operand with indices ``terms`` as ``[*lead, rows, cols]`` given by index groups.
 
-    ``groups`` is ``(batch, rows, cols)``; the operand is a view when its indices
-    already lie as ``batch + rows + cols`` or ``batch + cols + rows`` (then the
-    last two axes are swapped, a transposed view).  Otherwise it is permuted
-    (copied).  Returns ``(perm or None, view shape, swap, copied elements)``.
+    ``groups`` is ``(*lead, rows, cols)``: each leading group (the batch indices,
+    or free indices used as broadcast batch axes) becomes one axis, an empty group
+    an axis of size one.  The operand is a view when its indices already lie as
+    ``lead + rows + cols`` or ``lead + cols + rows`` (then the last two axes are
+    swapped, a transposed view).  Otherwise it is permuted (copied).  Returns
+    ``(perm or None, view shape, swap, copied elements)``.
     """
-    batch, rows, cols = groups
+    *lead, rows, cols = groups
     size = lambda g: math.prod(sizes[c] for c in g)  # noqa: E731
-    shape3 = ((size(batch),) if batch else ()) + (size(rows), size(cols))
+    lead_shape = tuple(size(g) for g in lead)
     # axes of size one may sit anywhere: a reshape moves them without copying
     wide = lambda g: "".join(c for c in g if sizes[c] != 1)  # noqa: E731
-    if wide(terms) == wide(batch) + wide(rows) + wide(cols):
-        return None, shape3, False, 0
-    if wide(terms) == wide(batch) + wide(cols) + wide(rows):
-        return None, ((size(batch),) if batch else ()) + (size(cols), size(rows)), True, 0
-    perm = tuple(terms.index(c) for c in (*batch, *rows, *cols))
-    return perm, shape3, False, math.prod(shape)
+    first = "".join(wide(g) for g in lead)
+    if wide(terms) == first + wide(rows) + wide(cols):
+        return None, lead_shape + (size(rows), size(cols)), False, 0
+    if wide(terms) == first + wide(cols) + wide(rows):
+        return None, lead_shape + (size(cols), size(rows)), True, 0
+    perm = tuple(terms.index(c) for c in (*(c for g in lead for c in g), *rows, *cols))
+    return perm, lead_shape + (size(rows), size(cols)), False, math.prod(shape)
 
 
 def _ordered(letters: set[str], *orders: str) -> list[str]:
@@ -195,10 +198,27 @@ def _ordered(letters: set[str], *orders: str) -> list[str]:
     return seen
 
 
+def _leading_free(terms: str, batch: Sequence[str], free: set[str]) -> list[str]:
+    """The free indices that lead ``terms`` right after its batch indices (candidates for broadcast axes)."""
+    rest = [c for c in terms if c not in batch] if list(terms[: len(batch)]) == list(batch) else []
+    out = []
+    for c in rest:
+        if c not in free:
+            break
+        out.append(c)
+    return out if len(out) < len(free) else out[:-1]
+
+
 def _lower_step(
     ta: str, tb: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], keep: set[str], sizes: dict[str, int]
 ) -> tuple[str, str, str, tuple, tuple, int, int, str]:
     """Lower the contraction of terms ``ta``, ``tb`` (keeping ``keep``) to a matmul or multiply.
+
+    A free index that leads an operand (such as the first bond of a tensor-ring
+    core ``G[p, i, q]`` contracted over ``i``) may become a broadcast batch axis
+    of the matrix product instead of forcing a transposed copy of that operand;
+    the other operand is then repeated along it, which PyTorch materialises, so
+    that repetition is charged as copied elements.
 
     Returns ``(kind, out_terms, _, a_layout, b_layout, flops, copied, einsum)``.
     """
@@ -211,6 +231,7 @@ def _lower_step(
         return "einsum", out, "", (), (), flops, 0, f"{ta},{tb}->{out}"
     shared = sa & sb
     contracted = shared - keep
+    size = lambda g: math.prod(sizes[c] for c in g)  # noqa: E731
     best = None
     # the shared groups must have one order in both operands: try each operand's order
     for first in (ta, tb):
@@ -218,20 +239,34 @@ def _lower_step(
         cols = _ordered(contracted, first)
         left = _ordered(sa - sb, ta)
         right = _ordered(sb - sa, tb)
+        options = [([], [])]
         if contracted:
-            la = _layout(ta, shape_a, (batch, left, cols), sizes)
-            lb = _layout(tb, shape_b, (batch, cols, right), sizes)
-            kind = "matmul"
-        else:  # nothing summed: a broadcast multiply of [batch, left, 1] and [batch, 1, right]
-            la = _layout(ta, shape_a, (batch, left, []), sizes)
-            lb = _layout(tb, shape_b, (batch, [], right), sizes)
-            kind = "mul"
-        copied = la[3] + lb[3]
-        if best is None or copied < best[6]:
-            out = "".join(batch + left + right)
-            k = math.prod(sizes[c] for c in cols) if contracted else 1
-            flops = (2 if contracted else 1) * math.prod(sizes[c] for c in out) * k
-            best = (kind, out, "", la, lb, flops, copied, "")
+            outer_a, outer_b = _leading_free(ta, batch, sa - sb), _leading_free(tb, batch, sb - sa)
+            options += [(outer_a, []), ([], outer_b), (outer_a, outer_b)]
+        for oa, ob in options:
+            if (oa, ob) != ([], []) and not (oa or ob):
+                continue
+            la_rows = [c for c in left if c not in oa]
+            lb_cols = [c for c in right if c not in ob]
+            lead_a = [batch] if batch else []
+            lead_b = [batch] if batch else []
+            if oa or ob:
+                lead_a, lead_b = [batch, oa, []], [batch, [], ob]
+            if contracted:
+                la = _layout(ta, shape_a, (*lead_a, la_rows, cols), sizes)
+                lb = _layout(tb, shape_b, (*lead_b, cols, lb_cols), sizes)
+                kind = "matmul"
+            else:  # nothing summed: a broadcast multiply of [batch, left, 1] and [batch, 1, right]
+                la = _layout(ta, shape_a, (*lead_a, la_rows, []), sizes)
+                lb = _layout(tb, shape_b, (*lead_b, [], lb_cols), sizes)
+                kind = "mul"
+            copied = la[3] + lb[3]
+            copied += (size(ob) * size(ta) if size(ob) > 1 else 0) + (size(oa) * size(tb) if size(oa) > 1 else 0)
+            if best is None or copied < best[6]:
+                out = "".join(batch + oa + ob + la_rows + lb_cols)
+                k = size(cols) if contracted else 1
+                flops = (2 if contracted else 1) * size(out) * k
+                best = (kind, out, "", la, lb, flops, copied, "")
     return best
 
 

@@ -137,3 +137,13 @@ def test_jax_jit_through_a_program():
 def test_bad_paths_are_refused(path, match):
     with pytest.raises(ValueError, match=match):
         lowering.lower("ab,bc,cd->ad", [(2, 3), (3, 4), (4, 5)], path)
+
+
+def test_leading_bond_becomes_a_broadcast_axis():
+    """x[b, i] against a ring core G[p, i, q]: p becomes a batch axis; the core is read in place."""
+    program = lowering.lower("bi,piq->bpq", [(2, 50), (4, 50, 3)], [(0, 1)])
+    step = program.steps[0]
+    assert step.b_perm is None  # the core is not transposed
+    assert program.copied == 4 * 2 * 50  # only x is repeated along p (PyTorch materialises it)
+    x, g = np.random.default_rng(0).normal(size=(2, 50)), np.random.default_rng(1).normal(size=(4, 50, 3))
+    np.testing.assert_allclose(program(x, g, backend="numpy"), np.einsum("bi,piq->bpq", x, g), rtol=1e-12)
