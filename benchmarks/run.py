@@ -88,7 +88,7 @@ def sizes(quick: bool) -> dict[str, Any]:
     return {
         "I": 768, "O": 768, "N": 1024, "batches": [64, 4], "small_batch": 4,
         "ranks": {"cp": 256, "tucker": [64, 64, 64], "tt": [1, 32, 32, 1], "tr": [8, 16, 16, 8]},
-        "repeats": 10, "dense_ns": [8, 32, 128, 512], "dense_cap": 2**27, "dense_repeats": 2, "linear_kinds": list(KINDS),
+        "repeats": 25, "dense_ns": [8, 32, 128, 512], "dense_cap": 2**27, "dense_repeats": 2, "linear_kinds": list(KINDS),
         "unplanned_kinds": list(KINDS), "rss_subprocess": True, "unplanned_extras": True,
         "million": [1024, 1024], "million_batch": 64, "gate_rank": 64,
         "scaling_ns": [1, 16, 256, 4096, [256, 256], [1024, 1024]], "scaling_rank_n": 1024,
@@ -855,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=None, help="comma-separated (default: every installed backend)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="PyTorch device (JAX: its default)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="samples per timing (default 10; --quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per timing (default 25; --quick 3)")
     parser.add_argument("--row-budget", type=float, default=3.0,
                         help="seconds of sampling per row; past it a row stops at 3 samples (default 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")

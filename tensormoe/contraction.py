@@ -13,7 +13,8 @@ contraction order close to the fewest FLOPs (all orders up to six operands, the
 orders of opt_einsum's ``"greedy"`` and ``"dp"`` otherwise) is lowered, ranked
 by FLOPs plus memory traffic, and on the first eager NumPy or PyTorch call the
 best few are timed once on the real operands and the fastest is kept (like
-cuDNN's benchmark mode).  Every candidate computes the same contraction; they
+cuDNN's benchmark mode); on JAX, when the forward is first traced, each of them
+is compiled and timed on stand-in arrays of the same shapes and dtype.  Every candidate computes the same contraction; they
 differ only in rounding.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.util
 import threading
 from typing import Any
@@ -139,10 +141,12 @@ class Plan:
         """
         return "program" in self._chosen or len(self.candidates) <= 1
 
-    def tune(self, *operands: Any, backend: str, sync: Any = None) -> lowering.Program | None:
+    def tune(self, *operands: Any, backend: str, sync: Any = None, wrap: Any = None) -> lowering.Program | None:
         """Time each candidate program once on ``operands`` and keep the fastest (first call only).
 
-        ``sync`` is called after each run (a device synchronisation on CUDA).
+        ``wrap(program)`` turns a program into the function to time (``jax.jit``
+        of it on JAX; default: the program itself), and ``sync(result)`` waits for
+        the result (a device synchronisation on CUDA, ``block_until_ready`` on JAX).
         Thread-safe enough: two threads tuning at once each keep a valid program.
 
         Examples
@@ -157,12 +161,13 @@ class Plan:
         name = _einsum_backend(backend)
         best = None
         for program in self.candidates[:_TUNE_CANDIDATES]:
+            run = functools.partial(program, backend=name) if wrap is None else wrap(program)
             elapsed = []
             for _ in range(_TUNE_REPEATS + 1):
                 start = time.perf_counter()
-                program(*operands, backend=name)
+                out = run(*operands)
                 if sync is not None:
-                    sync()
+                    sync(out)
                 elapsed.append(time.perf_counter() - start)
             seconds = min(elapsed[1:])
             if best is None or seconds < best[0]:

@@ -560,12 +560,12 @@ class Ops:
             dtype=self.dtype_name(operands[-1]),
             optimize=optimize,
         )
-        if not plan.tuned and all(self.is_concrete(o) for o in operands):
+        if not plan.tuned:
             self._tune(plan, operands)
         return plan(*operands, backend=self.einsum_backend)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
-        """Time the plan's candidate programs once on these operands (eager backends only)."""
+        """Time the plan's candidate programs once on these operands."""
         plan.tune(*operands, backend=self.einsum_backend)
 
 
@@ -698,7 +698,8 @@ class TorchOps(Ops):
     def _tune(self, plan: Any, operands: list[Any]) -> None:
         cuda = operands[0].is_cuda
         with self._torch.no_grad():
-            plan.tune(*operands, backend=self.einsum_backend, sync=self._torch.cuda.synchronize if cuda else None)
+            sync = (lambda _: self._torch.cuda.synchronize()) if cuda else None
+            plan.tune(*operands, backend=self.einsum_backend, sync=sync)
 
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
@@ -785,9 +786,19 @@ class JaxOps(Ops):
         return isinstance(x, self._jax.core.Tracer)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
-        # XLA lays out and fuses the jitted program itself; eager timings would mostly
-        # measure per-primitive compilation, so JAX keeps the cost model's choice
-        return None
+        # XLA's speed differs between programs the cost model ranks alike (which side of
+        # a product reads a transposed operand): compile each candidate and time it on
+        # stand-ins of the operands' shapes and dtype, outside any trace that is running
+        jax, jnp = self._jax, self.xp
+        rng = np.random.default_rng(0)
+        with jax.ensure_compile_time_eval():
+            stand_ins = [jnp.asarray(rng.standard_normal(o.shape), dtype=o.dtype) for o in operands]
+            plan.tune(
+                *stand_ins,
+                backend=self.einsum_backend,
+                sync=lambda out: out.block_until_ready(),
+                wrap=lambda program: jax.jit(functools.partial(program, backend=self.einsum_backend)),
+            )
 
     def compile(self, fn: Any) -> Any:
         # eager JAX compiles every primitive for every new shape; one jit per
