@@ -67,6 +67,9 @@ KINDS = ("cp", "tucker", "tt", "tr")
 TARGET_LIMIT = 1.25  # planned / limit, every factorization, PyTorch and NumPy (and the million-expert layer)
 TARGET_UNPLANNED = 5.0  # unplanned torch.einsum / planned, small batches
 TARGET_MEMORY = 4.0
+#: Fast rows keep taking samples (beyond ``--repeats``, up to MAX_SAMPLES) for this many seconds.
+MIN_SAMPLING_S = 0.5
+MAX_SAMPLES = 400
 #: Seconds of sampling per table row before it stops at the minimum of three samples (``--row-budget``).
 ROW_BUDGET_S = [3.0]  # measured forward memory / (B*(I+O+R+sum N) + params) elements, as bytes
 
@@ -181,12 +184,13 @@ def time_side_by_side(fns: dict[str, Callable[[], Any]], be: Backend, repeats: i
         numbers[key] = max(1, min(100, int(sample_s / max(once, 1e-7))))
         if numbers[key] == 1:
             samples[key].append(once)  # a slow function: the calibration call is its first sample
-    for k in range(repeats):
-        if k >= 3 and time.perf_counter() - began > budget_s:
+    for k in range(max(repeats, MAX_SAMPLES)):
+        elapsed = time.perf_counter() - began
+        if k >= 3 and elapsed > budget_s:
             break  # a slow or contended machine: enough samples for a median
+        if k >= repeats and elapsed > MIN_SAMPLING_S:
+            break  # fast rows keep sampling for MIN_SAMPLING_S: more samples, steadier minimums
         for key, fn in fns.items():
-            if len(samples[key]) >= repeats:
-                continue
             n = numbers[key]
             start = time.perf_counter()
             for _ in range(n):
