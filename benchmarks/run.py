@@ -674,6 +674,10 @@ def section_gates(be: Backend, cfg: dict, out: dict) -> None:
         for name in ("softmax", "entmax15", "sparsemax"):
             f = be.compile(lambda z, act=gates.ACTIVATIONS[name]: act(z, ops=be.ops))
             fns[name] = lambda f=f: f(z)
+        for name in ("entmax15", "sparsemax"):  # both exact threshold methods, side by side
+            other = "sort" if be.name == "jax" else "newton"  # the method "auto" does not pick there
+            f = be.compile(lambda z, act=gates.ACTIVATIONS[name], m=other: act(z, ops=be.ops, method=m))
+            fns[f"{name} ({other})"] = lambda f=f: f(z)
         t = time_side_by_side(fns, be, cfg["repeats"])
         for name, v in t.items():
             out["gates"].append({"backend": be.label, "gate": name, "shape": shape, **v})

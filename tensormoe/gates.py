@@ -24,13 +24,16 @@ without gradient tracking; ``tau`` is then computed differentiably in closed
 form from the support found, so values and gradients equal the sort method's up
 to rounding.
 
-``"auto"`` (the default) picks the faster one measured on CPU (float32, batch
-64, 16 to 1024 experts): ``"newton"`` on JAX, where XLA's sort is slow and
-the search runs as one ``jax.lax.while_loop`` (4 to 18 times faster than
-sorting under ``jax.jit`` at 256 and 1024 experts); ``"sort"`` on NumPy and
-PyTorch, whose eager sorts beat 4 to 7 Newton steps of several array passes
-each.  Under ``torch.compile`` both methods run as ``"sort"``: the search's
-data-dependent loop would break the graph.
+``"auto"`` (the default) picks the faster one measured on CPU (float32):
+``"newton"`` on JAX, where XLA's sort is slow and the search runs as one
+``jax.lax.while_loop`` (4 to 18 times faster than sorting under ``jax.jit`` at
+256 and 1024 experts); on NumPy and PyTorch (CPU) ``"sort"`` for small logit
+arrays, whose eager sorts beat 4 to 7 Newton steps of several array passes
+each, and ``"newton"`` from ``2**16`` logits in all (entmax15, e.g. 64 rows of
+1024 experts: 1.2 to 1.5 times faster) or ``2**18`` (sparsemax), where sorting
+long rows costs more.  On a GPU, PyTorch keeps ``"sort"`` (every Newton step
+would wait for the host).  Under ``torch.compile`` both methods run as
+``"sort"``: the search's data-dependent loop would break the graph.
 
 All three subtract the row maximum first, so large logits neither overflow nor
 lose the support.  :func:`layer_norm` is the optional normalisation of the
@@ -51,6 +54,7 @@ The result always has the dtype of the logits.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from .ops import Ops, get_ops
@@ -63,8 +67,8 @@ METHODS = ("auto", "sort", "newton")
 
 ``"sort"`` sorts the logits; ``"newton"`` finds the support by Newton steps
 without sorting (exact, see the module notes); ``"auto"`` picks ``"newton"`` on
-JAX and ``"sort"`` on NumPy and PyTorch (the faster on CPU).  Under
-``torch.compile`` every method runs as ``"sort"``.
+JAX and on large logit arrays on NumPy and PyTorch's CPU, ``"sort"`` otherwise
+(the faster, as measured).  Under ``torch.compile`` every method runs as ``"sort"``.
 
 Examples
 --------
@@ -94,13 +98,22 @@ def _checked_method(method: Any) -> str:
     return method
 
 
-def _resolved_method(method: str, ops: Ops) -> str:
-    """The method to run: ``"newton"`` on JAX for ``"auto"``; ``"sort"`` otherwise and under ``torch.compile``."""
+#: ``"auto"`` on NumPy and PyTorch's CPU: the fewest logits (all rows) from which ``"newton"`` runs faster
+#: than ``"sort"`` (measured side by side, float32: ``python benchmarks/run.py --sections gates``)
+_NEWTON_FROM = {"entmax15": 2**16, "sparsemax": 2**18}
+
+
+def _resolved_method(method: str, ops: Ops, z: Any = None, gate: str = "entmax15") -> str:
+    """The method to run: ``"sort"`` under ``torch.compile``; for ``"auto"`` see :data:`METHODS`."""
     if ops.is_compiling():
         return "sort"
-    if method == "auto":
-        return "newton" if ops.name == "jax" else "sort"
-    return method
+    if method != "auto":
+        return method
+    if ops.name == "jax":
+        return "newton"
+    if z is None or getattr(ops.device(z), "type", "cpu") != "cpu":
+        return "sort"  # on a GPU each Newton step would wait for the host
+    return "newton" if math.prod(z.shape) >= _NEWTON_FROM[gate] else "sort"
 
 
 def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
@@ -181,8 +194,8 @@ def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
         The backend's operations (default: the current backend's).
     method : {"auto", "sort", "newton"}
         How the threshold is found (see :data:`METHODS`): ``"sort"`` sorts the
-        logits; ``"newton"`` does not; ``"auto"`` uses ``"newton"`` on JAX and
-        ``"sort"`` elsewhere.  All give the same values and gradients up to
+        logits; ``"newton"`` does not; ``"auto"`` picks the faster (see
+        :data:`METHODS`).  All give the same values and gradients up to
         rounding.
 
     Examples
@@ -201,7 +214,7 @@ def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
 
 
 def _entmax15(z: Any, ops: Ops, method: str) -> Any:
-    if _resolved_method(method, ops) == "newton":
+    if _resolved_method(method, ops, z, "entmax15") == "newton":
         return _jitted_on_jax(_entmax15_newton, z, ops)
     return _entmax15_sort(z, ops)
 
@@ -320,7 +333,7 @@ def sparsemax(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
 
 
 def _sparsemax(z: Any, ops: Ops, method: str) -> Any:
-    if _resolved_method(method, ops) == "newton":
+    if _resolved_method(method, ops, z, "sparsemax") == "newton":
         return _jitted_on_jax(_sparsemax_newton, z, ops)
     return _sparsemax_sort(z, ops)
 

@@ -327,8 +327,23 @@ def test_bad_method_names_the_argument(name, method):
         getattr(gates, name)(np.zeros((2, 3)), method=method)
 
 
-def test_auto_picks_newton_on_jax_only():
-    expected = {"numpy": "sort", "pytorch": "sort", "jax": "newton"}
+def test_auto_picks_newton_on_jax_and_for_large_logits():
+    """"auto": Newton on JAX; on NumPy and PyTorch's CPU from 2**16 logits (entmax15) or 2**18 (sparsemax)."""
     for b in BACKENDS:
-        assert gates._resolved_method("auto", get_ops(b)) == expected[b]
-        assert gates._resolved_method("newton", get_ops(b)) == "newton"
+        ops = get_ops(b)
+        small, large, larger = (ops.asarray(np.zeros(s, dtype="float32")) for s in [(64, 16), (64, 1024), (64, 4096)])
+        on_jax = b == "jax"
+        assert gates._resolved_method("auto", ops, small, "entmax15") == ("newton" if on_jax else "sort")
+        assert gates._resolved_method("auto", ops, large, "entmax15") == "newton"
+        assert gates._resolved_method("auto", ops, large, "sparsemax") == ("newton" if on_jax else "sort")
+        assert gates._resolved_method("auto", ops, larger, "sparsemax") == "newton"
+        for method in ("sort", "newton"):
+            assert gates._resolved_method(method, ops, large, "entmax15") == method
+
+
+def test_auto_keeps_sort_on_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    z = torch.zeros((64, 1024), device="cuda")
+    assert gates._resolved_method("auto", get_ops("pytorch"), z, "entmax15") == "sort"
