@@ -18,16 +18,17 @@ import tensormoe as tm
 from tensormoe.ops import get_ops
 
 
-def t(f, n=200):
-    """Minimum milliseconds of ``f()`` over ``n`` calls after a warm-up."""
+def side_by_side(f, g, n=200):
+    """Minimum milliseconds of ``f()`` and of ``g()``, called alternately ``n`` times each after a warm-up."""
     for _ in range(5):
-        f()
-    ts = []
+        f(), g()
+    tf, tg = [], []
     for _ in range(n):
-        s = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - s)
-    return np.min(ts) * 1e3
+        for fn, ts in ((f, tf), (g, tg)):
+            s = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - s)
+    return np.min(tf) * 1e3, np.min(tg) * 1e3
 
 
 LAYERS = {
@@ -58,8 +59,8 @@ def main() -> None:
                 ops.contract(eq, operands)  # plan, lower and time the candidates once
                 plan = tm.get_plan(eq, *shapes, backend=be)
                 expression = oe.contract_expression(eq, *shapes, optimize=oe.contract_path(eq, *shapes, shapes=True)[0])
-                old = t(lambda: expression(*operands, backend=ops.einsum_backend))
-                new = t(lambda: plan(*operands, backend=be))
+                old, new = side_by_side(lambda: expression(*operands, backend=ops.einsum_backend),
+                                        lambda: plan(*operands, backend=be))
                 print(f"| {be} | {name} | {batch} | {old:.3f} | {new:.3f} | {old / new:.1f}x |")
 
 

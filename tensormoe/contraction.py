@@ -73,7 +73,8 @@ True
 """
 
 _TUNE_CANDIDATES = 4
-_TUNE_REPEATS = 3
+_TUNE_REPEATS = 5
+_TUNE_MARGIN = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,21 +160,24 @@ class Plan:
         if self.tuned:
             return self.program
         name = _einsum_backend(backend)
-        best = None
-        for program in self.candidates[:_TUNE_CANDIDATES]:
-            run = functools.partial(program, backend=name) if wrap is None else wrap(program)
-            elapsed = []
-            for _ in range(_TUNE_REPEATS + 1):
+        programs = self.candidates[:_TUNE_CANDIDATES]
+        runs = [functools.partial(p, backend=name) if wrap is None else wrap(p) for p in programs]
+        best = [float("inf")] * len(programs)
+        # round-robin, one call of each candidate per round (the first round warms up):
+        # a machine that slows down for a while slows every candidate alike
+        for round_ in range(_TUNE_REPEATS + 1):
+            for k, run in enumerate(runs):
                 start = time.perf_counter()
                 out = run(*operands)
                 if sync is not None:
                     sync(out)
-                elapsed.append(time.perf_counter() - start)
-            seconds = min(elapsed[1:])
-            if best is None or seconds < best[0]:
-                best = (seconds, program)
-        self._chosen["program"] = best[1]
-        return best[1]
+                if round_:
+                    best[k] = min(best[k], time.perf_counter() - start)
+        # the cost model's first choice stays unless another is clearly faster
+        fastest = min(range(len(programs)), key=best.__getitem__)
+        chosen = programs[fastest] if best[fastest] < (1 - _TUNE_MARGIN) * best[0] else programs[0]
+        self._chosen["program"] = chosen
+        return chosen
 
     def __call__(self, *operands: Any, backend: str) -> Any:
         """Contract ``operands`` (of the planned shapes) on ``backend``.
