@@ -11,11 +11,12 @@ re-plans an einsum per call (``np.einsum`` without a path, and
 Large contractions (at least :data:`SEARCH_FLOPS`) get a wider search: every
 contraction order close to the fewest FLOPs (all orders up to six operands, the
 orders of opt_einsum's ``"greedy"`` and ``"dp"`` otherwise) is lowered, ranked
-by FLOPs plus memory traffic, and on the first eager NumPy or PyTorch call the
-best few are timed once on the real operands and the fastest is kept (like
-cuDNN's benchmark mode); on JAX, when the forward is first traced, each of them
-is compiled and timed on stand-in arrays of the same shapes and dtype.  Every candidate computes the same contraction; they
-differ only in rounding.
+by FLOPs plus memory traffic, and on the first NumPy or PyTorch call the best
+few are timed in round-robin rounds on the real operands (like cuDNN's
+benchmark mode): the model's first choice is kept unless another is clearly
+faster.  On JAX, when the forward is first traced, each of them is compiled
+and timed on stand-in arrays of the same shapes and dtype.  Every candidate
+computes the same contraction; they differ only in rounding.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .validation import as_list, describe, is_int
 __all__ = [
     "OPTIMIZERS",
     "Plan",
+    "SEARCH_FLOPS",
     "cache_info",
     "check_optimizer",
     "clear_cache",

@@ -8,7 +8,7 @@ indices into batch, kept-left, contracted and kept-right, orders each group
 the way the operands already lie in memory, and so reaches a single
 ``matmul`` (or a broadcast multiply when nothing is summed) over *views* of
 its operands.  A copy is made only where no ordering makes the operand a
-view; :attr:`Program.copied` counts those elements, and :func:`candidates`
+view; ``Program.copied`` counts those elements, and :func:`candidates`
 searches contraction orders (and operand roles) for programs with few FLOPs
 *and* few copies.
 
@@ -356,7 +356,7 @@ def candidates(
     equation: str, shapes: Sequence[Sequence[int]], paths: Sequence[Sequence[Sequence[int]]], *, slack: float = 1.25,
     limit: int = 4, exhaustive: bool = True,
 ) -> list[Program]:
-    """The cheapest programs (by :attr:`Program.cost`) for ``equation``, best first.
+    """The cheapest programs (by ``Program.cost``) for ``equation``, best first.
 
     ``paths`` are seed contraction orders (from opt_einsum's optimizers); with
     ``exhaustive`` and at most ``EXHAUSTIVE_OPERANDS`` operands every order is
