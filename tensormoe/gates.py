@@ -210,13 +210,14 @@ def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
     True
     """
     method = _checked_method(method)
-    return _run(_entmax15, z, ops, method)
+    return _run(_sparse_gate, z, ops, method, "entmax15")
 
 
-def _entmax15(z: Any, ops: Ops, method: str) -> Any:
-    if _resolved_method(method, ops, z, "entmax15") == "newton":
-        return _jitted_on_jax(_entmax15_newton, z, ops)
-    return _entmax15_sort(z, ops)
+def _sparse_gate(z: Any, ops: Ops, method: str, gate: str) -> Any:
+    """``gate`` ("entmax15" or "sparsemax") of ``z`` by the threshold method ``method`` resolves to."""
+    if _resolved_method(method, ops, z, gate) == "newton":
+        return _jitted_on_jax(_NEWTON[gate], z, ops)
+    return _SORT[gate](z, ops)
 
 
 def _entmax15_sort(z: Any, ops: Ops) -> Any:
@@ -329,13 +330,7 @@ def sparsemax(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
     [0.75, 0.25, 0.0]
     """
     method = _checked_method(method)
-    return _run(_sparsemax, z, ops, method)
-
-
-def _sparsemax(z: Any, ops: Ops, method: str) -> Any:
-    if _resolved_method(method, ops, z, "sparsemax") == "newton":
-        return _jitted_on_jax(_sparsemax_newton, z, ops)
-    return _sparsemax_sort(z, ops)
+    return _run(_sparse_gate, z, ops, method, "sparsemax")
 
 
 def _sparsemax_sort(z: Any, ops: Ops) -> Any:
@@ -426,6 +421,9 @@ def _layer_norm(z: Any, ops: Ops, eps: float) -> Any:
     centred = z - ops.mean(z)
     return centred / ops.sqrt(ops.mean(centred * centred) + eps)
 
+
+_SORT = {"entmax15": _entmax15_sort, "sparsemax": _sparsemax_sort}
+_NEWTON = {"entmax15": _entmax15_newton, "sparsemax": _sparsemax_newton}
 
 ACTIVATIONS = {"softmax": softmax, "entmax15": entmax15, "sparsemax": sparsemax}
 """Gate activations by name: the values accepted by the layers' ``gate=`` argument.
