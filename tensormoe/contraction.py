@@ -26,15 +26,13 @@ import dataclasses
 import functools
 import importlib.util
 import threading
-from typing import Any
-
 import time
+from typing import Any
 
 import numpy as np
 import opt_einsum
 
 from . import lowering
-
 from .backend import _normalise
 from .validation import as_list, describe, is_int
 
@@ -314,6 +312,7 @@ def get_plan(
             f"equation={equation!r} with shapes {list(shapes)} is not a valid contraction (opt_einsum: {err}); "
             "expected an einsum equation over these operands"
         ) from err
+    seeds = [path]
     if optimize == "auto" and len(shapes) > 2:
         # opt_einsum's "auto" is greedy beyond four operands and misses cheaper orders of
         # hierarchical layers; the dynamic programme finds them (once per plan)
@@ -322,6 +321,7 @@ def get_plan(
                 other_path, other_info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=other)
             except RuntimeError:  # dp finds no path where an axis has size zero; "auto" has one
                 continue
+            seeds.append(other_path)
             if other_info.opt_cost < info.opt_cost:
                 path, info = other_path, other_info
                 expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
@@ -332,7 +332,7 @@ def get_plan(
         flops=int(info.opt_cost),
         largest_intermediate=int(info.largest_intermediate),
         optimize=optimize,
-        candidates=tuple(_candidates(equation, shapes, path, optimize, int(info.opt_cost))),
+        candidates=tuple(_candidates(equation, shapes, path, seeds, optimize, int(info.opt_cost))),
         expression=expression,
     )
     with _cache.lock:
@@ -343,19 +343,13 @@ def get_plan(
     return plan
 
 
-def _candidates(equation: str, shapes: tuple, path: list, optimize: str, flops: int) -> list[lowering.Program]:
-    """The lowered programs of a plan: the optimizer's order, widened for large contractions."""
+def _candidates(equation: str, shapes: tuple, path: list, seeds: list, optimize: str,
+                flops: int) -> list[lowering.Program]:
+    """The lowered programs of a plan: the chosen order, widened to all ``seeds`` for large contractions."""
     if any("." in term for term in equation.split("->")[0].split(",")) or "->" not in equation:
         return []
     if flops < SEARCH_FLOPS:
         return lowering.candidates(equation, shapes, [path], exhaustive=False, limit=1)
-    seeds = [path]
-    if optimize == "auto":
-        for other in ("greedy", "dp"):
-            try:
-                seeds.append(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=other)[0])
-            except RuntimeError:
-                continue
     return lowering.candidates(equation, shapes, seeds, exhaustive=optimize == "auto", limit=_TUNE_CANDIDATES)
 
 

@@ -140,6 +140,17 @@ class Factorization:
         """
         raise NotImplementedError
 
+    def _network(self) -> dict[str, str]:
+        """:meth:`network`, computed once (the forward's gathers read it on every call).
+
+        Not a ``functools.cached_property``: on Python 3.11 that takes a lock,
+        which ``torch.compile(fullgraph=True)`` cannot trace.
+        """
+        network = self.__dict__.get("_network_once")
+        if network is None:
+            network = self.__dict__["_network_once"] = self.network()
+        return network
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of each parameter, by name, in the order of :meth:`network`.
 
@@ -251,8 +262,7 @@ class Factorization:
         """
         selected = {self.mode_symbol(h): h for h in indices}
         out = []
-        network = self.__dict__.get("_network") or self.__dict__.setdefault("_network", self.network())
-        for name, letters in network.items():
+        for name, letters in self._network().items():
             levels = [selected[c] for c in letters if c in selected]
             value = params[name]
             if levels:

@@ -606,7 +606,7 @@ class MMoE:
         return out
 
     def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
-        name = next(iter(self.__dict__.get("_param_shapes") or self.param_shapes()))
+        name = next(iter(self.param_shapes()))
         value = params.get(name) if isinstance(params, Mapping) else None
         return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
 

@@ -20,6 +20,7 @@ A program runs on any backend whose arrays have ``reshape``, ``@`` and ``*``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, Sequence
@@ -162,6 +163,18 @@ class Program:
         return out
 
 
+def _size(group: Sequence[str], sizes: dict[str, int]) -> int:
+    """Number of elements spanned by the indices ``group``."""
+    return math.prod(sizes[c] for c in group)
+
+
+def _parse(equation: str, shapes: Sequence[Sequence[int]]) -> tuple[list[str], str, dict[str, int]]:
+    """The input terms, the output term and the size of every index of ``equation`` over ``shapes``."""
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    return terms, output, {c: d for t, s in zip(terms, shapes) for c, d in zip(t, s)}
+
+
 def _layout(
     terms: str, shape: tuple[int, ...], groups: Sequence[Sequence[str]], sizes: dict[str, int]
 ) -> tuple[tuple[int, ...] | None, tuple[int, ...], bool, int]:
@@ -175,7 +188,7 @@ def _layout(
     ``(perm or None, view shape, swap, copied elements)``.
     """
     *lead, rows, cols = groups
-    size = lambda g: math.prod(sizes[c] for c in g)  # noqa: E731
+    size = functools.partial(_size, sizes=sizes)
     lead_shape = tuple(size(g) for g in lead)
     # axes of size one may sit anywhere: a reshape moves them without copying
     wide = lambda g: "".join(c for c in g if sizes[c] != 1)  # noqa: E731
@@ -211,7 +224,7 @@ def _leading_free(terms: str, batch: Sequence[str], free: set[str]) -> list[str]
 
 def _lower_step(
     ta: str, tb: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], keep: set[str], sizes: dict[str, int]
-) -> tuple[str, str, str, tuple, tuple, int, int, str]:
+) -> tuple[str, str, tuple, tuple, int, int, str]:
     """Lower the contraction of terms ``ta``, ``tb`` (keeping ``keep``) to a matmul or multiply.
 
     A free index that leads an operand (such as the first bond of a tensor-ring
@@ -220,7 +233,7 @@ def _lower_step(
     the other operand is then repeated along it, which PyTorch materialises, so
     that repetition is charged as copied elements.
 
-    Returns ``(kind, out_terms, _, a_layout, b_layout, flops, copied, einsum)``.
+    Returns ``(kind, out_terms, a_layout, b_layout, flops, copied, einsum)``.
     """
     sa, sb = set(ta), set(tb)
     out_letters = (sa | sb) & keep
@@ -228,10 +241,10 @@ def _lower_step(
         # repeated indices or an index summed within one operand: a plain einsum step
         out = "".join(_ordered(out_letters, ta, tb))
         flops = 2 * math.prod(sizes[c] for c in sa | sb)
-        return "einsum", out, "", (), (), flops, 0, f"{ta},{tb}->{out}"
+        return "einsum", out, (), (), flops, 0, f"{ta},{tb}->{out}"
     shared = sa & sb
     contracted = shared - keep
-    size = lambda g: math.prod(sizes[c] for c in g)  # noqa: E731
+    size = functools.partial(_size, sizes=sizes)
     best = None
     # the shared groups must have one order in both operands: try each operand's order
     for first in (ta, tb):
@@ -262,11 +275,11 @@ def _lower_step(
                 kind = "mul"
             copied = la[3] + lb[3]
             copied += (size(ob) * size(ta) if size(ob) > 1 else 0) + (size(oa) * size(tb) if size(oa) > 1 else 0)
-            if best is None or copied < best[6]:
+            if best is None or copied < best[5]:
                 out = "".join(batch + oa + ob + la_rows + lb_cols)
                 k = size(cols) if contracted else 1
                 flops = (2 if contracted else 1) * size(out) * k
-                best = (kind, out, "", la, lb, flops, copied, "")
+                best = (kind, out, la, lb, flops, copied, "")
     return best
 
 
@@ -282,9 +295,7 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
     >>> lower("bi,ir,br->b", [(4, 3), (3, 2), (4, 2)], [(0, 1), (0, 1)]).flops
     64
     """
-    inputs, output = equation.replace(" ", "").split("->")
-    terms = inputs.split(",")
-    sizes = {c: d for t, s in zip(terms, shapes) for c, d in zip(t, s)}
+    terms, output, sizes = _parse(equation, shapes)
     current = list(terms)
     current_shapes = [tuple(s) for s in shapes]
     steps = []
@@ -294,9 +305,9 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
             raise ValueError(f"path step {tuple(pair)} contracts {len(pair)} operands; lower() takes pairs")
         i, j = pair
         rest = [t for k, t in enumerate(current) if k not in (i, j)]
-        keep = set(output).union(*rest) if rest else set(output)
-        kind, out, _, la, lb, f, c, eq = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j],
-                                                      keep, sizes)
+        keep = set(output).union(*rest)
+        kind, out, la, lb, f, c, eq = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j],
+                                                   keep, sizes)
         out_shape = tuple(sizes[ch] for ch in out)
         if kind == "einsum":
             steps.append(_Step(i, j, kind, None, (), False, None, (), False, out_shape, eq))
@@ -345,7 +356,7 @@ def _order_flops(terms: Sequence[str], output: str, sizes: dict[str, int], order
         keep = set(output).union(*rest)
         union = set(current[i]) | set(current[j])
         out = "".join(sorted(union & keep))
-        total += (2 if union - keep else 1) * math.prod(sizes[c] for c in union)
+        total += (2 if union - keep else 1) * _size(union, sizes)
         for k in sorted((i, j), reverse=True):
             del current[k]
         current.append(out)
@@ -373,9 +384,7 @@ def candidates(
     >>> best.path, best.flops, best.copied
     (((0, 1), (0, 1)), 5600, 0)
     """
-    inputs, output = equation.replace(" ", "").split("->")
-    terms = inputs.split(",")
-    sizes = {c: d for t, s in zip(terms, shapes) for c, d in zip(t, s)}
+    terms, output, sizes = _parse(equation, shapes)
     orders = {tuple(tuple(p) for p in path) for path in paths if all(len(p) == 2 for p in path)}
     if exhaustive and len(shapes) <= EXHAUSTIVE_OPERANDS:
         orders.update(_all_paths(len(shapes)))
