@@ -28,6 +28,9 @@ FORMATS = {
 #: "dense": the MMoE's own entmax15 gate; "top2": top-2 routing without training noise (deterministic)
 ROUTERS = {"dense": None, "top2": TopKRouter(k=2, noise=None)}
 CASES = [(fmt, router) for fmt in FORMATS for router in ROUTERS]
+#: JAX compiles each case's programs (about a second each on 2 busy cores): every format with the dense gate,
+#: top-2 routing on CP (and on TR on the 2 x 2 mesh)
+JAX_CASES = [(fmt, "dense") for fmt in FORMATS] + [("cp", "top2")]
 
 ROWS = 8  # rows per step, all workers together
 STEPS = 3
@@ -158,3 +161,26 @@ def jax_loss(layer, x, t, router: str):
     y, routing = layer.layer.apply(layer.params, x, return_routing=True, backend="jax")
     loss = jnp.mean(jnp.sum((y - t) ** 2, axis=-1))
     return loss + aux_loss(routing) if router == "top2" else loss
+
+
+def jax_sgd(loss_fn):
+    """One jitted SGD step ``(layer, x, t) -> (loss, layer)`` of ``loss_fn(layer, x, t)`` (no momentum)."""
+    import jax
+
+    def step(layer, x, t):
+        loss, grads = jax.value_and_grad(loss_fn)(layer, x, t)
+        return loss, jax.tree_util.tree_map(lambda p, g: p - LR * g, layer, grads)
+
+    return jax.jit(step)
+
+
+def jax_train(step, layer, place):
+    """``STEPS`` steps of the compiled ``step`` on ``place(x, t)``: the losses, the final layer, the compiled program."""
+    x, t = place(*batch(0, "float32"))
+    compiled = step.lower(layer, x, t).compile()
+    losses = []
+    for k in range(STEPS):
+        x, t = place(*batch(k, "float32"))
+        loss, layer = compiled(layer, x, t)
+        losses.append(float(loss))
+    return losses, layer, compiled
