@@ -23,7 +23,7 @@ This module is framework-neutral: which parameter axes carry the split index
 Importing it imports neither PyTorch nor JAX.
 
 Which index is split (``rank_index``, the ``k`` of the rank letters of
-:meth:`tensormoe.Factorization.network`; the default in brackets):
+:meth:`tensormoe.factorizations.Factorization.network`; the default in brackets):
 
 ========  =====================================  ===========================================
 format    choices of ``rank_index``               parameters split (default)
@@ -57,7 +57,7 @@ from typing import Any
 
 from ..factorizations import CP, TT, Factorization, Tucker
 from ..layer import MMoE, make_layer
-from ..validation import check_positive_int, describe, is_int
+from ..validation import check_positive_int, is_int
 
 __all__ = ["default_rank_index", "local_layer", "rank_axes", "rank_index_size", "rank_sharding", "with_rank"]
 
@@ -110,7 +110,7 @@ def _checked_index(f: Factorization, rank_index: Any) -> int:
     count = _n_rank_indices(f)
     if not is_int(rank_index) or not 0 <= rank_index < count:
         raise ValueError(
-            f"rank_index={describe(rank_index)} does not name a rank of {f!r}; expected an integer in [0, {count})"
+            f"rank_index={rank_index!r} does not name a rank of {f!r}; expected an integer in [0, {count})"
         )
     return int(rank_index)
 
@@ -142,7 +142,7 @@ def rank_index_size(layer: Any, rank_index: int | None = None) -> int:
 def rank_axes(layer: Any, rank_index: int | None = None) -> dict[str, int]:
     """The parameters that carry rank index ``rank_index``, and on which axis.
 
-    Read from the tensor network (:meth:`tensormoe.Factorization.network`): the
+    Read from the tensor network (:meth:`tensormoe.factorizations.Factorization.network`): the
     parameters listed hold the rank's letter; the others (the gates, and the
     factors without it) are replicated by rank parallelism.
 
