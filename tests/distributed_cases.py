@@ -40,22 +40,28 @@ LR, MOMENTUM = 0.05, 0.9
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def launch(command: list[str], out: pathlib.Path, timeout: float, env: dict[str, str] | None = None):
+def launch(command: list[str], out: pathlib.Path, timeout: float, env: dict[str, str] | None = None, meanwhile=None):
     """Run ``command`` (which writes ``out/results.npz``) in its own process group; kill the group when done.
 
-    Returns the loaded results; fails the test with the log's tail on a non-zero
-    exit or after ``timeout`` seconds.
+    ``meanwhile()`` runs in this process while the command does (the one-process
+    references).  Returns the loaded results; fails the test with the log's tail
+    on a non-zero exit or after ``timeout`` seconds.
     """
+    import time
+
     import pytest
 
     environment = {**os.environ, **(env or {})}
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     log_path = out / "log.txt"
+    start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            code = proc.wait(timeout=timeout)
+            if meanwhile is not None:
+                meanwhile()
+            code = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
             code = None
         finally:

@@ -22,10 +22,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distributed_cases import JAX_CASES, batch, jax_layer, jax_loss, jax_sgd, jax_train  # noqa: E402
+from distributed_cases import JAX_CASES, batch, jax_layer, jax_loss, jax_sgd, jax_train
 
-from tensormoe.distributed.jax import rank_parallel, rank_sharding  # noqa: E402
-from tensormoe.routers import aux_loss  # noqa: E402
+from tensormoe.distributed.jax import rank_parallel, rank_sharding
+from tensormoe.routers import aux_loss
 
 # one instruction per line: "%name = <result shapes> <kind>(<operands>)"; a tuple's shapes may hold /*index=5*/
 _COLLECTIVE = re.compile(
@@ -93,8 +93,8 @@ def main() -> None:
 
         grid_rows = NamedSharding(grid, PartitionSpec("data"))
         placed = jax.device_put(layer, rank_sharding(layer, grid, axis="rank"))
-        losses, final, compiled = jax_train(jax_sgd(loss), placed, lambda x, t: (jax.device_put(x, grid_rows),
-                                                                          jax.device_put(t, grid_rows)))
+        losses, final, compiled = jax_train(jax_sgd(loss), placed, lambda x, t, rows=grid_rows: (
+            jax.device_put(x, rows), jax.device_put(t, rows)))
         record(results, f"grid/{fmt}/{router}", losses, final, {"step_collectives": compiled})
     np.savez(os.path.join(out, "results.npz"), **results)
 

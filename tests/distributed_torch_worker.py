@@ -32,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distributed_cases import CASES, ROWS, STEPS, batch, functional_layer, torch_loss, torch_model, torch_train  # noqa: E402
+from distributed_cases import CASES, ROWS, STEPS, batch, functional_layer, torch_loss, torch_model, torch_train
 
-from tensormoe.distributed.torch import RankParallel, global_load  # noqa: E402
-from tensormoe.torch import wrap  # noqa: E402
+from tensormoe.distributed.torch import RankParallel, global_load
+from tensormoe.torch import wrap
 
 
 class RankModel(torch.nn.Module):
@@ -101,7 +101,7 @@ def main() -> None:
         # -- DDP, counting the gradient bytes of the first step
         step_bytes: list[int] = []
 
-        def counting_hook(state, bucket):
+        def counting_hook(state, bucket, step_bytes=step_bytes):
             step_bytes.append(bucket.buffer().numel() * bucket.buffer().element_size())
             return allreduce_hook(None, bucket)
 

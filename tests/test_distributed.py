@@ -127,6 +127,6 @@ def test_communication_bytes_by_hand(kind):
 
 def test_import_loads_no_framework():
     code = "import sys, tensormoe.distributed; print(sorted(m for m in ('torch', 'jax') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

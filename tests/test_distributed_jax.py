@@ -27,7 +27,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from distributed_cases import (  # noqa: E402
+from distributed_cases import (
     IN_DIM,
     JAX_CASES,
     OUT_DIM,
@@ -59,7 +59,12 @@ def results(tmp_path_factory):
     """The 4-device run (about 20 s on 2 quiet cores, 50 s on busy ones; killed after 300 s)."""
     out = tmp_path_factory.mktemp("jax_distributed")
     flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4") if f)
-    return launch([sys.executable, WORKER, str(out)], out, timeout=300, env={"XLA_FLAGS": flags})
+
+    def references():  # computed while the worker runs
+        for fmt, router in [*JAX_CASES, ("tr", "top2")]:
+            reference(fmt, router)
+
+    return launch([sys.executable, WORKER, str(out)], out, timeout=300, env={"XLA_FLAGS": flags}, meanwhile=references)
 
 
 @functools.cache

@@ -22,13 +22,12 @@ import pytest
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
-from distributed_cases import (  # noqa: E402
+from distributed_cases import (
     CASES,
     EXPERTS,
     IN_DIM,
     OUT_DIM,
     ROWS,
-    STEPS,
     functional_layer,
     launch,
     torch_reference,
@@ -43,7 +42,12 @@ def run_workers(out, nproc: int, device: str, timeout: float) -> dict[str, np.nd
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                WORKER, str(out), "--device", device]
     env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    return launch(command, out, timeout, env)
+
+    def references():  # computed while the workers run
+        for case in CASES:
+            reference(*case)
+
+    return launch(command, out, timeout, env, meanwhile=references)
 
 
 @pytest.fixture(scope="module")

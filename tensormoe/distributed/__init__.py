@@ -258,11 +258,11 @@ def with_rank(layer: Any, rank_index: int, size: int) -> MMoE:
     f = core.factorization
     k = _checked_index(f, rank_index)
     size = check_positive_int(size, "size")
-    kwargs = dict(
-        bias=core.bias, gate=core.gate, gate_norm=core.gate_norm, init_std=core.init_std, dtype=core.dtype,
-        seed=core.seed, optimize=core.optimize, router=list(core.routers), check_finite=core.check_finite,
-        gate_rank=core.gate_rank,
-    )
+    kwargs = {
+        "bias": core.bias, "gate": core.gate, "gate_norm": core.gate_norm, "init_std": core.init_std,
+        "dtype": core.dtype, "seed": core.seed, "optimize": core.optimize, "router": list(core.routers),
+        "check_finite": core.check_finite, "gate_rank": core.gate_rank,
+    }
     return make_layer(f.name, core.in_dim, core.out_dim, list(core.expert_dims), _local_ranks(f, k, size), **kwargs)
 
 

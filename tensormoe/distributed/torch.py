@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from ..routers import Routing
 from ..torch import MMoE as _Module
 from ..torch import wrap
-from . import _checked_index, _core, local_layer, rank_axes, rank_index_size, with_rank
+from . import _checked_index, local_layer, rank_axes, rank_index_size, with_rank
 
 __all__ = ["RankParallel", "global_load", "rank_sharding"]
 
