@@ -17,6 +17,21 @@ hand formula that could drift from them:
 * a plain ``in_dim x out_dim`` linear layer is counted the way the MMoE layer
   counts its bias: the input is extended by a one, so ``y = [x, 1] @ [W; b]``.
 
+Communication per training step, for choosing how to spread a layer over
+workers (:mod:`tensormoe.distributed`), counted as all-reduce payloads in bytes
+of the parameter dtype:
+
+* data parallel (rows split): the gradient of every parameter, once per step,
+  whatever the batch (``data_parallel_bytes``);
+* rank parallel (one rank of the factorization split, rows replicated): the
+  partial output ``y[B, O]`` forward; backward the coefficients' gradient
+  ``[B, N_h]`` of every level and the gradient of the factors that do not carry
+  the split rank (``rank_parallel_bytes``, as
+  :class:`tensormoe.distributed.torch.RankParallel` sends them).
+
+With ``P`` workers a ring all-reduce sends ``2 (P - 1) / P`` times the payload
+from each worker, for both schemes alike.
+
 With a bias, the input mode of ``W`` has ``in_dim + 1`` entries; the row
 ``W[..., in_dim, :]`` is the per-expert bias.  ``bias_params`` says how many of
 the factor parameters hold that row (they are part of ``factor_params``).
@@ -43,6 +58,7 @@ __all__ = [
     "Cost",
     "bias_params",
     "cost",
+    "data_parallel_bytes",
     "factorization_cost",
     "forward_plan",
     "gate_flops",
@@ -50,6 +66,7 @@ __all__ = [
     "linear_flops",
     "linear_params",
     "make_factorization",
+    "rank_parallel_bytes",
 ]
 
 
@@ -97,6 +114,18 @@ class Cost:
         FLOPs of that linear layer for ``batch_size`` rows.
     path : tuple of tuple of int
         The pairwise contraction order opt_einsum chose.
+    itemsize : int
+        Bytes per parameter (and activation) of the dtype counted.
+    data_parallel_bytes : int
+        Bytes all-reduced per step by data parallelism: every parameter's
+        gradient (``params * itemsize``), independent of the batch.
+    rank_parallel_bytes : int
+        Bytes all-reduced per step by rank parallelism on the default rank
+        (:func:`tensormoe.distributed.default_rank_index`) for ``batch_size``
+        rows: ``y[B, O]`` forward, the dense coefficients' gradients
+        ``[B, N_h]`` and the gradients of the factors without the split rank
+        backward (a top-k level sends ``[B, k]`` instead of ``[B, N_h]``; a layer
+        whose input needs a gradient adds ``[B, in_dim]``).
 
     Examples
     --------
@@ -122,6 +151,9 @@ class Cost:
     linear_params: int
     linear_flops: int
     path: tuple[tuple[int, ...], ...] = dataclasses.field(repr=False)
+    itemsize: int = 4
+    data_parallel_bytes: int = 0
+    rank_parallel_bytes: int = 0
 
     @property
     def params(self) -> int:
@@ -182,6 +214,26 @@ class Cost:
         True
         """
         return self.flops / (self.dense_flops + self.gate_flops)
+
+    @property
+    def parallel_crossover_batch(self) -> float:
+        """Rows per step below which rank parallelism communicates fewer bytes than data parallelism.
+
+        ``rank_parallel_bytes`` grows linearly with the rows, ``data_parallel_bytes``
+        does not: the two meet at this batch size (0 if rank parallelism always
+        sends more).
+
+        Examples
+        --------
+        >>> c = cost("cp", 768, 768, [1024], 256, batch_size=64)
+        >>> round(c.parallel_crossover_batch)  # params / (out_dim + N) = 1442048 / 1792
+        805
+        >>> c.rank_parallel_bytes < c.data_parallel_bytes
+        True
+        """
+        per_row = (self.dims[-1] + sum(self.dims[:-2])) * self.itemsize  # y[O] and every level's N_h
+        fixed = self.rank_parallel_bytes - self.batch_size * per_row  # the replicated factors' gradients
+        return max(0.0, (self.data_parallel_bytes - fixed) / per_row)
 
     @property
     def flops_vs_linear(self) -> float:
@@ -370,6 +422,69 @@ def linear_flops(in_dim: int, out_dim: int, batch_size: int = 1, bias: bool = Tr
     return get_plan("bi,io->bo", (batch_size, rows), (rows, out_dim)).flops
 
 
+#: Bytes per element of the dtypes a layer takes.
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def data_parallel_bytes(factorization: Factorization, in_dim: int, *, gate_rank: int | None = None,
+                        count_gates: bool = True, dtype: str = "float32") -> int:
+    """Bytes of the gradient all-reduce of one data-parallel step: every parameter once.
+
+    Parameters
+    ----------
+    factorization : Factorization
+    in_dim : int
+        Input features (the gates' rows).
+    gate_rank : int, optional
+        The layer's ``gate_rank``.
+    count_gates : bool
+        Count the gates' gradients.
+    dtype : str
+        Parameter dtype.
+
+    Examples
+    --------
+    >>> f = make_factorization("cp", 16, 8, [32], 4)
+    >>> data_parallel_bytes(f, 16) == 4 * (f.n_params() + 16 * 32)
+    True
+    """
+    experts = factorization.dims[: factorization.n_expert_modes]
+    gates = gate_params(in_dim, experts, gate_rank) if count_gates else 0
+    return (factorization.n_params() + gates) * _itemsize(dtype)
+
+
+def rank_parallel_bytes(factorization: Factorization, batch_size: int = 1, *, dtype: str = "float32") -> int:
+    """Bytes all-reduced in one rank-parallel step on the default rank, for ``batch_size`` rows.
+
+    Forward: the partial outputs ``y[B, O]``.  Backward: the coefficients'
+    gradients ``[B, N_h]`` of every level, and the gradients of the factors that
+    do not carry the split rank (each worker holds a share of them).  See
+    :class:`tensormoe.distributed.torch.RankParallel`.
+
+    Examples
+    --------
+    >>> f = make_factorization("cp", 16, 8, [32], 4)
+    >>> rank_parallel_bytes(f, 10) == 4 * 10 * (8 + 32)  # CP: every factor carries the rank
+    True
+    >>> t = make_factorization("tucker", 16, 8, [32], 4)
+    >>> rank_parallel_bytes(t, 10) == 4 * (10 * (8 + 32) + 32 * 4 + 17 * 4)  # + the expert and input factors
+    True
+    """
+    from .distributed import rank_axes
+
+    batch_size = check_positive_int(batch_size, "batch_size")
+    experts = factorization.dims[: factorization.n_expert_modes]
+    split = rank_axes(factorization)
+    replicated = sum(math.prod(shape) for name, shape in factorization.param_shapes().items() if name not in split)
+    return (batch_size * (factorization.dims[-1] + sum(experts)) + replicated) * _itemsize(dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"dtype={dtype!r} is not a parameter dtype; expected one of {sorted(_ITEMSIZE)}")
+    return _ITEMSIZE[dtype]
+
+
 def factorization_cost(
     factorization: Factorization,
     batch_size: int = 1,
@@ -440,6 +555,10 @@ def factorization_cost(
         linear_params=linear_params(in_dim, out_dim, bias),
         linear_flops=linear_flops(in_dim, out_dim, batch_size, bias),
         path=tuple(plan.path),
+        itemsize=_itemsize(dtype),
+        data_parallel_bytes=data_parallel_bytes(factorization, in_dim, gate_rank=gate_rank, count_gates=count_gates,
+                                                dtype=dtype),
+        rank_parallel_bytes=rank_parallel_bytes(factorization, batch_size, dtype=dtype),
     )
 
 
