@@ -814,15 +814,16 @@ class AblationResult:
         return polysemanticity(self.drop)
 
     def most_affected(self) -> np.ndarray:
-        """``[E]``: the class that loses the most accuracy when each group is removed.
+        """``[E]``: the class that loses the most accuracy when each group is removed (``-1``: none loses any).
 
         Examples
         --------
         >>> import numpy as np
-        >>> AblationResult(((0,),), np.array([0.5, 0.5]), np.array([[0.5, 0.25]])).most_affected().tolist()
-        [1]
+        >>> AblationResult(((0,), (1,)), np.array([0.5, 0.5]), np.array([[0.5, 0.25], [0.5, 0.5]])).most_affected()
+        array([ 1, -1])
         """
-        return np.argmax(np.nan_to_num(self.drop, nan=-np.inf), axis=-1)
+        drop = np.nan_to_num(self.drop, nan=-np.inf)
+        return np.where(drop.max(-1, initial=-np.inf) > 0, np.argmax(drop, axis=-1), -1)
 
 
 def _groups(experts: Iterable[Any]) -> tuple[tuple[int, ...], ...]:
