@@ -63,7 +63,7 @@ import numpy as np
 MODELS = ("linear", "cp", "tr", "top2")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpt_mmoe")
 QUICK = {"layers": 1, "embd": 32, "heads": 2, "block": 32, "batch": 16, "experts": 8, "steps": 60, "lr": 1e-2,
-         "eval_tokens": 2048, "ablate": 4, "show_classes": 12, "timing_rounds": 2}
+         "eval_tokens": 2048, "ablate": 4, "show_classes": 12, "timing_rounds": 2, "min_rows": 10}
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -336,8 +336,11 @@ def analyse(model: Any, corpus: Corpus, x: np.ndarray, y: np.ndarray, args: argp
     layer = args.analyse_layer % len(model.blocks)
     mlp = model.blocks[layer].mlp
     usages = block_usage(model, x, y, corpus.vocab)
+    counts = usages[layer].class_rows
+    # class statistics over the characters with enough rows (a rare one gives noisy means)
+    frequent = np.flatnonzero(counts >= args.min_rows)
+    usages = [u.select_classes(frequent) for u in usages]
     usage = usages[layer]
-    counts = usage.class_rows
 
     def accuracy(removed: tuple[int, ...], mode: str = "after") -> np.ndarray:
         with analysis.intervene(mlp, list(removed), mode=mode):
@@ -352,38 +355,56 @@ def analyse(model: Any, corpus: Corpus, x: np.ndarray, y: np.ndarray, args: argp
          "used_experts": int(u.used().sum()), "experts": u.n_experts()}
         for u in usages
     ]
-    # every expert removed in turn: per-class accuracy change and polysemanticity
+    # every expert removed in turn: per-class accuracy change and polysemanticity over the frequent classes
     effects = analysis.ablation_effects(accuracy, range(usage.n_experts()), progress=not args.quiet)
-    poly = effects.polysemanticity()
+    poly = effects.polysemanticity(frequent)
     scored = ~np.isnan(poly)
     out["polysemanticity"] = {"mean": float(np.nanmean(poly)) if scored.any() else None, "scored": int(scored.sum()),
-                              "classes_present": int((counts > 0).sum()),
-                              "uniform_bound": 1 - 1 / max(int((counts > 0).sum()), 1)}
-    # the per-class change for the most selective expert of each frequent class
-    frequent = np.argsort(-counts, kind="stable")[: min(6, int((counts > 0).sum()))]
+                              "classes": int(len(frequent)), "uniform_bound": 1 - 1 / max(len(frequent), 1),
+                              "min_rows": args.min_rows}
+
+    def others(change: np.ndarray, c: int) -> float:
+        rest = np.setdiff1d(np.flatnonzero(counts > 0), [c])
+        return float(np.average(change[rest], weights=counts[rest]))
+
+    # the experts whose removal costs one frequent class the most (counterfactual evidence)
+    drops = np.nan_to_num(effects.drop[:, frequent], nan=0.0)
+    worst = np.argsort(-drops.max(1), kind="stable")[:8]
+    top_class, top_share = usage.top_class(), usage.top_share()
+    out["counterfactual"] = [
+        {"expert": int(e), "class": corpus.name(int(frequent[drops[e].argmax()])),
+         "class_change": float(effects.change[e, frequent[drops[e].argmax()]]),
+         "others_change": others(effects.change[e], int(frequent[drops[e].argmax()])),
+         "polysemanticity": None if np.isnan(poly[e]) else float(poly[e]),
+         "routing_top_class": corpus.name(int(top_class[e])) if top_class[e] >= 0 else "unused",
+         "routing_top_share": None if np.isnan(top_share[e]) else float(top_share[e])}
+        for e in worst if drops[e].max() > 0
+    ]
+    # the most selective expert of each of the most frequent classes, removed alone
+    most = np.argsort(-counts, kind="stable")[: min(6, len(frequent))]
     rows = []
-    for c in frequent:
+    for c in most:
         e = int(usage.top_experts(int(c), 1)[0])
-        change = effects.change[e]
-        others = np.delete(change, c)
-        w = np.delete(counts, c)
-        ok = ~np.isnan(others)
         rows.append({"class": corpus.name(int(c)), "expert": e, "selectivity": float(usage.selectivity()[e, c]),
-                     "target_change": float(change[c]),
-                     "others_change": float(np.average(others[ok], weights=w[ok])),
-                     "most_affected": (corpus.name(int(effects.most_affected()[e]))
-                                       if effects.most_affected()[e] >= 0 else "none")})
+                     "target_change": float(effects.change[e, c]), "others_change": others(effects.change[e], int(c))})
     out["expert_effects"] = rows
-    # the ablation curve of the most selective experts for the frequent class they are most selective for
-    sel = usage.selectivity()
-    target = int(max(frequent, key=lambda c: np.nanmax(sel[:, c])))
-    order = [int(e) for e in usage.top_experts(target, args.ablate)]
-    curves = {mode: analysis.ablation_curve(lambda r, m=mode: accuracy(r, m), order, target, weights=counts,
-                                            progress=not args.quiet)
-              for mode in ("after", "before")}
-    out["curve"] = {"target": corpus.name(target), "order": order,
-                    **{mode: {"target": c.target_accuracy.tolist(), "others": c.other_accuracy.tolist()}
-                       for mode, c in curves.items()}}
+    # ablation curves: the frequent class with the most selective expert, and the most frequent letter
+    sel = np.nan_to_num(usage.selectivity(), nan=-np.inf)
+    targets = [int(max(frequent, key=lambda c: sel[:, c].max()))]
+    letters = [int(c) for c in np.argsort(-counts, kind="stable") if corpus.chars[c].isalpha() and counts[c] > 0]
+    if letters and letters[0] not in targets:
+        targets.append(letters[0])
+    curves = {}
+    for target in targets:
+        order = [int(e) for e in usage.top_experts(target, args.ablate)]
+        for mode in ("after", "before"):
+            curves[target, mode] = analysis.ablation_curve(lambda r, m=mode: accuracy(r, m), order, target,
+                                                           weights=counts, progress=not args.quiet)
+    out["curves"] = [{"target": corpus.name(t), "mode": m, "order": list(c.order),
+                      "target_accuracy": c.target_accuracy.tolist(), "other_accuracy": c.other_accuracy.tolist()}
+                     for (t, m), c in curves.items()]
+    target = targets[0]
+    order = list(curves[target, "after"].order)
     # permanent removal of the target's first expert (both layers' slices) == removal at inference
     e = order[0]
     edited = copy.deepcopy(model)
@@ -399,9 +420,16 @@ def analyse(model: Any, corpus: Corpus, x: np.ndarray, y: np.ndarray, args: argp
     donor = int(np.nanargmin(usage.class_mean()[target]))
     second = mlp.second
     _, report = analysis.edit_expert(second, None, e, second.expert_weight(donor).detach())
+    # and a rank-one correction of expert e (half its norm, random directions): how much of it its slice can carry
+    w = second.expert_weight(e).detach().numpy().astype(np.float64)
+    rng = np.random.default_rng(args.seed)
+    delta = np.outer(rng.normal(size=w.shape[0]), rng.normal(size=w.shape[1]))
+    delta *= 0.5 * np.linalg.norm(w) / np.linalg.norm(delta)
+    _, rank_one = analysis.edit_expert(second, None, e, w + delta)
     out["edit"] = {"expert": e, "into": donor, "achieved": report.achieved, "leakage": report.leakage,
+                   "rank_one_achieved": rank_one.achieved, "rank_one_leakage": rank_one.leakage,
                    "rank": getattr(second, "rank", None) or second.factorization.describe_ranks()}
-    return out, {"usage": usage, "usages": usages, "curves": curves, "target": target}
+    return out, {"usage": usage, "usages": usages, "curves": curves}
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -455,6 +483,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p("--analyse-layer", type=int, default=-1, help="block whose experts are ablated; negative counts from the "
                                                     "end (default -1, the last)")
     p("--ablate", type=positive, default=8, help="experts removed along the ablation curve (default 8)")
+    p("--min-rows", type=positive, default=50,
+      help="validation rows a character needs to enter the class statistics, the polysemanticity and the "
+           "counterfactual table (default 50: a rarer class gives noisy means and loses much accuracy when one "
+           "row flips)")
     p("--show-classes", type=positive, default=24,
       help="most frequent characters shown in the heat maps (default 24; statistics use all)")
     p("--threads", type=positive, default=1,
@@ -546,12 +578,13 @@ def write_figures(kept: dict[str, Any], corpus: Corpus, args: argparse.Namespace
     if kept:
         curves, labels = [], []
         for kind, obj in kept.items():
-            for mode, curve in obj["curves"].items():
+            for (_, mode), curve in obj["curves"].items():
                 curves.append(curve)
-                labels.append(f"{kind} ({mode} normalisation) on {corpus.name(obj['target'])}")
+                labels.append(f"{kind}, {mode} normalisation")
         path = os.path.join(args.out, "ablation_curve.png")
-        plots.ablation_curve(curves, labels=labels, path=path,
-                             title=f"Removing the experts most selective for a character ({size})")
+        plots.ablation_curve(curves, labels=labels, classes=names, path=path,
+                             title=f"Removing the experts most selective for a character, block "
+                                   f"{args.analyse_layer % args.layers} ({size})")
         paths.append(path)
         path = os.path.join(args.out, "usage.png")
         plots.usage_histogram([obj["usage"] for obj in kept.values()], labels=list(kept), path=path,
@@ -582,25 +615,40 @@ def print_tables(results: dict[str, Any], corpus: Corpus) -> None:
             print(f"| {kind} | {i} | {b['specialisation']:.3f} / {b['specialisation_raw']:.3f} | "
                   f"{b['mean_class_entropy']:.3f} | {b['effective_experts_per_token']:.2f} | "
                   f"{b['used_experts']}/{b['experts']} |")
-    print("\n| MLP | mean polysemanticity (experts scored) | curve target | target acc: 0 -> all removed, after | "
-          "before | others, after | permanent = inference (max abs logit diff) | edit achieved, leakage |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| MLP | mean polysemanticity (experts scored / classes) | permanent removal = at inference (max abs "
+          "logit diff) | edits of one expert: copy of another, rank-one correction (achieved, leakage) |")
+    print("|---|---|---|---|")
     for kind, a in analysed.items():
-        p, c = a["polysemanticity"], a["curve"]
+        p = a["polysemanticity"]
         mean = "n/a" if p["mean"] is None else f"{p['mean']:.3f}"
-        print(f"| {kind} | {mean} ({p['scored']}) | {c['target']} | "
-              f"{100 * c['after']['target'][0]:.1f}% -> {100 * c['after']['target'][-1]:.1f}% | "
-              f"{100 * c['before']['target'][-1]:.1f}% | "
-              f"{100 * c['after']['others'][0]:.1f}% -> {100 * c['after']['others'][-1]:.1f}% | "
+        print(f"| {kind} | {mean} ({p['scored']} / {p['classes']}) | "
               f"{a['permanent_removal']['max_abs_logit_difference']:.2e} | "
-              f"{a['edit']['achieved']:.3f}, {a['edit']['leakage']:.1e} |")
+              f"{a['edit']['achieved']:.3f}, {a['edit']['leakage']:.1e}; {a['edit']['rank_one_achieved']:.3f}, "
+              f"{a['edit']['rank_one_leakage']:.1e} |")
+    print("\n| MLP | target | removal | target accuracy, 0 -> k experts removed | other classes |")
+    print("|---|---|---|---|---|")
     for kind, a in analysed.items():
-        print(f"\n{kind}, block {a['analysed_layer']}: removing the most selective expert of each frequent character")
-        print("| character | expert | selectivity | its accuracy change | others' change | most affected |")
+        for c in a["curves"]:
+            print(f"| {kind} | {c['target']} | {c['mode']} normalisation | "
+                  f"{' -> '.join(f'{100 * v:.1f}' for v in c['target_accuracy'][::max(1, len(c['order']) // 4)])} | "
+                  f"{100 * c['other_accuracy'][0]:.1f} -> {100 * c['other_accuracy'][-1]:.1f} |")
+    for kind, a in analysed.items():
+        print(f"\n{kind}, block {a['analysed_layer']}: the experts whose removal costs one character the most")
+        print("| expert | character | its accuracy change | others' change | polysemanticity | routing: top class "
+              "(share) |")
         print("|---|---|---|---|---|---|")
+        for r in a["counterfactual"]:
+            poly = "n/a" if r["polysemanticity"] is None else f"{r['polysemanticity']:.2f}"
+            share = "" if r["routing_top_share"] is None else f" ({r['routing_top_share']:.2f})"
+            print(f"| {r['expert']} | {r['class']} | {100 * r['class_change']:+.1f} pt | "
+                  f"{100 * r['others_change']:+.2f} pt | {poly} | {r['routing_top_class']}{share} |")
+    for kind, a in analysed.items():
+        print(f"\n{kind}, block {a['analysed_layer']}: the most selective expert of each frequent character, removed")
+        print("| character | expert | selectivity | its accuracy change | others' change |")
+        print("|---|---|---|---|---|")
         for r in a["expert_effects"]:
             print(f"| {r['class']} | {r['expert']} | {r['selectivity']:.3f} | {100 * r['target_change']:+.1f} pt | "
-                  f"{100 * r['others_change']:+.2f} pt | {r['most_affected']} |")
+                  f"{100 * r['others_change']:+.2f} pt |")
 
 
 if __name__ == "__main__":

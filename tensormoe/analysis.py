@@ -81,6 +81,7 @@ __all__ = [
     "AblationResult",
     "EditReport",
     "ExpertUsage",
+    "MODES",
     "ablation_curve",
     "ablation_effects",
     "class_accuracy",
@@ -93,8 +94,18 @@ __all__ = [
     "scale_expert",
 ]
 
-#: Modes of the interventions: where the coefficients are changed.
 MODES = ("after", "before")
+"""Where an intervention changes the coefficients: the values of ``mode=``.
+
+``"after"`` scales them after the gate's normalisation (nothing is
+redistributed); ``"before"`` masks the gate logits before the activation (the
+gate redistributes the mass over the remaining experts).
+
+Examples
+--------
+>>> MODES
+('after', 'before')
+"""
 
 # joint (expert-tuple) statistics are kept up to this many tuples, and computed in row chunks of this many elements
 _MAX_TUPLES = 2**16
@@ -310,6 +321,42 @@ class ExpertUsage:
         if isinstance(other, numbers.Integral) and other == 0:  # sum() starts at 0
             return self
         return NotImplemented
+
+    def select_classes(self, classes: Any) -> ExpertUsage:
+        """The same usage with only ``classes`` in the class statistics (the others count as having no rows).
+
+        Class indices stay as they are; the per-expert statistics that ignore
+        classes (mean coefficient, activity, entropy) are unchanged.  Use it to
+        leave rare classes out of the balanced statistics, where a class of a
+        few rows gives noisy means.
+
+        Parameters
+        ----------
+        classes : sequence of int or bool mask ``[C]``
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> usage = expert_usage(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), np.array([0, 1, 2]))
+        >>> usage.select_classes([0, 1]).class_distribution().tolist()
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+        """
+        self._need_classes()
+        mask = np.zeros(self.n_classes, dtype=bool)
+        index = np.asarray(classes)
+        if index.dtype != bool and index.dtype.kind not in "iu":
+            raise TypeError(f"classes must be class indices or a boolean mask; got {describe(classes)}")
+        try:
+            mask[index] = True
+        except IndexError as error:
+            raise ValueError(f"classes must select among the {self.n_classes} classes; got {classes!r}") from error
+        keep = mask.astype(np.float64)
+
+        def restrict(view: _View | None) -> _View | None:
+            return None if view is None else dataclasses.replace(view, class_mass=view.class_mass * keep[:, None])
+
+        return dataclasses.replace(self, class_rows=self.class_rows * keep,
+                                   _views=tuple(restrict(v) for v in self._views), _joint=restrict(self._joint))
 
     # -- views --------------------------------------------------------------------------------
     def _get(self, level: Any) -> _View:
@@ -723,7 +770,7 @@ def class_accuracy(predictions: Any, labels: Any, n_classes: int | None = None) 
         return np.where(total > 0, correct / np.where(total > 0, total, 1.0), np.nan)
 
 
-def polysemanticity(drops: Any) -> np.ndarray:
+def polysemanticity(drops: Any, classes: Any = None) -> np.ndarray:
     """Class-level polysemanticity of experts from their counterfactual accuracy drops.
 
     For each expert, ``d_c = max(drop_c, 0)`` (only the classes whose accuracy
@@ -735,19 +782,35 @@ def polysemanticity(drops: Any) -> np.ndarray:
     polysemanticity" (Sec. 4.1, Fig. 3), in our reading: the paper's exact
     normalisation could not be checked here (see the specialisation guide).
 
+    With unbalanced classes, a class of few rows loses a large share of its
+    accuracy when a single row flips, which would make an expert look
+    monosemantic by chance: score only the classes with enough rows
+    (``classes=``).
+
     Parameters
     ----------
     drops : array ``[E, C]`` (or ``[C]``)
         Accuracy before minus accuracy after removing each expert, per class
         (:attr:`AblationResult.drop`); ``NaN`` entries (classes without rows) count as 0.
+    classes : sequence of int or bool mask ``[C]``, optional
+        The classes to score (default: all).
 
     Examples
     --------
     >>> import numpy as np
-    >>> polysemanticity(np.array([[0.5, 0.0, -0.1], [0.2, 0.2, 0.0], [0.0, 0.0, 0.0]])).tolist()
-    [0.0, 0.5, nan]
+    >>> drops = np.array([[0.5, 0.0, -0.1], [0.2, 0.2, 0.0], [0.0, 0.0, 0.0]])
+    >>> polysemanticity(drops).tolist(), polysemanticity(drops, classes=[1, 2]).tolist()
+    ([0.0, 0.5, nan], [nan, 0.0, nan])
     """
     d = np.nan_to_num(_numpy(drops, "drops").astype(np.float64), nan=0.0).clip(min=0.0)
+    if classes is not None:
+        index = np.asarray(classes)
+        if index.dtype != bool and index.dtype.kind not in "iu":
+            raise TypeError(f"classes must be class indices or a boolean mask; got {describe(classes)}")
+        try:
+            d = d[..., index]
+        except IndexError as error:
+            raise ValueError(f"classes must select among the {d.shape[-1]} classes of drops; got {classes!r}") from error
     total = d.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, 1.0 - d.max(-1, initial=0.0) / np.where(total > 0, total, 1.0), np.nan)
@@ -802,8 +865,8 @@ class AblationResult:
         """
         return self.baseline - self.accuracy
 
-    def polysemanticity(self) -> np.ndarray:
-        """``[E]``: :func:`polysemanticity` of every removed group.
+    def polysemanticity(self, classes: Any = None) -> np.ndarray:
+        """``[E]``: :func:`polysemanticity` of every removed group (over ``classes``, default all).
 
         Examples
         --------
@@ -811,7 +874,7 @@ class AblationResult:
         >>> AblationResult(((0,),), np.array([0.5, 0.5]), np.array([[0.25, 0.25]])).polysemanticity().tolist()
         [0.5]
         """
-        return polysemanticity(self.drop)
+        return polysemanticity(self.drop, classes)
 
     def most_affected(self) -> np.ndarray:
         """``[E]``: the class that loses the most accuracy when each group is removed (``-1``: none loses any).

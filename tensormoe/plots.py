@@ -179,50 +179,59 @@ def ablation_curve(
     curves: AblationCurve | Sequence[AblationCurve],
     *,
     labels: Sequence[str] | None = None,
-    class_name: str | None = None,
+    classes: Sequence[str] | None = None,
     title: str | None = None,
     path: str | os.PathLike | None = None,
 ) -> Any:
     """Accuracy on the target class (solid) and on the other classes (dashed) as experts are removed.
 
+    One panel per target class; within a panel one colour per curve label
+    (e.g. per model or per intervention mode), the same colour in every panel.
+
     Parameters
     ----------
     curves : AblationCurve or sequence of them
-        One colour per curve (e.g. one per model, or per intervention mode).
     labels : sequence of str, optional
-        Legend names of the curves.
-    class_name : str, optional
-        Name of the target class in the legend.
+        Legend names of the curves (curves of one label in several panels share it).
+    classes : sequence of str, optional
+        Names of all the classes, for the panel titles.
 
     Examples
     --------
     >>> import numpy as np
     >>> from tensormoe.analysis import AblationCurve
     >>> curve = AblationCurve((3, 1), np.array([0, 1, 2]), np.array([[0.9, 0.8], [0.5, 0.8], [0.1, 0.7]]), 0)
-    >>> fig = ablation_curve(curve, class_name="'e'")
-    >>> fig.axes[0].get_ylabel()
-    'accuracy (%)'
+    >>> fig = ablation_curve(curve, classes=["e", "t"])
+    >>> fig.axes[0].get_ylabel(), fig.axes[0].get_title()
+    ('accuracy (%)', 'target class e')
     """
     curves = [curves] if isinstance(curves, AblationCurve) else list(curves)
     if not curves:
         raise ValueError("curves must hold at least one AblationCurve")
     if labels is not None and len(labels) != len(curves):
         raise ValueError(f"labels must name all {len(curves)} curves; got {len(labels)}")
-    fig = _figure(6.0, 4.0)
-    ax = fig.add_subplot()
-    colours = [f"C{i}" for i in range(len(curves))]
-    for i, curve in enumerate(curves):
-        prefix = f"{labels[i]}: " if labels is not None else ""
-        target = class_name or f"class {curve.target}"
-        ax.plot(curve.removed, 100 * curve.target_accuracy, "-o", color=colours[i], markersize=3,
-                label=f"{prefix}target {target}")
-        ax.plot(curve.removed, 100 * curve.other_accuracy, "--", color=colours[i], label=f"{prefix}other classes")
-    ax.set_xlabel("experts removed (most associated with the target first)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "Counterfactual ablation", fontsize=10)
+    labels = list(labels) if labels is not None else [f"curve {i}" for i in range(len(curves))]
+    targets = list(dict.fromkeys(c.target for c in curves))
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(labels))}
+    fig = _figure(4.2 * len(targets) + 0.8, 4.6)
+    axes = fig.subplots(1, len(targets), squeeze=False, sharey=True)[0]
+    for ax, target in zip(axes, targets):
+        for curve, name in zip(curves, labels):
+            if curve.target != target:
+                continue
+            ax.plot(curve.removed, 100 * curve.target_accuracy, "-o", color=colours[name], markersize=3,
+                    label=f"{name}: target")
+            ax.plot(curve.removed, 100 * curve.other_accuracy, "--", color=colours[name],
+                    label=f"{name}: other classes")
+        name = str(classes[target]) if classes is not None and target < len(classes) else str(target)
+        ax.set_title(f"target class {name}", fontsize=9)
+        ax.set_xlabel("experts removed (most selective first)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(4, max(1, len(names) // 2)), fontsize=7)
+    fig.suptitle(title or "Counterfactual ablation", fontsize=10)
     return _finish(fig, path)
 
 
@@ -237,8 +246,9 @@ def usage_histogram(
 ) -> Any:
     """Histogram of the experts' loads relative to uniform (mean coefficient times the number of experts).
 
-    ``1`` is an expert used exactly as much as under uniform routing; ``0`` an
-    unused one.  Several usages (e.g. one per model) are overlaid.
+    ``1`` is an expert used exactly as much as under uniform routing.  The axis
+    is logarithmic; experts never used (load 0) are counted in the legend.
+    Several usages (e.g. one per model) are overlaid.
 
     Examples
     --------
@@ -252,16 +262,19 @@ def usage_histogram(
     if labels is not None and len(labels) != len(usages):
         raise ValueError(f"labels must name all {len(usages)} usages; got {len(labels)}")
     loads = [u.mean_coefficient(level) * u.n_experts(level) for u in usages]
-    top = max(float(v.max()) for v in loads) if loads else 1.0
-    edges = np.linspace(0.0, max(top, 1.0) * 1.0001, bins + 1)
+    positive = np.concatenate([v[v > 0] for v in loads]) if loads else np.zeros(0)
+    low = min(float(positive.min()), 0.5) if positive.size else 0.5
+    high = max(float(positive.max()), 2.0) if positive.size else 2.0
+    edges = np.geomspace(low * 0.999, high * 1.001, bins + 1)
     fig = _figure(6.0, 3.8)
     ax = fig.add_subplot()
     for i, v in enumerate(loads):
         name = labels[i] if labels is not None else None
-        unused = int((~usages[i].used(level)).sum())
-        ax.hist(v, bins=edges, alpha=0.55, color=f"C{i}",
-                label=(f"{name} ({unused} unused)" if name else f"{unused} unused"))
+        unused = int((v <= 0).sum())
+        ax.hist(v[v > 0], bins=edges, alpha=0.55, color=f"C{i}",
+                label=(f"{name} ({unused} never used)" if name else f"{unused} never used"))
     ax.axvline(1.0, color="black", linestyle=":", label="uniform")
+    ax.set_xscale("log")
     ax.set_xlabel("load relative to uniform (mean coefficient x number of experts)")
     ax.set_ylabel("experts")
     ax.legend(fontsize=7)

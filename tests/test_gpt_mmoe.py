@@ -54,8 +54,11 @@ def test_quick_run_trains_and_analyses(quick):
         assert a["permanent_removal"]["max_abs_logit_difference"] <= 1e-4 * max(1.0, a["permanent_removal"]["max_abs_logit"])
         # copying another expert lies in the span of the shared factors: exact, and no other expert moves
         assert a["edit"]["achieved"] == pytest.approx(1.0, abs=1e-3) and a["edit"]["leakage"] == 0.0
-        curve = a["curve"]
-        assert len(curve["after"]["target"]) == len(curve["order"]) + 1 == 5
+        assert 0 <= a["edit"]["rank_one_achieved"] <= 1 and a["edit"]["rank_one_leakage"] == 0.0
+        assert {c["mode"] for c in a["curves"]} == {"after", "before"}
+        for c in a["curves"]:
+            assert len(c["target_accuracy"]) == len(c["order"]) + 1 == 5
+        assert a["counterfactual"] and all(r["class_change"] < 0 for r in a["counterfactual"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["models"]["cp"]["val_loss"] == pytest.approx(models["cp"]["val_loss"])
     for path in results["figures"]:
