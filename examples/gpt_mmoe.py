@@ -214,7 +214,7 @@ def train(model: Any, corpus: Corpus, args: argparse.Namespace, label: str) -> d
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     warmup = max(1, args.steps // 20)
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))  # noqa: E731
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     losses = []
     model.train()
@@ -360,7 +360,7 @@ def analyse(model: Any, corpus: Corpus, x: np.ndarray, y: np.ndarray, args: argp
     poly = effects.polysemanticity(frequent)
     scored = ~np.isnan(poly)
     out["polysemanticity"] = {"mean": float(np.nanmean(poly)) if scored.any() else None, "scored": int(scored.sum()),
-                              "classes": int(len(frequent)), "uniform_bound": 1 - 1 / max(len(frequent), 1),
+                              "classes": len(frequent), "uniform_bound": 1 - 1 / max(len(frequent), 1),
                               "min_rows": args.min_rows}
 
     def others(change: np.ndarray, c: int) -> float:

@@ -2,11 +2,12 @@
 
 The MMoE paper (Oldfield et al., arXiv 2402.12550, NeurIPS 2024) argues three
 things about many factorized experts: they *specialise* (an expert processes
-mostly one class), this is shown by *counterfactual interventions* (removing an
-expert at inference removes the accuracy of its class, Sec. 4.1 and Fig. 3,
-"mean expert class-level polysemanticity"), and specialised experts can be
-*edited* by hand (the CelebA bias correction of Sec. 4.2).  This module holds
-the tools to measure and reproduce each, on every backend:
+mostly one class; its Fig. 2), this is shown by *counterfactual interventions*
+(removing an expert at inference removes the accuracy of its class: its figure
+of the "mean expert class-level polysemanticity" against the number of
+experts), and specialised experts can be *edited* by hand (its CelebA bias
+correction).  This module holds the tools to measure and reproduce each, on
+every backend (the specialisation guide has the details and a full run):
 
 **Statistics** (:func:`expert_usage`, :class:`ExpertUsage`): from the expert
 coefficients of a dataset and its labels, per expert and per level (and per
@@ -72,18 +73,19 @@ import opt_einsum
 
 from . import gates as _gates
 from . import routers as _routers
-from .layer import MMoE
+from .layer import MMoE, layer_from_config
 from .ops import get_ops, ops_for_array
 from .validation import check_index, describe, is_int
 
 __all__ = [
+    "MODES",
     "AblationCurve",
     "AblationResult",
     "EditReport",
     "ExpertUsage",
-    "MODES",
     "ablation_curve",
     "ablation_effects",
+    "add_rank_one",
     "class_accuracy",
     "edit_expert",
     "expert_usage",
@@ -778,9 +780,9 @@ def polysemanticity(drops: Any, classes: Any = None) -> np.ndarray:
     ``1 - max_c p_c``: ``0`` when removing the expert costs accuracy on a single
     class (monosemantic), up to ``1 - 1/C`` when all classes lose alike.
     Experts whose removal costs no class anything get ``NaN``.  The mean over
-    experts (ignoring ``NaN``) is the paper's "mean expert class-level
-    polysemanticity" (Sec. 4.1, Fig. 3), in our reading: the paper's exact
-    normalisation could not be checked here (see the specialisation guide).
+    experts (ignoring ``NaN``) is our reading of the paper's "mean expert
+    class-level polysemanticity": the paper's exact normalisation could not be
+    checked here (see the specialisation guide).
 
     With unbalanced classes, a class of few rows loses a large share of its
     accuracy when a single row flips, which would make an expert look
@@ -823,7 +825,7 @@ class AblationResult:
     Attributes
     ----------
     experts : tuple of tuple of int
-        The groups removed, one per row of :attr:`accuracy`.
+        The groups removed, one per row of ``accuracy``.
     baseline : numpy.ndarray ``[C]``
         Accuracy per class with every expert.
     accuracy : numpy.ndarray ``[E, C]``
@@ -977,7 +979,7 @@ class AblationCurve:
     order : tuple of int
         The experts in the order they are removed.
     removed : numpy.ndarray ``[K]``
-        How many experts (the first of :attr:`order`) are removed at each point.
+        How many experts (the first of ``order``) are removed at each point.
     accuracy : numpy.ndarray ``[K, C]``
         Accuracy per class at each point.
     target : int
@@ -1014,7 +1016,7 @@ class AblationCurve:
 
     @property
     def other_accuracy(self) -> np.ndarray:
-        """``[K]``: mean accuracy on the other classes (weighted by :attr:`weights`; classes without rows skipped).
+        """``[K]``: mean accuracy on the other classes (weighted by ``weights``; classes without rows skipped).
 
         Examples
         --------
@@ -1594,3 +1596,109 @@ def edit_expert(
         rel = np.nan_to_num(rel, nan=0.0, posinf=np.inf)
         leakage, mean_leakage = float(rel.max()), float(rel.mean())
     return new_params, EditReport(index, level, requested, residual, achieved, shared, leakage, mean_leakage)
+
+
+def add_rank_one(
+    layer: Any, params: Mapping[str, Any] | None, expert: int | Sequence[int], u: Any, v: Any
+) -> tuple[MMoE, dict[str, Any]]:
+    """A layer one rank larger in which one expert gains ``u v^T`` exactly and no other expert changes.
+
+    An arbitrary correction of one expert rarely lies in the span of its own
+    slice (:func:`edit_expert` reports how little of it can be carried); one
+    more rank can carry a rank-one correction exactly.  The new rank component
+    is owned by the expert: its entries in every expert factor are one-hot on
+    the expert's index, so ``W_new[n] = W[n] + u v^T`` for ``n = expert`` and
+    ``W_new[m] = W[m]`` for every other expert (hierarchical layers included).
+
+    * CP: rank ``R + 1``; the new column of each factor is the one-hot index, ``u`` or ``v``.
+    * Tucker: every rank ``+ 1`` (each must stay within its mode's size), the
+      core extended block-diagonally by a one.
+    * TT and TR: every bond that can grow grows by one (TT keeps its boundary
+      ranks 1), each core extended block-diagonally by the new component's entry.
+
+    Parameters
+    ----------
+    layer : MMoE, or a tensormoe.torch / tensormoe.jax module
+    params : mapping or None
+        Parameters (``None``: the layer's or module's own); not modified.
+    expert : int or sequence of int
+        The expert's index on every level.
+    u : array ``[I(+1)]``
+        Input-side vector (with a bias, its last entry multiplies the constant
+        one: ``u[-1] * v`` is added to the expert's bias).
+    v : array ``[O]``
+        Output-side vector.
+
+    Returns
+    -------
+    layer : MMoE
+        A new functional layer of the same class and configuration, ranks grown,
+        holding the new parameters (wrap it with :func:`tensormoe.torch.wrap` or
+        :func:`tensormoe.jax.wrap` for a module).
+    params : dict
+        The new parameters, of the given backend and dtype (gates unchanged).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import tensormoe
+    >>> layer = tensormoe.CPMMoE(4, 3, [5], rank=2, dtype="float64")
+    >>> u, v = np.arange(5.0), np.ones(3)
+    >>> bigger, params = add_rank_one(layer, None, 1, u, v)
+    >>> bigger.rank, np.allclose(bigger.dense_weight()[1], layer.dense_weight()[1] + np.outer(u, v))
+    (3, True)
+    >>> np.allclose(np.delete(bigger.dense_weight(), 1, 0), np.delete(layer.dense_weight(), 1, 0))
+    True
+    """
+    core, params, _ = _unwrap(layer, params)
+    params = core.params if params is None else params
+    index = check_index(expert, core.expert_dims, "expert")
+    f = core.factorization
+    h, order = f.n_expert_modes, f.order
+    vectors = {}
+    for k, (name, value) in enumerate((("u", u), ("v", v))):
+        arr = _numpy(value, name).astype(np.float64)
+        if arr.shape != (f.dims[h + k],):
+            raise ValueError(f"{name} must be a vector of {f.dims[h + k]} entries (the {'input' if k == 0 else 'output'} "
+                             f"mode{', the bias row included' if k == 0 and core.bias else ''}); got shape {list(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} must be finite")
+        vectors[h + k] = arr
+    # the new component's entries along every mode: one-hot on the expert, then u, then v
+    entries = [np.eye(f.dims[k])[index[k]] for k in range(h)] + [vectors[h], vectors[h + 1]]
+    f.check_params(params)
+    p64 = {name: _numpy(params[name], f"params[{name!r}]").astype(np.float64) for name in f.param_shapes()}
+    config = core.config()
+    new: dict[str, np.ndarray] = {}
+    if f.name == "cp":
+        for k in range(order):
+            new[f"factor_{k}"] = np.concatenate([p64[f"factor_{k}"], entries[k][:, None]], axis=1)
+        config["rank"] = f.rank + 1
+    elif f.name == "tucker":
+        too_big = [k for k, (r, d) in enumerate(zip(f.ranks, f.dims)) if r + 1 > d]
+        if too_big:
+            raise ValueError(f"add_rank_one grows every Tucker rank by one, but ranks {list(f.ranks)} already reach "
+                             f"the mode sizes {list(f.dims)} at modes {too_big}; expected ranks below the mode sizes")
+        for k in range(order):
+            new[f"factor_{k}"] = np.concatenate([p64[f"factor_{k}"], entries[k][:, None]], axis=1)
+        grown = np.zeros(tuple(r + 1 for r in f.ranks))
+        grown[tuple(slice(0, r) for r in f.ranks)] = p64["core"]
+        grown[tuple(r for r in f.ranks)] = 1.0
+        new["core"] = grown
+        config["ranks"] = [r + 1 for r in f.ranks]
+    else:  # TT / TR: cores G_k[r_k, d_k, r_k+1], block-diagonal growth of the bonds that may grow
+        ring = f.name == "tr"
+        grow = [1 if ring or 0 < k < order else 0 for k in range(order + 1)]
+        bonds = [b + g for b, g in zip(f.bonds, grow)]
+        for k in range(order):
+            old = p64[f"factor_{k}"]
+            core_k = np.zeros((bonds[k], f.dims[k], bonds[k + 1]))
+            core_k[: old.shape[0], :, : old.shape[2]] = old
+            core_k[bonds[k] - 1, :, bonds[k + 1] - 1] += entries[k]
+            new[f"factor_{k}"] = core_k
+        config["ranks"] = bonds
+    bigger = layer_from_config(config)
+    out = {name: value for name, value in params.items() if name not in new}
+    out.update({name: _backend_array(value, params[name]) for name, value in new.items()})
+    bigger.params = {name: out[name] for name in bigger.param_shapes()}
+    return bigger, dict(bigger.params)

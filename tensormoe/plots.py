@@ -1,7 +1,7 @@
 """Plots of expert specialisation (matplotlib, the ``examples`` extra).
 
 Each function draws one figure from the results of :mod:`tensormoe.analysis`
-and returns it (a :class:`matplotlib.figure.Figure`, made without pyplot, so no
+and returns it (a ``matplotlib.figure.Figure``, made without pyplot, so no
 window opens and nothing needs closing); ``path=`` also saves it.  matplotlib
 is imported when a function is called, not with this module.
 

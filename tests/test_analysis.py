@@ -20,6 +20,13 @@ FORMATS = {
 }
 
 
+# every format on NumPy, one format on the other backends (the edits compute in NumPy whatever the backend;
+# each new layer compiles its own functions on JAX, which would dominate the run time)
+FORMAT_CASES = [pytest.param(b, k, id=f"{b}-{k}") for b in BACKENDS for k in sorted(FORMATS) if b == "numpy" or k == "tr"]
+GATE_CASES = [pytest.param(b, g, id=f"{b}-{g}") for b in BACKENDS for g in ("entmax15", "softmax", "sparsemax")
+              if b == "numpy" or g == "entmax15"]
+
+
 def randomised(layer, seed=0):
     """The layer with every parameter drawn at random (gates included: init gates are zero, coefficients uniform)."""
     rng = np.random.default_rng(seed)
@@ -143,8 +150,13 @@ def test_ablation_effects_and_curve():
 # --- interventions ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(FORMATS))
-def test_after_mode_and_permanent_scale_by_hand(backend, kind):
+@pytest.mark.parametrize("backend_name,kind", FORMAT_CASES)
+def test_after_mode_and_permanent_scale_by_hand(backend_name, kind):
+    with tensormoe.backend_context(backend_name):
+        _test_after_mode_and_permanent_scale_by_hand(backend_name, kind)
+
+
+def _test_after_mode_and_permanent_scale_by_hand(backend, kind):
     layer = randomised(FORMATS[kind]([5]))
     x = inputs(backend, (8, 4))
     (a,) = layer.coefficients(None, x)
@@ -169,8 +181,13 @@ def test_after_mode_and_permanent_scale_by_hand(backend, kind):
     assert np.array_equal(w_new[[0, 2, 4]], w_old[[0, 2, 4]])  # bit for bit
 
 
-@pytest.mark.parametrize("gate", ["entmax15", "softmax", "sparsemax"])
-def test_before_mode_redistributes_by_hand(backend, gate):
+@pytest.mark.parametrize("backend_name,gate", GATE_CASES)
+def test_before_mode_redistributes_by_hand(backend_name, gate):
+    with tensormoe.backend_context(backend_name):
+        _before_mode_redistributes_by_hand(backend_name, gate)
+
+
+def _before_mode_redistributes_by_hand(backend, gate):
     layer = randomised(tensormoe.CPMMoE(4, 3, [6], rank=2, gate=gate))
     x = inputs(backend, (9, 4))
     (a,) = analysis.intervened_coefficients(layer, None, x, [0, 4], mode="before")
@@ -217,9 +234,8 @@ def test_intervene_patches_and_restores_torch_modules():
     before = mlp(x), plain(x)
     with analysis.intervene([mlp, plain], [0, 2], scale=0.5):
         inside = mlp(x), plain(x)
-        with pytest.raises(RuntimeError, match="already active"):
-            with analysis.intervene(mlp, [1]):
-                pass
+        with pytest.raises(RuntimeError, match="already active"), analysis.intervene(mlp, [1]):
+            pass
     a = mlp.coefficients(x)[0].clone()
     a[..., [0, 2]] *= 0.5
     torch.testing.assert_close(inside[0], mlp.second(gelu(mlp.first(x, [a])), [a]))
@@ -227,9 +243,8 @@ def test_intervene_patches_and_restores_torch_modules():
     b[..., [0, 2]] *= 0.5
     torch.testing.assert_close(inside[1], plain(x, [b]))
     # restored on exit, also after an error inside the block
-    with pytest.raises(ZeroDivisionError):
-        with analysis.intervene(mlp, [1], mode="before"):
-            1 / 0
+    with pytest.raises(KeyError, match="inside"), analysis.intervene(mlp, [1], mode="before"):
+        raise KeyError("inside")
     torch.testing.assert_close(mlp(x), before[0], rtol=0, atol=0)
     torch.testing.assert_close(plain(x), before[1], rtol=0, atol=0)
     assert "coefficients" not in vars(mlp.first) and "forward" not in vars(plain)
@@ -243,11 +258,32 @@ def test_intervene_patches_and_restores_torch_modules():
     torch.testing.assert_close(mlp(x), removed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif("jax" not in BACKENDS, reason="JAX is not installed")
+def test_jax_pytree_layers_are_accepted():
+    import jax.numpy as jnp
+
+    from tensormoe.jax import wrap
+
+    shell = wrap(randomised(tensormoe.CPMMoE(4, 3, [5], rank=3)))
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(7, 4)), dtype="float32")
+    (a,) = analysis.intervened_coefficients(shell, None, x, [1])
+    expected = to_numpy(shell.coefficients(x)[0])
+    expected[:, 1] = 0
+    np.testing.assert_allclose(to_numpy(a), expected, atol=1e-7)
+    removed = shell.replace(analysis.scale_expert(shell, None, 1, 0.0))
+    np.testing.assert_allclose(to_numpy(removed(x)), to_numpy(shell(x, [a])), rtol=1e-5, atol=1e-6)
+
+
 # --- permanent edits ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(FORMATS))
-def test_edit_expert_one_level_by_hand(backend, kind):
+@pytest.mark.parametrize("backend_name,kind", FORMAT_CASES)
+def test_edit_expert_one_level_by_hand(backend_name, kind):
+    with tensormoe.backend_context(backend_name):
+        _test_edit_expert_one_level_by_hand(backend_name, kind)
+
+
+def _test_edit_expert_one_level_by_hand(backend, kind):
     layer = randomised(FORMATS[kind]([5]))
     target = np.random.default_rng(3).normal(size=(5, 3))
     own = tensormoe.convert_params(layer.params, backend)
@@ -314,3 +350,37 @@ def test_clear_errors():
         analysis.edit_expert(layer, None, 0, np.ones((4, 3)))
     with pytest.raises(TypeError, match="layer must be a tensormoe MMoE layer"):
         analysis.scale_expert("cp", None, 0, 0.0)
+
+
+@pytest.mark.parametrize("backend_name,kind", FORMAT_CASES)
+def test_add_rank_one_is_exact_and_owned_by_the_expert(backend_name, kind):
+    with tensormoe.backend_context(backend_name):
+        _test_add_rank_one_is_exact_and_owned_by_the_expert(backend_name, kind)
+
+
+def _test_add_rank_one_is_exact_and_owned_by_the_expert(backend, kind):
+    dtype = "float32" if backend == "jax" else "float64"  # JAX runs without 64-bit mode here
+    tol = 1e-5 if dtype == "float32" else 1e-11
+    layer = randomised(FORMATS[kind]([3, 3], dtype=dtype))
+    rng = np.random.default_rng(5)
+    u, v = rng.normal(size=5), rng.normal(size=3)
+    own = tensormoe.convert_params(layer.params, backend)
+    bigger, new = analysis.add_rank_one(layer, own, (2, 0), u, v)
+    assert type(bigger) is type(layer) and all(type(x) is type(own["factor_0"]) for x in new.values())
+    assert bigger.factorization.n_params() > layer.factorization.n_params()
+    w_old, w_new = to_numpy(layer.dense_weight(own)), to_numpy(bigger.dense_weight(new))
+    expected = w_old.copy()
+    expected[2, 0] += np.outer(u, v)
+    np.testing.assert_allclose(w_new, expected, rtol=tol, atol=tol)  # the expert gains u v^T, nobody else moves
+    # the forward, by hand: the old output plus each row's product of the expert's coefficients times (x, 1) @ u, v
+    x = get_ops(backend).asarray(rng.normal(size=(6, 4)), dtype)
+    a = layer.coefficients(own, x)
+    extra = to_numpy(a[0])[:, 2] * to_numpy(a[1])[:, 0] * (np.c_[to_numpy(x), np.ones(6)] @ u)
+    np.testing.assert_allclose(to_numpy(bigger.apply(new, x, a)),
+                               to_numpy(layer.apply(own, x, a)) + extra[:, None] * v, rtol=10 * tol, atol=10 * tol)
+
+
+def test_add_rank_one_needs_room_in_tucker():
+    layer = tensormoe.TuckerMMoE(4, 3, [2], ranks=[2, 3, 3])
+    with pytest.raises(ValueError, match=r"ranks \[2, 3, 3\] already reach the mode sizes \[2, 5, 3\] at modes \[0, 2\]"):
+        analysis.add_rank_one(layer, None, 0, np.ones(5), np.ones(3))
