@@ -1,43 +1,45 @@
 """A character-level GPT whose MLP blocks are MMoE layers: accuracy, speed and expert specialisation.
 
 Data: the topic texts of the Python documentation that ship with every Python
-(``pydoc_data/topics.py``: about 465,000 characters of English prose and code);
+(pydoc_data/topics.py: about 465,000 characters of English prose and code);
 nothing is downloaded.  The first 90% is the training split, the last 10% the
 validation split; every character is a class.
 
 Model: a small pre-LayerNorm GPT (token and position embeddings, causal
 self-attention, an MLP per block, the output layer tied to the token embedding),
-whose MLP blocks ``d -> 4d -> d`` are, per ``--models``:
+whose MLP blocks d -> 4d -> d are, per --models:
 
-* ``linear``: two ``torch.nn.Linear`` layers and a GELU (the baseline);
-* ``cp``: :class:`tensormoe.torch.MMoEMLP` of two CP MMoE layers sharing one
+* linear: two torch.nn.Linear layers and a GELU (the baseline);
+* cp: tensormoe.torch.MMoEMLP of two CP MMoE layers sharing one
   entmax-1.5 gate (the MMoE paper's GPT-2 block);
-* ``tr``: the same with tensor-ring layers (bond ranks 4, the input-output
+* tr: the same with tensor-ring layers (bond ranks 4, the input-output
   bond solved for the budget, the paper's rule);
-* ``top2``: the CP experts routed sparsely: top-2 token choice with learned
+* top2: the CP experts routed sparsely: top-2 token choice with learned
   training noise and a load-balancing loss; each layer contracts only the two
   selected experts' factor rows.
 
 Every MMoE block has at most the trainable parameters of the linear block
-(:func:`tensormoe.ranks.match_rank`; the second layer's gate is unused and
+(tensormoe.ranks.match_rank; the second layer's gate is unused and
 frozen, so not counted; top-2's noise weights are).  All models are trained
 alike (Adam, linear warm-up then cosine decay, batches of random windows).
 
-Analysis of the MMoE models, on one block (``--analyse-layer``) and the
+Analysis of the MMoE models, on one block (--analyse-layer) and the
 validation tokens labelled by the character to predict
-(:mod:`tensormoe.analysis`): usage statistics and class specialisation of
+(tensormoe.analysis): usage statistics and class specialisation of
 every block; the counterfactual ablation of every expert in turn (per-class
 accuracy change, class-level polysemanticity); the ablation curve of the
 experts most selective for one character, removed after the gate's
 normalisation and before it (masked logits); a check that the permanent
 removal of an expert (its slices of both layers' factors) equals its removal at
-inference; and an expert rewritten into another by :func:`tensormoe.analysis.edit_expert`.
+inference; and edits of one expert in factorized form (tensormoe.analysis.edit_expert:
+another expert's matrix copied into it, and a rank-one correction, with the
+part of each achieved).
 For the top-2 model the analysis runs its blocks through their coefficients
 (the same outputs as the sparse path: zeros for the unselected experts).
 
-Outputs (in ``--out``): ``results.json`` (every number), and the figures
-``usage.png``, ``heatmap_<model>.png``, ``top_experts_<model>.png``,
-``ablation_curve.png``; the tables are printed.
+Outputs (in --out): results.json (every number), and the figures
+usage.png, heatmap_<model>.png, top_experts_<model>.png,
+ablation_curve.png; the tables are printed.
 
 Examples:
   python examples/gpt_mmoe.py                      the default run (10-15 minutes on 2 CPU cores)
@@ -507,6 +509,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"argument --ablate: {args.ablate} exceeds --experts {args.experts}")
     if not -args.layers <= args.analyse_layer < args.layers:
         parser.error(f"argument --analyse-layer: {args.analyse_layer} is not a block of --layers {args.layers}")
+    try:  # before minutes of training, not after
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"argument --out: cannot create the folder {args.out!r}: {error.strerror}")
+    if not os.access(args.out, os.W_OK):
+        parser.error(f"argument --out: the folder {args.out!r} is not writable")
     return args
 
 
@@ -548,7 +556,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if kind != "linear":
             results["models"][kind]["analysis"], kept[kind] = analyse(model, corpus, x_val, y_val, args, kind)
     results["machine"]["load_after"] = load()
-    os.makedirs(args.out, exist_ok=True)
     figures = write_figures(kept, corpus, args)
     results["figures"] = figures
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -97,7 +97,8 @@ def test_help_and_argument_errors(capsys):
                           (["--steps", "0"], "expected a positive integer; got '0'"),
                           (["--heads", "3"], "argument --heads: 3 must divide --embd 64"),
                           (["--ablate", "99"], "argument --ablate: 99 exceeds --experts 64"),
-                          (["--lr", "nan"], "expected a positive number; got 'nan'")]:
+                          (["--lr", "nan"], "expected a positive number; got 'nan'"),
+                          (["--out", "/proc/no/such"], "argument --out: cannot create the folder '/proc/no/such'")]:
         with pytest.raises(SystemExit) as exit_:
             example.parse(argv)
         assert exit_.value.code == 2
