@@ -1308,6 +1308,8 @@ def intervene(
     True
     """
     targets = _torch_targets(modules)
+    if not is_int(experts) and isinstance(experts, Iterable) and not isinstance(experts, (str, bytes)):
+        experts = tuple(experts)  # a generator would be used up by the first call
     # check the arguments once, before patching anything
     for target in targets:
         lvl = _check_level(level, target.layer.expert_dims)

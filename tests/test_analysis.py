@@ -232,7 +232,7 @@ def test_intervene_patches_and_restores_torch_modules():
             p.normal_()
     x = torch.randn(3, 7, 4)
     before = mlp(x), plain(x)
-    with analysis.intervene([mlp, plain], [0, 2], scale=0.5):
+    with analysis.intervene([mlp, plain], (e for e in (0, 2)), scale=0.5):  # a generator works too
         inside = mlp(x), plain(x)
         with pytest.raises(RuntimeError, match="already active"), analysis.intervene(mlp, [1]):
             pass
