@@ -422,9 +422,14 @@ class _NpzFile(_File):
                 raise
             raise self.error(f"it is truncated or corrupted ({type(err).__name__}: {str(err)[:200]})") from None
 
-    def _npy_header(self, archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    def _npy_header(
+        self, archive: zipfile.ZipFile, member: str, header: bool = False
+    ) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype from an entry's .npy header, checked against the zip's declared size (nothing else read)."""
         info = archive.getinfo(member)
+        if header and info.file_size > _MAX_HEADER_BYTES:
+            raise self.error(f"its header entry {member!r} is {info.file_size:,} bytes; expected at most "
+                             f"{_MAX_HEADER_BYTES:,}")
         with archive.open(member) as fp:
             try:
                 version = np.lib.format.read_magic(fp)
@@ -437,7 +442,9 @@ class _NpzFile(_File):
                 raise self.error(f"entry {member!r} is not a valid .npy array ({str(err)[:200]})") from None
         if dtype.hasobject:
             raise self.error(f"entry {member!r} holds pickled (object) data, which is never loaded")
-        if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        if header and (dtype != np.uint8 or len(shape) != 1):
+            raise self.error(f"its header has dtype {dtype} and shape {shape}; expected 1-d uint8 JSON")
+        if not header and (dtype.kind != "f" or dtype.itemsize not in (2, 4, 8)):
             raise self.error(f"entry {member!r} has dtype {dtype}; expected float16, float32 or float64")
         claimed = start + math.prod(shape) * dtype.itemsize  # Python integers: never wraps around
         if claimed != info.file_size:
@@ -447,16 +454,12 @@ class _NpzFile(_File):
 
     def _parse_header(self, archive: zipfile.ZipFile) -> dict[str, Any]:
         member = _NPZ_HEADER + ".npy"
-        if archive.getinfo(member).file_size > _MAX_HEADER_BYTES:
-            raise self.error(f"its header entry {member!r} is {archive.getinfo(member).file_size:,} bytes; expected "
-                             f"at most {_MAX_HEADER_BYTES:,}")
+        self._npy_header(archive, member, header=True)
         with archive.open(member) as fp:
-            try:
+            try:  # its size was checked: reads at most _MAX_HEADER_BYTES
                 raw = np.lib.format.read_array(fp, allow_pickle=False)
             except (ValueError, SyntaxError, TypeError, EOFError) as err:
                 raise self.error(f"entry {member!r} is not a valid .npy array ({str(err)[:200]})") from None
-        if raw.dtype != np.uint8 or raw.ndim != 1:
-            raise self.error(f"its header has dtype {raw.dtype} and shape {raw.shape}; expected 1-d uint8 JSON")
         header = self._config_from(raw.tobytes(), "its header")
         if header.get("format") != FORMAT:
             raise self.error(f"its header does not name the format {FORMAT!r}")
