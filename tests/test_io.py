@@ -181,6 +181,23 @@ def test_bfloat16_and_float16_round_trip_exactly(tmp_path, fmt):
             np.testing.assert_array_equal(numpy_layer.params[name].astype("float32"), p.detach().float().numpy())
 
 
+@pytest.mark.skipif("jax" not in BACKENDS, reason="JAX is not installed")
+def test_bfloat16_from_jax_is_stored_as_bfloat16(tmp_path):
+    import safetensors
+    import tensormoe.jax as tmj
+
+    layer = tmj.TRMMoE(6, 5, [4], ranks=2, dtype="bfloat16")
+    path = tmp_path / "jax.safetensors"
+    io.save(layer, path)
+    with safetensors.safe_open(path, framework="numpy") as f:  # the raw header: dtype BF16, 2 bytes a value
+        assert all(f.get_slice(name).get_dtype() == "BF16" for name in f.keys())
+    for target in BACKENDS:
+        rebuilt = io.layer_from_file(path, backend=target)
+        assert rebuilt.dtype == ("float32" if target == "numpy" else "bfloat16")
+        for name, value in layer.params.items():
+            np.testing.assert_array_equal(to_numpy(rebuilt.params[name]), to_numpy(value))
+
+
 # --- bad files: a clear ValueError, no code run, nothing changed --------------------------------
 
 
