@@ -168,7 +168,7 @@ def io_cost() -> None:
 
     ``LOAD_WITH=/path/to/other/checkout`` loads with another tensormoe (before/after comparisons of ``.npz``).
     """
-    import tensormoe.io as io
+    from tensormoe import io
 
     layer = tensormoe.CPMMoE(768, 768, [4096], rank=1024)
     size = sum(v.nbytes for v in layer.params.values())

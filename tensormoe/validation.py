@@ -343,8 +343,8 @@ def _limit(max_bytes: Any) -> tuple[int, str, bool]:
     memory = _physical_memory()
     if memory is None:
         return _FALLBACK_MEMORY, f"the default limit where physical memory is unknown, {_human(_FALLBACK_MEMORY)}", True
-    return int(memory * MEMORY_FRACTION), f"the default limit, {MEMORY_FRACTION:g} of {_human(memory)} of physical " \
-        "memory", True
+    source = f"the default limit, {MEMORY_FRACTION:g} of {_human(memory)} of physical memory"
+    return int(memory * MEMORY_FRACTION), source, True
 
 
 def memory_limit(max_bytes: int | None = None) -> int:

@@ -184,6 +184,7 @@ def test_bfloat16_and_float16_round_trip_exactly(tmp_path, fmt):
 @pytest.mark.skipif("jax" not in BACKENDS, reason="JAX is not installed")
 def test_bfloat16_from_jax_is_stored_as_bfloat16(tmp_path):
     import safetensors
+
     import tensormoe.jax as tmj
 
     layer = tmj.TRMMoE(6, 5, [4], ranks=2, dtype="bfloat16")
@@ -258,8 +259,6 @@ def header_bytes(header):
 
 def zip_bomb(path, out, member, claimed_shape):
     """An archive whose ``member`` claims ``claimed_shape`` and really holds it: zeros, deflated to a few KiB."""
-    import io as _io
-
     count = int(np.prod(claimed_shape))
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
