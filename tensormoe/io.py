@@ -382,6 +382,7 @@ class _NpzFile(_File):
     container = "npz"
 
     def _parse(self) -> None:
+        self._check_directory()
         with self._archive() as archive:
             infos = archive.infolist()
             members = [info.filename for info in infos]
@@ -409,6 +410,29 @@ class _NpzFile(_File):
                 if stored.name != expected:
                     raise self.error(f"parameter {name!r} is stored as {stored}; its header says {dtype}")
                 self.shapes[name], self.dtypes[name], self.stored_dtypes[name] = shape, dtype, stored.name
+
+    def _check_directory(self) -> None:
+        """Refuse a zip directory larger than a tensormoe archive's before zipfile reads it (one object per entry)."""
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            tail_start = max(0, size - (22 + 65535))  # the end record: 22 bytes and a comment of up to 64 KiB
+            f.seek(tail_start)
+            tail = f.read()
+            end = tail.rfind(b"PK\x05\x06")
+            if end < 0 or len(tail) - end < 22:
+                return  # zipfile names the problem (not a zip, truncated)
+            entries, directory = int.from_bytes(tail[end + 10: end + 12], "little"), int.from_bytes(
+                tail[end + 12: end + 16], "little")
+            locator = end - 20  # a zip64 archive keeps its real counts in a record this locator points to
+            if locator >= 0 and tail[locator: locator + 4] == b"PK\x06\x07":
+                f.seek(int.from_bytes(tail[locator + 8: locator + 16], "little"))
+                record = f.read(56)
+                if record[:4] == b"PK\x06\x06" and len(record) == 56:
+                    entries = int.from_bytes(record[32:40], "little")
+                    directory = int.from_bytes(record[40:48], "little")
+        if directory > _MAX_HEADER_BYTES or entries > _MAX_HEADER_BYTES // 46:
+            raise self.error(f"its zip directory lists {entries:,} entries in {directory:,} bytes; expected at most "
+                             f"{_MAX_HEADER_BYTES:,} bytes (a tensormoe archive holds one entry per parameter)")
 
     @contextlib.contextmanager
     def _archive(self):

@@ -340,6 +340,12 @@ def bad_npz_files(saved, tmp_path):
     }
     for k, (name, (replace, add, drop, msg)) in enumerate(variants.items()):
         out[name] = (rewrite(saved, tmp_path / f"v{k}.npz", replace, add, drop), msg)
+    # a zip directory of 10,000 entries (1.1 MB): refused before zipfile makes an object for each
+    many = tmp_path / "many.npz"
+    with zipfile.ZipFile(many, "w") as archive:
+        for k in range(10000):
+            archive.writestr(f"{k:060d}.npy", b"")
+    out["huge directory"] = (many, "its zip directory lists 10,000 entries in 1,100,000 bytes")
     # 40 MiB of zeros in a ~40 KiB entry: refused from the zip's declared size, before decompressing
     out["zip bomb"] = (zip_bomb(saved, tmp_path / "bomb.npz", "factor_0.npy", (4, 3 * 2**20)),
                        "parameter 'factor_0' has shape (4, 3145728); the layer expects (4, 3)")
