@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/robustness.py errors      # the tolerance table
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/robustness.py overhead    # microseconds per call
-    PYTHONPATH=. python benchmarks/robustness.py files 3000  # hostile files under a memory cap: counts, memory
+    PYTHONPATH=. python benchmarks/robustness.py files 3000 [SEED]  # hostile files under a memory cap
     PYTHONPATH=. python benchmarks/robustness.py io          # loading a 36 MB weights file: seconds, memory
 
 Both print markdown tables.  ``overhead`` only times calls, so it also runs
@@ -130,12 +130,15 @@ def overhead() -> None:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def files(examples: str = "3000") -> None:
-    """Run the capped hostile-file fuzz of tests/test_file_fuzz.py with ``examples`` cases; print its tables."""
+def files(examples: str = "3000", *seed: str) -> None:
+    """Run the capped hostile-file fuzz of tests/test_file_fuzz.py with ``examples`` cases; print its tables.
+
+    The cases are the test's fixed ones; a further argument, an integer seed, draws others.
+    """
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory() as folder:
         out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "test_file_fuzz.py"), "--child", folder,
-                              examples], capture_output=True, text=True, env=env, check=True)
+                              examples, *seed], capture_output=True, text=True, env=env, check=True)
     s = json.loads(out.stdout.strip().splitlines()[-1])
     mib = 2**20
     print(f"{s['examples']} generated files ({s['calls']} loader calls, {s['accepted_calls']} of them loading a file "
