@@ -1,7 +1,9 @@
-"""Numbers quoted in docs/guides/robustness.md: rounding errors per dtype, and the cost of validation.
+"""Numbers quoted in docs/guides/robustness.md: rounding errors per dtype, the cost of validation, hostile files.
 
     PYTHONPATH=. python benchmarks/robustness.py errors      # the tolerance table
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/robustness.py overhead    # microseconds per call
+    PYTHONPATH=. python benchmarks/robustness.py files 3000 [SEED]  # hostile files under a memory cap
+    PYTHONPATH=. python benchmarks/robustness.py io          # loading a 36 MB weights file: seconds, memory
 
 Both print markdown tables.  ``overhead`` only times calls, so it also runs
 against an older checkout of tensormoe (``PYTHONPATH=/path/to/old``) for a
@@ -10,8 +12,12 @@ before/after comparison in the same session.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -121,5 +127,75 @@ def overhead() -> None:
                     print(f"| {backend} | {label} | check of the plan's operand shapes | {_time(shapes_ok):.1f} |")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def files(examples: str = "3000", *seed: str) -> None:
+    """Run the capped hostile-file fuzz of tests/test_file_fuzz.py with ``examples`` cases; print its tables.
+
+    The cases are the test's fixed ones; a further argument, an integer seed, draws others.
+    """
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "test_file_fuzz.py"), "--child", folder,
+                              examples, *seed], capture_output=True, text=True, env=env, check=True)
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    print(f"{s['examples']} generated files ({s['calls']} loader calls, {s['accepted_calls']} of them loading a file "
+          f"that another reader reads the same), backends {s['backends']}, {s['seconds']} s; address space capped at "
+          f"{s['cap_bytes'] / mib:.0f} MiB ({s['headroom_bytes'] / mib:.0f} MiB above the warmed-up process); peak RSS "
+          f"{s['rss_peak_bytes'] / mib:.0f} MiB, {s['rss_growth_bytes'] / mib:.1f} MiB above the warm-up; slowest "
+          f"call {s['slowest_call_s'] * 1000:.0f} ms\n")
+    print("| kind of file | cases |\n| --- | --- |")
+    for kind, count in s["kinds"].items():
+        if kind != "issue":
+            print(f"| {kind} | {count} |")
+    print("\n| input | answer |\n| --- | --- |")
+    for case in s["issue_cases"]:
+        message = case["message"].split("': ", 1)[-1] if case["message"].startswith("cannot load") else case["message"]
+        print(f"| {case['case']} | `{case['error']}: {message[:160]}...` |")
+
+
+_LOAD = """
+import resource, sys, time
+from tensormoe import io
+before = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+start = time.perf_counter()
+io.layer_from_file(sys.argv[1], backend="numpy")
+print(time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def io_cost() -> None:
+    """Save and rebuild (``layer_from_file``, a fresh process each) a CP layer of 8.9 M float32 parameters.
+
+    ``LOAD_WITH=/path/to/other/checkout`` loads with another tensormoe (before/after comparisons of ``.npz``).
+    """
+    from tensormoe import io
+
+    layer = tensormoe.CPMMoE(768, 768, [4096], rank=1024)
+    size = sum(v.nbytes for v in layer.params.values())
+    print(f"CP 768->768, N=4096, R=1024: {layer.n_params:,} parameters, {size / 2**20:.1f} MiB\n")
+    print("| file | size (MiB) | save (s) | layer_from_file (s, median of 3 processes) | peak RSS growth (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as folder:
+        for suffix in (".safetensors", ".npz"):
+            path = os.path.join(folder, "w" + suffix)
+            start = time.perf_counter()
+            io.save(layer, path)
+            saved = time.perf_counter() - start
+            runs = [subprocess.run([sys.executable, "-c", _LOAD, path], capture_output=True, text=True, cwd=folder,
+                                   check=suffix == ".npz" or "LOAD_WITH" not in os.environ,
+                                   env={**os.environ, "PYTHONPATH": os.environ.get("LOAD_WITH", ROOT)}).stdout.split()
+                    for _ in range(3)]
+            if not all(runs):
+                print(f"| {suffix} | {os.path.getsize(path) / 2**20:.1f} | {saved:.2f} | not readable there | |")
+                continue
+            seconds = statistics.median(float(r[0]) for r in runs)
+            growth = statistics.median(int(r[1]) for r in runs) / 2**20
+            print(f"| {suffix} | {os.path.getsize(path) / 2**20:.1f} | {saved:.2f} | {seconds:.2f} | {growth:.0f} |")
+
+
 if __name__ == "__main__":
-    {"errors": errors, "overhead": overhead}[sys.argv[1] if len(sys.argv) > 1 else "errors"]()
+    mode = sys.argv[1] if len(sys.argv) > 1 else "errors"
+    {"errors": errors, "overhead": overhead, "files": files, "io": io_cost}[mode](*sys.argv[2:])

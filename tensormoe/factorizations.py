@@ -19,6 +19,7 @@ mode (``in_dim + 1`` when the layer has a bias) and the output mode.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,10 +38,28 @@ from .validation import (
     is_int,
 )
 
-__all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS"]
+__all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS", "OverparameterizedWarning"]
 
 #: Most elements one parameter may have (NumPy cannot address more bytes than 2**63).
 _MAX_ELEMENTS = 2**60
+
+
+class OverparameterizedWarning(UserWarning):
+    """Warned when a factorization holds more parameters than the dense tensor it stands for.
+
+    Such ranks save nothing: the dense weight tensor would be smaller.  Silence
+    it with ``warnings.simplefilter("ignore", OverparameterizedWarning)``, or turn
+    it into an error with ``"error"``.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     CP([8, 5, 6], rank=100, n_expert_modes=1).check_size()
+    >>> caught[0].category.__name__
+    'OverparameterizedWarning'
+    """
 
 
 class Factorization:
@@ -333,6 +352,9 @@ class Factorization:
     def check_size(self) -> None:
         """Raise ``ValueError`` if a parameter would have more elements than one array can address.
 
+        Warn (:class:`OverparameterizedWarning`) if the factors hold more
+        parameters than the dense tensor has entries.
+
         Examples
         --------
         >>> CP([4, 3, 2], rank=2**62, n_expert_modes=1).check_size()
@@ -347,6 +369,15 @@ class Factorization:
                     f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {name} "
                     f"of shape {shape} ({size} elements); expected at most 2**60 elements per parameter"
                 )
+        count, dense = self.n_params(), math.prod(self.dims)
+        if count > dense:
+            warnings.warn(
+                f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {count:,} "
+                f"factorized parameters, {count / dense:.3g}x the {dense:,} entries of the dense tensor they stand "
+                "for; expected fewer (smaller ranks save parameters, these save nothing)",
+                OverparameterizedWarning,
+                stacklevel=4,  # check_size <- MMoE.__init__ <- the layer class <- the caller
+            )
 
     # -- counting ------------------------------------------------------------------
     def n_params(self) -> int:

@@ -169,6 +169,11 @@ class MMoE:
         not under ``jax.jit``).  When ``False`` (default) non-finite values
         propagate: a NaN or Inf in row ``b`` of ``x`` makes row ``b`` of the
         output non-finite and leaves the other rows unchanged.
+    max_bytes : int, optional
+        Most bytes the parameters may take: a larger layer is refused with a
+        ``ValueError`` before anything is allocated.  Default:
+        :func:`tensormoe.validation.memory_limit` (``TENSORMOE_MAX_BYTES``, or a
+        quarter of physical memory).
 
     Raises
     ------
@@ -226,6 +231,7 @@ class MMoE:
         router: Any = None,
         check_finite: bool = False,
         gate_rank: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.in_dim = check_positive_int(in_dim, "in_dim")
         self.out_dim = check_positive_int(out_dim, "out_dim")
@@ -248,6 +254,7 @@ class MMoE:
             (*self.expert_dims, self.in_dim + int(self.bias), self.out_dim)
         )
         self.factorization.check_size()
+        _v.check_memory(self.param_shapes(), self.dtype, repr(self), max_bytes)  # before anything is allocated
         self._params: dict[str, Any] = {}
         self._params_backend = ""
         self._converted: dict[str, dict[str, Any]] = {}

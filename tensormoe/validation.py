@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +39,9 @@ import numpy as np
 
 __all__ = [
     "FLOAT_DTYPES",
+    "ITEMSIZE",
+    "MAX_BYTES_ENV",
+    "MEMORY_FRACTION",
     "check_array",
     "check_bool",
     "check_choice",
@@ -45,12 +50,14 @@ __all__ = [
     "check_finite",
     "check_index",
     "check_int_sequence",
+    "check_memory",
     "check_nonnegative_int",
     "check_params",
     "check_positive_int",
     "check_positive_real",
     "describe",
     "is_int",
+    "memory_limit",
 ]
 
 #: Floating-point dtypes a layer can hold its parameters in.
@@ -61,6 +68,40 @@ Examples
 --------
 >>> "bfloat16" in FLOAT_DTYPES
 True
+"""
+
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+"""Bytes per element of each dtype in :data:`FLOAT_DTYPES`.
+
+Examples
+--------
+>>> ITEMSIZE["bfloat16"], ITEMSIZE["float64"]
+(2, 8)
+"""
+
+MAX_BYTES_ENV = "TENSORMOE_MAX_BYTES"
+"""Environment variable holding the default memory limit of :func:`memory_limit`.
+
+A number of bytes, optionally with a unit: ``"8GiB"``, ``"500 MB"``, ``"1.5TiB"``,
+``"1000000"``.
+
+Examples
+--------
+>>> MAX_BYTES_ENV
+'TENSORMOE_MAX_BYTES'
+"""
+
+MEMORY_FRACTION = 0.25
+"""Default memory limit, as a fraction of the machine's physical memory.
+
+A quarter, because building float32 parameters briefly holds their float64
+draws as well (three times the parameters' size), and loading a file holds the
+file's arrays and their converted copies.
+
+Examples
+--------
+>>> MEMORY_FRACTION
+0.25
 """
 
 #: How to make an array of each backend, quoted in "not an array" messages.
@@ -249,6 +290,133 @@ def check_dtype(value: Any, argument: str = "dtype") -> str:
     if name not in FLOAT_DTYPES:
         raise ValueError(f"{argument}={value!r} is not supported; expected one of {list(FLOAT_DTYPES)}")
     return name
+
+
+# -- memory ----------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+#: used when the platform does not report its physical memory (os.sysconf is POSIX-only)
+_FALLBACK_MEMORY = 16 * 2**30
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{nbytes} B"
+
+
+def _physical_memory() -> int | None:
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def _parse_bytes(text: str) -> int | None:
+    match = _BYTES.fullmatch(text)
+    if match is None:
+        return None
+    number, unit = match.groups()
+    whole, _, fraction = number.partition(".")
+    scale = _UNITS[(unit or "").lower()]
+    # exact in integers: "1.5GiB" is 3 * 2**29, never a rounded float
+    value = (int(whole or "0") * 10 ** len(fraction) + int(fraction or "0")) * scale // 10 ** len(fraction)
+    return value if value > 0 else None
+
+
+def _limit(max_bytes: Any) -> tuple[int, str, bool]:
+    """The memory limit in bytes, where it comes from and whether a max_bytes argument may raise it (messages)."""
+    if max_bytes is not None:
+        return check_positive_int(max_bytes, "max_bytes"), f"the limit max_bytes={int(max_bytes)}", False
+    text = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if text:
+        value = _parse_bytes(text)
+        if value is None:
+            raise ValueError(
+                f"{MAX_BYTES_ENV}={text!r} is not a size; expected a positive number of bytes, optionally with "
+                "a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '8GiB'"
+            )
+        return value, f"the limit {MAX_BYTES_ENV}={text!r}", True
+    memory = _physical_memory()
+    if memory is None:
+        return _FALLBACK_MEMORY, f"the default limit where physical memory is unknown, {_human(_FALLBACK_MEMORY)}", True
+    source = f"the default limit, {MEMORY_FRACTION:g} of {_human(memory)} of physical memory"
+    return int(memory * MEMORY_FRACTION), source, True
+
+
+def memory_limit(max_bytes: int | None = None) -> int:
+    """The most bytes a layer's parameters, or the arrays of a weights file, may take.
+
+    Parameters
+    ----------
+    max_bytes : int, optional
+        An explicit limit, returned as it is (after checking it is a positive
+        integer).  Otherwise the environment variable :data:`MAX_BYTES_ENV`
+        (``TENSORMOE_MAX_BYTES``, e.g. ``"8GiB"``) if set, else
+        :data:`MEMORY_FRACTION` of the machine's physical memory (16 GiB where
+        the platform does not report it).
+
+    Raises
+    ------
+    ValueError
+        If ``max_bytes`` is not positive or the environment variable is not a size.
+
+    Examples
+    --------
+    >>> memory_limit(2**20)
+    1048576
+    >>> import os
+    >>> os.environ[MAX_BYTES_ENV] = "1.5 KiB"
+    >>> memory_limit()
+    1536
+    >>> del os.environ[MAX_BYTES_ENV]
+    """
+    return _limit(max_bytes)[0]
+
+
+def check_memory(
+    shapes: Mapping[str, Sequence[int]], dtype: str | Mapping[str, str], what: str, max_bytes: int | None = None
+) -> int:
+    """Return the bytes that arrays of ``shapes`` take; raise ``ValueError`` above :func:`memory_limit`.
+
+    Sizes are computed with Python integers (``math.prod``), which never wrap
+    around, before anything is allocated.
+
+    Parameters
+    ----------
+    shapes : mapping of str to sequence of int
+        The arrays, by name.
+    dtype : str or mapping of str to str
+        One dtype name for all (see :data:`ITEMSIZE`), or one per name.
+    what : str
+        What holds the arrays, to start the message (a layer's ``repr``, a file).
+    max_bytes : int, optional
+        The limit (default: :func:`memory_limit`).
+
+    Examples
+    --------
+    >>> check_memory({"factor_0": (1000, 3), "gate_0": (6, 1000)}, "float32", "layer")
+    36000
+    >>> check_memory({"factor_0": (10**9, 3)}, "float32", "layer", max_bytes=2**30)
+    Traceback (most recent call last):
+    ...
+    ValueError: layer: 3,000,000,000 parameters, 12,000,000,000 bytes (11.2 GiB) in float32; expected at most ...
+    """
+    limit, source, default = _limit(max_bytes)
+    dtypes = {name: dtype for name in shapes} if isinstance(dtype, str) else dict(dtype)
+    count = sum(math.prod(int(n) for n in shape) for shape in shapes.values())
+    nbytes = sum(math.prod(int(n) for n in shape) * ITEMSIZE[dtypes[name]] for name, shape in shapes.items())
+    if nbytes > limit:
+        names = sorted(set(dtypes.values()))
+        raise ValueError(
+            f"{what}: {count:,} parameters, {nbytes:,} bytes ({_human(nbytes)}) in {', '.join(names)}; "
+            f"expected at most {limit:,} bytes ({_human(limit)}), {source}"
+            + (f" (pass max_bytes=... or set {MAX_BYTES_ENV} to allow more)" if default else "")
+        )
+    return nbytes
 
 
 # -- sequences ---------------------------------------------------------------------------

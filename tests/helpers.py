@@ -59,10 +59,31 @@ def exact_forward(layer, params, x, coefficients):
 
 
 def random_gates(layer, seed):
-    """The layer's parameters with random gate weights, so that the coefficients differ between rows."""
+    """The layer's parameters with random gate weights, so that the coefficients differ between rows.
+
+    The factors keep their initial values, which are structured (TT/TR expert cores ``eye * c``,
+    later levels all ones): see :func:`random_params` for parameters that expose every bond.
+    """
     rng = np.random.default_rng(seed)
     ops = get_ops()
     params = dict(layer.params)
     for h, n in enumerate(layer.expert_dims):
         params[f"gate_{h}"] = ops.asarray(rng.normal(size=(layer.in_dim, n)), layer.dtype)
     return params
+
+
+def random_params(layer, seed):
+    """Every parameter of the layer drawn at random (factors, Tucker core, gates), on the current backend.
+
+    The initial factors are symmetric in their bonds (``eye(r) * c`` expert cores, ones on later
+    levels), so a transposed core or a ring closed on the wrong bond computes the same thing at
+    init; independent normal values make every index of every parameter matter.
+    """
+    rng = np.random.default_rng(seed)
+    ops = get_ops()
+    return {name: ops.asarray(rng.normal(size=shape), layer.dtype) for name, shape in layer.param_shapes().items()}
+
+
+def parameter_sets(layer, seed):
+    """Both kinds of parameters a forward property is checked with: ``{"init": ..., "random": ...}``."""
+    return {"init": random_gates(layer, seed), "random": random_params(layer, seed)}

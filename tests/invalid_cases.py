@@ -13,13 +13,18 @@ input ``[2, 4]``, ``a`` valid coefficients, ``params`` the layer's parameters,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import os
+import warnings
 
 import numpy as np
 
 import tensormoe
+from tensormoe.factorizations import OverparameterizedWarning
 from tensormoe.ops import get_ops
+from tensormoe.validation import MAX_BYTES_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,10 @@ def C(backend, call, error, argument, got):
     return Case(backend, call, error, argument, got)
 
 
-V, T = ValueError, TypeError
+V, T, W = ValueError, TypeError, OverparameterizedWarning
+
+#: The memory limit the cases run with (the default, a quarter of physical memory, varies between machines).
+MAX_BYTES = "8GiB"
 
 CASES = [
     # -- layer constructors -----------------------------------------------------------------
@@ -90,6 +98,18 @@ CASES = [
     C("numpy", "TRMMoE(4, 3, [5], ranks=[[2, 5, 3], [3, 5], [2, 3, 2]])", V, "ranks[1]", "got [3, 5]"),
     C("numpy", "TTMMoE(6, 4, [3], ranks=[[1, 3, 2], [2, 5, 5], [5, 4, 1]], bias=False)", V, "ranks[1][1]",
       "ranks[1][1]=5"),
+    # -- sizes, before anything is allocated (the cases run with TENSORMOE_MAX_BYTES=8GiB) ---------
+    C("numpy", "CPMMoE(6, 4, [10**9], rank=3)", V, "expert_dims", "expert_dims=[1000000000]"),
+    C("numpy", "CPMMoE(6, 4, [128], rank=10**9)", V, "rank", "rank=1000000000"),
+    C("numpy", "TTMMoE(6, 4, [128], ranks=10**5)", V, "ranks", "ranks=[1, 100000, 100000, 1]"),
+    C("numpy", "TuckerMMoE(6, 4, [10**5, 10**5], ranks=[10**4, 10**4, 7, 4])", V, "ranks",
+      "ranks=[10000, 10000, 7, 4]"),
+    C("numpy", "CPMMoE(768, 768, [1024, 1024], rank=256, max_bytes=2**20)", V, "max_bytes", "max_bytes=1048576"),
+    C("numpy", "CPMMoE(4, 3, [5], rank=2, max_bytes=0)", V, "max_bytes", "got 0"),
+    C("numpy", "CPMMoE(4, 3, [5], rank=2, max_bytes=1e9)", T, "max_bytes", "got 1000000000.0 of type float"),
+    # wasteful ranks: a warning (raised as an error here), not an error
+    C("numpy", "CPMMoE(64, 32, [128], rank=5000)", W, "rank", "rank=5000"),
+    C("numpy", "TTMMoE(64, 32, [128], ranks=1000)", W, "ranks", "ranks=[1, 1000, 1000, 1]"),
     # -- factorizations ---------------------------------------------------------------------
     C("numpy", "CP(5, rank=2, n_expert_modes=1)", T, "dims", "got 5 of type int"),
     C("numpy", "CP([5, 4], rank=2, n_expert_modes=1)", V, "dims", "got 2: [5, 4]"),
@@ -228,14 +248,30 @@ def namespace(backend: str) -> dict:
     return ns
 
 
+@contextlib.contextmanager
+def _max_bytes(value: str):
+    old = os.environ.get(MAX_BYTES_ENV)
+    os.environ[MAX_BYTES_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[MAX_BYTES_ENV]
+        else:
+            os.environ[MAX_BYTES_ENV] = old
+
+
 def run(case: Case) -> BaseException | None:
-    """Run ``case`` on its backend; return the exception it raised (``None`` if none)."""
-    with tensormoe.backend_context(case.backend), np.errstate(all="ignore"):
+    """Run ``case`` on its backend; return the exception (or the warning, raised) it gave (``None`` if none)."""
+    with tensormoe.backend_context(case.backend), np.errstate(all="ignore"), warnings.catch_warnings():
+        # the warning cases raise it; elsewhere (rank=10**9 warns, then is refused for its size) it is silenced
+        warnings.simplefilter("error" if case.error is W else "ignore", OverparameterizedWarning)
         ns = namespace(case.backend)
-        try:
-            eval(case.call, ns)  # noqa: S307  (the calls are this file's own literals)
-        except Exception as err:  # noqa: BLE001  (the test inspects the type)
-            return err
+        with _max_bytes(MAX_BYTES):
+            try:
+                eval(case.call, ns)  # noqa: S307  (the calls are this file's own literals)
+            except Exception as err:  # noqa: BLE001  (the test inspects the type)
+                return err
     return None
 
 

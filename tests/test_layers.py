@@ -1,10 +1,16 @@
-"""Every factorized forward equals the dense forward through the reconstructed tensor."""
+"""Every factorized forward equals the dense forward through the reconstructed tensor.
+
+Each property runs with two parameter sets (``helpers.parameter_sets``): the initialisation with random
+gates, and every parameter random.  The initial TT/TR expert cores are ``eye(r) * c`` and later levels
+all ones, symmetric in their bonds, so only the random set sees a transposed core or a ring closed on
+the wrong bond.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, random_gates, rounding_tolerance, to_numpy
+from helpers import BACKENDS, parameter_sets, random_gates, rounding_tolerance, to_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -59,19 +65,19 @@ def build(cfg, dtype="float32"):
 @given(cfg=layer_configs())
 def test_factorized_forward_equals_dense_forward(backend, cfg):
     layer = build(cfg)
-    params = random_gates(layer, cfg["seed"])
     ops = get_ops()
     x_np = np.random.default_rng(cfg["seed"] + 1).normal(size=(*cfg["batch"], cfg["in_dim"]))
     x = ops.asarray(x_np, "float32")
-    y = layer.apply(params, x)
-    y_dense = layer.dense_forward(params, x)
-    assert tuple(y.shape) == (*cfg["batch"], cfg["out_dim"])
-    coeffs = [to_numpy(a) for a in layer.coefficients(params, x)]
-    params_np = {k: to_numpy(v) for k, v in params.items()}
-    tol = rounding_tolerance(layer, params_np, to_numpy(x).reshape(-1, cfg["in_dim"]),
-                             [a.reshape(-1, a.shape[-1]) for a in coeffs])
-    err = np.abs(to_numpy(y) - to_numpy(y_dense)).reshape(tol.shape)
-    assert np.all(err <= tol), f"max error {err.max()} above bound {tol[err > tol].min()}"
+    for fill, params in parameter_sets(layer, cfg["seed"]).items():
+        y = layer.apply(params, x)
+        y_dense = layer.dense_forward(params, x)
+        assert tuple(y.shape) == (*cfg["batch"], cfg["out_dim"])
+        coeffs = [to_numpy(a) for a in layer.coefficients(params, x)]
+        params_np = {k: to_numpy(v) for k, v in params.items()}
+        tol = rounding_tolerance(layer, params_np, to_numpy(x).reshape(-1, cfg["in_dim"]),
+                                 [a.reshape(-1, a.shape[-1]) for a in coeffs])
+        err = np.abs(to_numpy(y) - to_numpy(y_dense)).reshape(tol.shape)
+        assert np.all(err <= tol), f"{fill}: max error {err.max()} above bound {tol[err > tol].min()}"
 
 
 @given(cfg=layer_configs())
@@ -80,48 +86,51 @@ def test_float64_factorized_equals_dense_and_float32(cfg):
     for name in [b for b in BACKENDS if b != "jax"]:
         with tensormoe.backend_context(name):
             layer = build(cfg, "float64")
-            params = random_gates(layer, cfg["seed"])
             ops = get_ops()
             x = ops.asarray(np.random.default_rng(cfg["seed"]).normal(size=(*cfg["batch"], cfg["in_dim"])), "float64")
-            y, y_dense = to_numpy(layer.apply(params, x)), to_numpy(layer.dense_forward(params, x))
-            coeffs = [to_numpy(a).reshape(-1, n) for a, n in zip(layer.coefficients(params, x), layer.expert_dims)]
-            tol = rounding_tolerance(layer, {k: to_numpy(v) for k, v in params.items()},
-                                     to_numpy(x).reshape(-1, cfg["in_dim"]), coeffs, "float64")
-            assert np.all(np.abs(y - y_dense).reshape(tol.shape) <= tol)
+            for fill, params in parameter_sets(layer, cfg["seed"]).items():
+                y, y_dense = to_numpy(layer.apply(params, x)), to_numpy(layer.dense_forward(params, x))
+                coeffs = [to_numpy(a).reshape(-1, n) for a, n in zip(layer.coefficients(params, x), layer.expert_dims)]
+                tol = rounding_tolerance(layer, {k: to_numpy(v) for k, v in params.items()},
+                                         to_numpy(x).reshape(-1, cfg["in_dim"]), coeffs, "float64")
+                assert np.all(np.abs(y - y_dense).reshape(tol.shape) <= tol), (name, fill)
 
 
 @given(cfg=layer_configs())
 def test_same_weights_same_outputs_on_every_backend(cfg):
-    outputs = {}
     x_np = np.random.default_rng(cfg["seed"]).normal(size=(*cfg["batch"], cfg["in_dim"]))
+    outputs = {"init": {}, "random": {}}
     for name in BACKENDS:
         with tensormoe.backend_context(name):
-            layer = build(cfg)
-            params = random_gates(layer, cfg["seed"])
-            outputs[name] = to_numpy(layer.apply(params, get_ops().asarray(x_np, "float32")))
-            ref_params = {k: to_numpy(v) for k, v in params.items()}
-            coeffs = [to_numpy(a).reshape(-1, n) for a, n in
-                      zip(layer.coefficients(params, get_ops().asarray(x_np, "float32")), layer.expert_dims)]
-    x32 = x_np.astype(np.float32).astype(np.float64).reshape(-1, cfg["in_dim"])
-    tol = rounding_tolerance(layer, ref_params, x32, coeffs)
-    base = outputs["numpy"]
-    for name, y in outputs.items():
-        # gates can round differently too; bound the coefficient rounding by a few eps on top
-        assert np.all(np.abs(y - base).reshape(tol.shape) <= 4 * tol + 1e-5 * np.abs(base).max()), name
+            layer = build(cfg)  # one layer per backend: JAX compiles its forward once
+            x = get_ops().asarray(x_np, "float32")
+            for fill, params in parameter_sets(layer, cfg["seed"]).items():
+                outputs[fill][name] = to_numpy(layer.apply(params, x))
+                if name == "numpy":
+                    coeffs = [to_numpy(a).reshape(-1, n) for a, n in zip(layer.coefficients(params, x), layer.expert_dims)]
+                    outputs[fill]["tol"] = rounding_tolerance(
+                        layer, {k: to_numpy(v) for k, v in params.items()},
+                        x_np.astype(np.float32).astype(np.float64).reshape(-1, cfg["in_dim"]), coeffs)
+    for fill, results in outputs.items():
+        tol, base = results.pop("tol"), results["numpy"]
+        for name, y in results.items():
+            # gates can round differently too; bound the coefficient rounding by a few eps on top
+            assert np.all(np.abs(y - base).reshape(tol.shape) <= 4 * tol + 1e-5 * np.abs(base).max()), (name, fill)
 
 
-@given(cfg=layer_configs(), data=st.data())
-def test_expert_slice_equals_slice_of_dense_tensor(backend, cfg, data):
+@given(cfg=layer_configs(), data=st.data(), fill=st.sampled_from(["init", "random"]))
+def test_expert_slice_equals_slice_of_dense_tensor(backend, cfg, data, fill):
     layer = build(cfg)
     index = tuple(data.draw(st.integers(0, n - 1)) for n in layer.expert_dims)
-    dense = to_numpy(layer.dense_weight())
-    sliced = to_numpy(layer.expert_weight(None, index))
+    params = parameter_sets(layer, cfg["seed"])[fill]
+    dense = to_numpy(layer.dense_weight(params))
+    sliced = to_numpy(layer.expert_weight(params, index))
     assert sliced.shape == (cfg["in_dim"] + cfg["bias"], cfg["out_dim"])
-    np.testing.assert_allclose(sliced, dense[index], rtol=1e-5, atol=1e-6 * np.abs(dense).max())
+    np.testing.assert_allclose(sliced, dense[index], rtol=1e-5, atol=1e-6 * np.abs(dense).max(), err_msg=fill)
 
 
-@given(cfg=layer_configs())
-def test_given_coefficients_are_used(backend, cfg):
+@given(cfg=layer_configs(), fill=st.sampled_from(["init", "random"]))
+def test_given_coefficients_are_used(backend, cfg, fill):
     """Supplying coefficients replaces the gates: one-hot coefficients select one expert's matrix."""
     layer = build(cfg)
     ops = get_ops()
@@ -130,11 +139,12 @@ def test_given_coefficients_are_used(backend, cfg):
     onehot = [np.zeros((*cfg["batch"], n)) for n in layer.expert_dims]
     for a in onehot:
         a[..., -1] = 1.0
-    y = to_numpy(layer(x, coefficients=[ops.asarray(a, "float32") for a in onehot]))
-    w = to_numpy(layer.expert_weight(None, tuple(n - 1 for n in layer.expert_dims)))
     xin = np.concatenate([x_np, np.ones((*cfg["batch"], 1))], -1) if cfg["bias"] else x_np
-    expected = xin @ w
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5 * (np.abs(xin).max() * np.abs(w).sum(0).max() + 1))
+    params = parameter_sets(layer, cfg["seed"])[fill]
+    y = to_numpy(layer.apply(params, x, coefficients=[ops.asarray(a, "float32") for a in onehot]))
+    w = to_numpy(layer.expert_weight(params, tuple(n - 1 for n in layer.expert_dims)))
+    scale = np.abs(xin).max() * np.abs(w).sum(0).max() + 1
+    np.testing.assert_allclose(y, xin @ w, rtol=1e-4, atol=1e-5 * scale, err_msg=fill)
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
@@ -181,3 +191,21 @@ def test_forward_reuses_one_plan(backend):
     assert after["misses"] == before["misses"]  # no new path search
     if backend != "jax":  # under jax.jit the compiled program does not even look the plan up
         assert after["hits"] == before["hits"] + 3
+
+
+@pytest.mark.parametrize("kind", ["tt", "tr"])
+def test_random_parameters_see_every_bond(kind):
+    """Why the properties also run with random parameters: at init, expert cores are symmetric in their bonds.
+
+    Swapping the two bond axes of an expert core (what a transposed core in the forward would compute)
+    leaves the initial tensor unchanged, but changes the tensor of random parameters.
+    """
+    with tensormoe.backend_context("numpy"):
+        layer = LAYERS[kind](3, 2, [3, 2], 2, dtype="float64")
+        for fill, params in parameter_sets(layer, 0).items():
+            for k in range(layer.hierarchy):
+                if layer.factorization.bonds[k] != layer.factorization.bonds[k + 1]:
+                    continue  # a TT's first core is [1, N, r]: a transposed one has another shape
+                swapped = {**params, f"factor_{k}": np.swapaxes(params[f"factor_{k}"], 0, 2)}
+                same = np.allclose(layer.dense_weight(swapped), layer.dense_weight(params))
+                assert same == (fill == "init"), (fill, k)

@@ -8,6 +8,7 @@ Run ``python tests/test_validation.py --write-docs`` to regenerate that table.
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import sys
 
@@ -152,6 +153,61 @@ def test_validation_happens_before_any_work(backend):
     with pytest.raises(TypeError):
         layer.params = {**layer.params, "gate_0": np.zeros((4, 5), dtype="float64")}
     np.testing.assert_array_equal(to_numpy(layer(x)), y)
+
+
+# -- sizes before allocation ------------------------------------------------------------------
+
+
+def test_memory_limit_comes_from_the_argument_the_environment_or_physical_memory(monkeypatch):
+    from tensormoe.validation import MAX_BYTES_ENV, memory_limit
+
+    monkeypatch.delenv(MAX_BYTES_ENV, raising=False)
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory_limit() == physical // 4
+    for text, expected in [("123", 123), ("8GiB", 8 * 2**30), (" 1.5 gib ", 3 * 2**29), ("2MB", 2 * 10**6),
+                           ("0.5KiB", 512), ("7b", 7), (".25 TiB", 2**38)]:
+        monkeypatch.setenv(MAX_BYTES_ENV, text)
+        assert memory_limit() == expected, text
+        assert memory_limit(1000) == 1000  # the argument wins
+    for text in ["lots", "-1", "0", "1e9", "8 GiBs", "0.1B"]:
+        monkeypatch.setenv(MAX_BYTES_ENV, text)
+        with pytest.raises(ValueError, match=f"{MAX_BYTES_ENV}={text!r} is not a size"):
+            memory_limit()
+    with pytest.raises(ValueError, match="max_bytes must be a positive integer; got -5"):
+        memory_limit(-5)
+
+
+def test_check_memory_counts_in_python_integers():
+    from tensormoe.validation import check_memory
+
+    shapes = {"a": (2**32, 2**32), "b": (3,)}  # 2**64 elements: an int64 product would wrap to 0
+    with pytest.raises(ValueError, match=r"18,446,744,073,709,551,619 parameters, 36,893,488,147,419,103,238 bytes"):
+        check_memory(shapes, {"a": "bfloat16", "b": "float16"}, "x", max_bytes=2**64)
+    assert check_memory({"a": (3, 0), "b": (5,)}, "float64", "x", max_bytes=40) == 40
+
+
+def test_a_refused_layer_allocates_nothing():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"expert_dims=\[10000000\].* expected at most 1,000,000 bytes"):
+            tensormoe.CPMMoE(6, 4, [10**7], rank=3, max_bytes=10**6)  # 360 MB of float32
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak  # NumPy reports its allocations to tracemalloc: none was made
+
+
+def test_ranks_that_save_nothing_warn(recwarn):
+    from tensormoe.factorizations import OverparameterizedWarning
+
+    with pytest.warns(OverparameterizedWarning, match=r"rank=5000 with dims=\[128, 65, 32\] give 1,125,000"):
+        tensormoe.CPMMoE(64, 32, [128], rank=5000, max_bytes=2**30)
+    with pytest.warns(OverparameterizedWarning, match=r"rank=4 with dims=\[3, 3, 3\] give 36 factorized parameters"):
+        tensormoe.CPMMoE(2, 3, [3], rank=4)
+    tensormoe.CPMMoE(2, 3, [3], rank=3)  # 3 * (3 + 3 + 3) = 27 = 3 * 3 * 3: as many as W, no warning
+    assert not [w for w in recwarn if w.category is OverparameterizedWarning]
 
 
 if __name__ == "__main__":
