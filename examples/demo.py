@@ -42,19 +42,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--experts", type=_positive_int, default=1024, help="number of experts N (default 1024)")
-    parser.add_argument("--rank", type=_positive_int, default=256, help="CP rank R (default 256)")
-    parser.add_argument("--dim", type=_positive_int, default=768, help="input and output features (default 768)")
-    parser.add_argument("--batch", type=_positive_int, default=64, help="batch size (default 64)")
-    parser.add_argument(
+    p.add_argument("--experts", type=_positive_int, default=1024, help="number of experts N (default 1024)")
+    p.add_argument("--rank", type=_positive_int, default=256, help="CP rank R (default 256)")
+    p.add_argument("--dim", type=_positive_int, default=768, help="input and output features (default 768)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="batch size (default 64)")
+    p.add_argument(
         "--repeats", type=_positive_int, default=20,
         help="timed calls of the layer and of the linear layer, taken in turn; medians are printed (default 20)",
     )
-    return parser.parse_args(argv)
+    return p
 
 
 def _wait(y: Any) -> Any:
@@ -88,7 +88,8 @@ def _threads(backend: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    """Build the layer on the current backend, time it against a linear layer, print and return the results."""
+    args = parser().parse_args(argv)
     backend = tensormoe.get_backend()
     layer = tensormoe.CPMMoE(args.dim, args.dim, expert_dims=[args.experts], rank=args.rank, seed=0)
     ops = get_ops()
