@@ -249,7 +249,7 @@ def plot(rows: list[dict], path: str, n_seeds: int, title: str) -> None:
     lo = min(100 * r["accuracy"] for r in rows)
     axes[0].set_ylim(max(0.0, lo - 5), 100)
     axes[1].set_ylim(0, 1.05)
-    spread = f"bars: mean over {n_seeds} seeds, error bars +- std (cut at the range's ends)" if n_seeds > 1 else "one seed"
+    spread = f"bars: mean over {n_seeds} seeds, error bars ± std (cut at the range's ends)" if n_seeds > 1 else "one seed"
     fig.suptitle(f"{title}\n{spread}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

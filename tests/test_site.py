@@ -57,6 +57,7 @@ PROBE = """
       let s = h.nextElementSibling;
       return [h.id, s && s.classList.contains("doc-signature") ? s.innerText : null];
     }));
+  out.images = Object.fromEntries([...document.querySelectorAll("article img")].map((i) => [i.src, i.naturalWidth]));
   out.repo_link = (document.querySelector(".md-header__source a") || {}).href || null;
   document.body.setAttribute("data-probe", JSON.stringify(out));
 })();
@@ -200,11 +201,19 @@ def test_pycon_copy_buttons_copy_only_the_code(pages):
         assert ">>>" not in text and "..." not in text.replace('"..."', ""), text
 
 
-@pytest.mark.parametrize("path", ["", "getting-started/", "guides/factorizations/", "guides/ranks/", "api/layer/"])
+@pytest.mark.parametrize(
+    "path", ["", "getting-started/", "guides/factorizations/", "guides/choosing/", "examples/", "api/layer/"]
+)
 def test_no_horizontal_overflow_at_1280_px(pages, path):
     page = pages(path)
     assert page["page_width"] <= page["viewport"] == WIDTH, page
     assert page["overflowing_code"] == [], page["overflowing_code"]
+    assert page["overflowing_tables"] == 0
+
+
+def test_gallery_pictures_load(pages):
+    page = pages("examples/")
+    assert len(page["images"]) >= 2 and all(width > 300 for width in page["images"].values()), page["images"]
 
 
 def test_header_links_the_repository(pages):
