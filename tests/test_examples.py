@@ -63,7 +63,7 @@ def _options_without_help(parser: argparse.ArgumentParser) -> list[str]:
     return [a.dest for a in parser._actions if not (a.help or "").strip()]
 
 
-@pytest.mark.parametrize("name", ["demo", "train_digits", "compare_routers"])
+@pytest.mark.parametrize("name", ["demo", "train_digits", "compare_routers", "choose_factorization"])
 def test_help_has_usage_examples_and_describes_every_option(name, capsys):
     pytest.importorskip("tqdm")
     module = load(name)
@@ -90,11 +90,13 @@ def test_help_has_usage_examples_and_describes_every_option(name, capsys):
         ("compare_routers", ["--z-loss", "-1"], "argument --z-loss: expected a number >= 0; got '-1'"),
         ("compare_routers", ["--experts", "4", "x"], "argument --experts: expected a positive integer; got 'x'"),
         ("compare_routers", ["--budget", "10"], "argument --budget: 10 parameters are too few for router"),
+        ("choose_factorization", ["--kinds", "cp,svd"], "argument --kinds: expected a comma-separated subset"),
+        ("choose_factorization", ["--budget", "3"], "argument --budget:"),
     ],
 )
 def test_bad_arguments_end_in_one_argparse_error_line(name, argv, message, capsys):
     pytest.importorskip("tqdm")
-    if name != "demo":
+    if name in ("train_digits", "compare_routers"):
         pytest.importorskip("sklearn")
     if name == "compare_routers":
         pytest.importorskip("torch")
@@ -127,3 +129,15 @@ def test_every_router_label_builds_a_router():
             router = routers.make_router(label, levels)
             for r in router if isinstance(router, list) else [router]:
                 get_router(r)  # a name get_router knows, or a Router
+
+
+def test_choose_factorization_times_every_kind_within_the_budget(capsys):
+    example = load("choose_factorization")
+    rows = example.main(["--in", "12", "--out", "10", "--experts", "4", "--repeats", "2", "--batch", "3"])
+    out = capsys.readouterr().out
+    assert [r["kind"] for r in rows] == ["cp", "tucker", "tt", "tr"]
+    budget = (12 + 1) * 10
+    for row in rows:
+        assert 0 < row["params"] <= budget and row["ms"] > 0
+        assert f"| {row['kind']} | {row['ranks']} | {row['params']:,} |" in out
+    assert f"| linear | - | {budget:,} | 1.00 |" in out
