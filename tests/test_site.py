@@ -73,8 +73,8 @@ def find_browser() -> str | None:
     return None
 
 
-@functools.cache
-def built_site() -> pathlib.Path:
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory) -> pathlib.Path:
     """The site: ``TENSORMOE_SITE_DIR`` if set, else a fresh ``mkdocs build --strict`` into a temporary folder."""
     given = os.environ.get("TENSORMOE_SITE_DIR")
     if given:
@@ -83,9 +83,7 @@ def built_site() -> pathlib.Path:
             pytest.fail(f"TENSORMOE_SITE_DIR={given!r} holds no built site (no index.html)")
         return site
     pytest.importorskip("mkdocs")
-    import tempfile
-
-    site = pathlib.Path(tempfile.mkdtemp(prefix="tensormoe-site-"))
+    site = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
@@ -147,11 +145,11 @@ def probe(browser: str, url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def site_url():
+def site_url(built_site):
     browser = find_browser()
     if browser is None:
         pytest.skip(f"no headless browser ({', '.join(BROWSERS)}); as root: apt-get install chromium-headless-shell")
-    with serve(built_site()) as url:
+    with serve(built_site) as url:
         yield browser, url
 
 
@@ -174,8 +172,8 @@ def test_formulas_are_typeset_offline(pages):
     assert page["formulas"] > 0 and page["typeset"] == page["formulas"], page["raw"]
 
 
-def test_the_site_loads_mathjax_from_itself():
-    site = built_site()
+def test_the_site_loads_mathjax_from_itself(built_site):
+    site = built_site
     text = (site / "guides" / "factorizations" / "index.html").read_text()
     scripts = re.findall(r'<script src="([^"]+)"', text)
     assert any(s.endswith("javascripts/mathjax/tex-mml-chtml.js") for s in scripts), scripts
