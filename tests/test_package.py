@@ -36,7 +36,7 @@ def test_unknown_attributes_still_raise_attribute_error():
 
 def test_licence_changelog_and_citation_exist_and_agree_with_pyproject():
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'license = { text = "MIT" }' in pyproject
+    assert 'license = "MIT"' in pyproject and 'license-files = ["LICENSE"]' in pyproject
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     version = tensormoe.__version__
     assert f'version = "{version}"' in pyproject
