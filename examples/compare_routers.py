@@ -14,8 +14,8 @@ by default ``1e-2`` load balancing as in Switch and ``1e-3`` z-loss as in ST-MoE
 runs on tensormoe's PyTorch backend.
 The data ships with scikit-learn: nothing is downloaded.
 
-Run:  python examples/compare_routers.py --plot routers.png
-      python examples/compare_routers.py --quick          (seconds; used by the tests)
+Run:  python examples/compare_routers.py                      (about 3 minutes on 2 CPU cores)
+      python examples/compare_routers.py --quick              (seconds; used by the tests)
 
 Columns: test accuracy (mean +- std over seeds); usage entropy, the entropy of the
 share of routing weight each expert receives on the test set divided by log N
@@ -28,27 +28,47 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
-#: The routers compared: a name :func:`tensormoe.routers.get_router` knows, or a label and its router.
+DEFAULT_PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compare_routers.png")
+_DEFAULT_PLOT_SHOWN = "examples/results/compare_routers.png"  # how --help names DEFAULT_PLOT
+
+#: The routers compared, in table order.  A label is either a name that
+#: :func:`tensormoe.routers.get_router` knows, or a key of ``BUILDERS``.
 ROUTERS = ["entmax15", "softmax", "sparsemax", "top1", "top2", "top1-nonoise", "top2-nonoise", "expert_choice", "soft"]
 
 
-def make_router(label: str, levels: int):
-    """The ``router=`` argument for ``label`` on a layer of ``levels`` expert levels.
+def _top_k_without_noise(k: int) -> Callable[[int], object]:
+    def build(levels: int) -> object:
+        from tensormoe.routers import TopKRouter
 
-    ``top<k>-nonoise`` is token choice without training noise; Soft MoE can hold one
-    level only, so a hierarchical layer routes its other levels with entmax15.
-    """
-    from tensormoe.routers import TopKRouter
+        return TopKRouter(k=k, noise=None)
 
-    if label.endswith("-nonoise"):
-        return TopKRouter(k=int(label[3:-len("-nonoise")]), noise=None)
-    if label == "soft" and levels > 1:
-        return ["soft"] + ["entmax15"] * (levels - 1)
-    return label
+    return build
+
+
+def _soft(levels: int) -> object:
+    # Soft MoE can hold one level only: a hierarchical layer routes its other levels with entmax15
+    return "soft" if levels == 1 else ["soft"] + ["entmax15"] * (levels - 1)
+
+
+#: Labels that need more than a name: ``label -> build(levels)`` returns the layer's ``router=``.
+#: To compare a new router, add its label to ``ROUTERS`` and, unless get_router knows the
+#: label, a builder here.
+BUILDERS: dict[str, Callable[[int], object]] = {
+    "top1-nonoise": _top_k_without_noise(1),
+    "top2-nonoise": _top_k_without_noise(2),
+    "soft": _soft,
+}
+
+
+def make_router(label: str, levels: int) -> object:
+    """The ``router=`` argument for ``label`` on a layer of ``levels`` expert levels."""
+    return BUILDERS[label](levels) if label in BUILDERS else label
 
 
 def load_tokens(n_samples: int | None, seed: int) -> tuple:
@@ -65,17 +85,20 @@ def load_tokens(n_samples: int | None, seed: int) -> tuple:
 
 
 def rank_for_budget(router: object, budget: int, in_dim: int, out_dim: int, experts: list[int]) -> int:
-    """The largest CP rank whose layer (factors and router parameters) fits in ``budget``."""
+    """The largest CP rank whose layer (factors and router parameters) fits in ``budget``.
+
+    Raises ``ValueError`` when not even rank 1 fits.
+    """
     import tensormoe
 
     def size(rank: int) -> int:
         return tensormoe.CPMMoE(in_dim, out_dim, experts, rank=rank, router=router).n_params
 
+    if size(1) > budget:
+        raise ValueError(f"{budget} parameters are too few for router {router!r}: rank 1 needs {size(1)}")
     rank = 1
     while size(rank + 1) <= budget:
         rank += 1
-    if size(rank) > budget:
-        raise SystemExit(f"--budget {budget} is too small for router {router!r}")
     return rank
 
 
@@ -108,7 +131,11 @@ def usage(routing, experts: list[int]) -> tuple[float, float]:
     return score(joint)
 
 
-def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int) -> dict:
+def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=None) -> dict:
+    """Train one model with router ``router_name`` and seed ``seed``; its test scores and times.
+
+    ``bar`` (a tqdm bar, optional) advances by one per epoch.
+    """
     import torch
 
     import tensormoe
@@ -143,6 +170,8 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int) -> d
                 loss.backward()
                 optimizer.step()
             epoch_times.append(time.perf_counter() - start)
+            if bar is not None:
+                bar.update()
         with torch.no_grad():
             forward(x_test, training=False)  # warm-up
             start = time.perf_counter()
@@ -188,62 +217,158 @@ def table(rows: list[dict], n_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def _clipped_errors(values: np.ndarray, stds: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Error bars of +- std, cut where they would leave the quantity's range [low, high]."""
+    return np.stack([np.minimum(stds, values - low), np.minimum(stds, high - values)])
+
+
+def plot(rows: list[dict], path: str, n_seeds: int, title: str) -> None:
+    """Bar charts of test accuracy, usage entropy and training time per router (mean, +- std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["router"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = [("accuracy", "test accuracy", 100), ("entropy", "usage entropy / log N", 1), ("epoch_s", "train s / epoch", 1)]
-    for ax, (key, label, scale) in zip(axes, panels):
-        ax.bar(names, [scale * r[key] for r in rows], yerr=[scale * r[key + "_std"] for r in rows], color="C0", capsize=3)
-        ax.set_title(label)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+    panels = [  # key, panel title, y label, scale, range of the quantity
+        ("accuracy", "test accuracy", "test accuracy (%)", 100, (0.0, 100.0)),
+        ("entropy", "expert usage", "usage entropy / log N (1 = all experts alike)", 1, (0.0, 1.0)),
+        ("epoch_s", "training time", "training time per epoch (s)", 1, (0.0, np.inf)),
+    ]
+    for ax, (key, title_, label, scale, (low, high)) in zip(axes, panels):
+        values = np.array([scale * r[key] for r in rows])
+        stds = np.array([scale * r[key + "_std"] for r in rows])
+        errors = _clipped_errors(values, stds, low, high) if n_seeds > 1 else None
+        ax.bar(names, values, yerr=errors, color="C0", capsize=3)
+        ax.set_title(title_)
+        ax.set_ylabel(label)
+        ax.set_xlabel("router")
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+        ax.grid(True, axis="y", alpha=0.3)
     lo = min(100 * r["accuracy"] for r in rows)
     axes[0].set_ylim(max(0.0, lo - 5), 100)
-    fig.suptitle("Routers over the same CP experts (digits, equal parameter budget)")
+    axes[1].set_ylim(0, 1.05)
+    spread = f"bars: mean over {n_seeds} seeds, error bars ± std (cut at the range's ends)" if n_seeds > 1 else "one seed"
+    fig.suptitle(f"{title}\n{spread}", fontsize=10)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+EXAMPLES = f"""\
+examples:
+  python examples/compare_routers.py                         # every router, 3 seeds x 30 epochs (minutes)
+  python examples/compare_routers.py --quick                 # a smoke run of a few seconds
+  python examples/compare_routers.py --routers top1 soft --seeds 5 --plot routers.png
+  python examples/compare_routers.py --experts 4 4 --plot ''  # two expert levels; no plot
+
+outputs: the table (Markdown) goes to standard output; the plot to --plot
+(default {_DEFAULT_PLOT_SHOWN}, its folder is created); a progress bar
+(one step per epoch) to standard error when it is a terminal, unless --quiet.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--routers", nargs="+", default=ROUTERS, choices=ROUTERS, metavar="ROUTER",
+                   help=f"routers to compare, from: {' '.join(ROUTERS)} (default: all)")
+    p.add_argument("--experts", type=_positive_int, nargs="+", default=[16],
+                   help="experts per level (default 16; e.g. 4 4 for two levels)")
+    p.add_argument("--hidden", type=_positive_int, default=32, help="hidden features per token (default 32)")
+    p.add_argument("--budget", type=_positive_int, default=2048,
+                   help="parameters of the MoE layer, router included; sets each router's CP rank (default 2048)")
+    p.add_argument("--epochs", type=_positive_int, default=30, help="training epochs per run (default 30)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per training step (default 64)")
+    p.add_argument("--lr", type=_positive, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--load-balancing", type=_non_negative, default=1e-2,
+                   help="load-balancing loss weight (default 1e-2)")
+    p.add_argument("--z-loss", type=_non_negative, default=1e-3, help="router z-loss weight (default 1e-3)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="training runs per router, seeds 0, 1, ... (default 3)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="PyTorch CPU threads (default 1: these small matrices are fastest, and timings steadiest, on one)")
+    p.add_argument("--plot", default=DEFAULT_PLOT, metavar="FILE.png",
+                   help=f"PNG of accuracy, usage and time per router (default {_DEFAULT_PLOT_SHOWN}; "
+                        "'' for none)")
+    p.add_argument("--quick", action="store_true", help="a few seconds: 300 digits, 2 epochs, one seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--routers", nargs="+", default=ROUTERS, help=f"routers to compare (default: {' '.join(ROUTERS)})")
-    parser.add_argument("--experts", type=int, nargs="+", default=[16], help="experts per level (default 16; e.g. 4 4)")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden features per token (default 32)")
-    parser.add_argument("--budget", type=int, default=2048, help="parameters of the MoE layer (default 2048)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--load-balancing", type=float, default=1e-2, help="load-balancing loss weight (default 1e-2)")
-    parser.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss weight (default 1e-3)")
-    parser.add_argument("--seeds", type=int, default=3, help="training runs per router (default 3)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="PyTorch CPU threads (default 1: these small matrices are fastest, and timings steadiest, on one)")
-    parser.add_argument("--plot", default="compare_routers.png", help="PNG path for the plot ('' for none)")
-    parser.add_argument("--quick", action="store_true", help="a few seconds: 300 digits, 2 epochs, one seed")
-    args = parser.parse_args(argv)
+    """Train every router in ``--routers`` ``--seeds`` times; print the table, write the plot, return the rows."""
+    parse = parser()
+    args = parse.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 2, 1
-    import torch
+    try:
+        import torch
+    except ImportError:
+        parse.error("this example trains with PyTorch: pip install -e '.[torch,examples]'")
+    from tqdm.auto import tqdm
 
     data = load_tokens(300 if args.quick else None, seed=0)
+    in_dim = data[0].shape[-1]
+    for name in args.routers:  # every budget problem before any training
+        try:
+            rank_for_budget(make_router(name, len(args.experts)), args.budget, in_dim, args.hidden, args.experts)
+        except ValueError as err:
+            parse.error(f"argument --budget: {err}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    runs = [(name, seed) for name in args.routers for seed in range(args.seeds)]
+    bar = tqdm(total=len(runs) * args.epochs, desc="training", unit="epoch", disable=True if args.quiet else None)
+    results = []
     try:
-        results = [run(name, data, args, seed) for name in args.routers for seed in range(args.seeds)]
+        for name, seed in runs:
+            bar.set_postfix_str(f"{name}, seed {seed}")
+            results.append(run(name, data, args, seed, bar))
     finally:
+        bar.close()
         torch.set_num_threads(threads)
     rows = summarise(results)
-    print(f"digits: {len(data[0])} train / {len(data[1])} test images as 8 row tokens; experts {args.experts}, "
-          f"hidden {args.hidden}, MoE budget {args.budget} parameters, {args.epochs} epochs, {args.seeds} seed(s), "
-          f"aux loss weights {args.load_balancing:g} (balance) and {args.z_loss:g} (z)")
+    setup = (f"digits: {len(data[0])} train / {len(data[1])} test images as 8 row tokens; experts {args.experts}, "
+             f"hidden {args.hidden}, MoE budget {args.budget} parameters, {args.epochs} epochs, {args.seeds} seed(s), "
+             f"aux loss weights {args.load_balancing:g} (balance) and {args.z_loss:g} (z)")
+    print(setup)
     print(table(rows, args.seeds))
     if args.plot:
-        plot(rows, args.plot)
+        title = (f"Routers over the same CP experts: digits, experts {args.experts}, "
+                 f"{args.budget} MoE parameters each, {args.epochs} epochs")
+        plot(rows, args.plot, args.seeds, title)
         print(f"plot written to {args.plot}")
     return rows
 

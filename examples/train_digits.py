@@ -4,9 +4,10 @@ Data: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; shipped with
 scikit-learn, nothing is downloaded), split 75/25 stratified.
 
 Model: ``x[64] -> hidden[64] -> GELU -> linear head[10]``.  The hidden layer is
-either a CP MMoE (32 experts, the largest CP rank whose parameters, gates
-included, fit the budget) or a plain linear layer ``64 -> 64`` with bias: the
-budget is the linear layer's parameter count, so the two are parameter-matched.
+either an MMoE (32 experts; CP by default, ``--kind`` for Tucker, TT or TR; the
+largest ranks whose parameters, gates included, fit the budget) or a plain
+linear layer ``64 -> 64`` with bias: the budget is the linear layer's parameter
+count, so the two are parameter-matched.
 Both are trained the same way (Adam, batch 64, cross-entropy).
 
 Backend: ``--backend`` or the ``TENSORMOE_BACKEND`` flag.
@@ -68,11 +69,16 @@ def load_data(seed: int) -> Data:
     return Data(norm(x_train), y_train.astype(np.int64), norm(x_test), y_test.astype(np.int64))
 
 
-def mmoe_config(in_dim: int, out_dim: int, experts: int, seed: int) -> dict[str, Any]:
-    """The CP MMoE with the largest rank whose parameters, gates included, fit a linear layer's."""
-    match = match_rank("cp", in_dim, out_dim, [experts], "linear")
-    return {"class": "CPMMoE", "in_dim": in_dim, "out_dim": out_dim, "expert_dims": [experts], "rank": match.ranks,
-            "seed": seed}
+KINDS = ("cp", "tucker", "tt", "tr")
+CLASS_NAMES = {"cp": "CPMMoE", "tucker": "TuckerMMoE", "tt": "TTMMoE", "tr": "TRMMoE"}
+
+
+def mmoe_config(in_dim: int, out_dim: int, experts: int, seed: int, kind: str = "cp") -> dict[str, Any]:
+    """The MMoE of factorization ``kind`` with the largest ranks whose parameters, gates included, fit a linear layer's."""
+    match = match_rank(kind, in_dim, out_dim, [experts], "linear")
+    key = "rank" if kind == "cp" else "ranks"
+    return {"class": CLASS_NAMES[kind], "in_dim": in_dim, "out_dim": out_dim, "expert_dims": [experts],
+            key: match.ranks, "seed": seed}
 
 
 def gelu(x: Any, xp: Any) -> Any:
@@ -101,7 +107,7 @@ def batches(n: int, batch: int, rng: np.random.Generator):
 def progress(epochs: int, label: str, quiet: bool):
     from tqdm.auto import trange
 
-    return trange(epochs, desc=label, leave=False, disable=quiet)
+    return trange(epochs, desc=label, unit="epoch", leave=False, disable=True if quiet else None)
 
 
 # --- PyTorch ------------------------------------------------------------------------------
@@ -318,28 +324,84 @@ def plot_specialisation(mass: np.ndarray, used: np.ndarray, path: str, title: st
 # --- main ---------------------------------------------------------------------------------
 
 
+EXAMPLES = """\
+examples:
+  python examples/train_digits.py                          # the TENSORMOE_BACKEND flag's backend (NumPy by default)
+  python examples/train_digits.py --backend jax --plot experts.png
+  python examples/train_digits.py --backend pytorch --kind tr --repeats 3
+  python examples/train_digits.py --quick                  # 3 epochs: a few seconds
+
+outputs: the results go to standard output; the expert-specialisation PNG to --plot
+(default examples/results/train_digits_experts.png, its folder is created); with
+--backend numpy the trained MMoE's weights to --save/hidden.npz (default: a new
+temporary folder, printed); progress bars (one step per epoch) to standard error
+when it is a terminal, unless --quiet.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default=None, choices=sorted(TRAINERS),
+                   help="numpy, pytorch or jax (default: the TENSORMOE_BACKEND flag, numpy when unset)")
+    p.add_argument("--kind", default="cp", choices=KINDS,
+                   help="factorization of the MMoE: cp, tucker, tt or tr, at the largest ranks that fit the "
+                        "linear layer's parameters (default cp)")
+    p.add_argument("--experts", type=_positive_int, default=32, help="experts in the MMoE hidden layer (default 32)")
+    p.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches (default 0)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="runs with seeds seed, seed+1, ... (default 1)")
+    p.add_argument("--plot", default=DEFAULT_PLOT, metavar="FILE.png",
+                   help="PNG of expert specialisation (default examples/results/train_digits_experts.png)")
+    p.add_argument("--save", default=None, metavar="FOLDER",
+                   help="folder for the NumPy backend's weights file hidden.npz (default: a new temporary folder)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="PyTorch CPU threads (default 1: this model is too small to gain from more)")
+    p.add_argument("--gate-rank", type=_positive_int, default=None,
+                   help="low-rank gate of this rank (gate_rank=); the ranks stay those matched with "
+                        "full gates, so the MMoE has fewer parameters (default: full gate)")
+    p.add_argument("--quick", action="store_true", help="3 epochs: a smoke run of a few seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None, help="numpy, pytorch or jax (default: TENSORMOE_BACKEND)")
-    parser.add_argument("--experts", type=int, default=32, help="experts in the MMoE hidden layer (default 32)")
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches")
-    parser.add_argument("--repeats", type=int, default=1, help="runs with seeds seed, seed+1, ... (default 1)")
-    parser.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG of expert specialisation (default {DEFAULT_PLOT})")
-    parser.add_argument("--save", default=None, help="folder for the NumPy backend's weights file (default: temp)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="PyTorch CPU threads (default 1: this model is too small to gain from more)")
-    parser.add_argument("--gate-rank", type=int, default=None,
-                        help="low-rank gate of this rank (gate_rank=); the CP rank stays the one matched with "
-                             "full gates, so the MMoE has fewer parameters (default: full gate)")
-    parser.add_argument("--quick", action="store_true", help="3 epochs: a smoke run of a few seconds")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    args = parser.parse_args(argv)
+    """Parse ``argv``, train and evaluate both models, and return the results."""
+    parse = parser()
+    args = parse.parse_args(argv)
     if args.quick:
         args.epochs = 3
-    with tensormoe.backend_context(args.backend or tensormoe.get_backend()) as backend:
+    backend = args.backend or tensormoe.get_backend()
+    if backend not in tensormoe.available_backends():
+        parse.error(f"argument --backend: {backend!r} is not installed here "
+                    f"(installed: {', '.join(tensormoe.available_backends())})")
+    if not {"pytorch", "jax"} & set(tensormoe.available_backends()):
+        parse.error("training needs PyTorch or JAX: pip install -e '.[all,examples]'")
+    if args.save is not None and not os.path.isdir(args.save):
+        parse.error(f"argument --save: {args.save!r} is not a folder")
+    with tensormoe.backend_context(backend) as backend:
         return run(backend, args)
 
 
@@ -353,7 +415,10 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         seed = args.seed + repeat
         data = load_data(seed)
         budget = data.x_train.shape[1] * HIDDEN + HIDDEN  # the linear hidden layer's parameters
-        config = mmoe_config(data.x_train.shape[1], HIDDEN, args.experts, seed)
+        config = mmoe_config(data.x_train.shape[1], HIDDEN, args.experts, seed, getattr(args, "kind", "cp"))
+        ranks = config.get("rank", config.get("ranks"))
+        name = f"{CLASS_NAMES[getattr(args, 'kind', 'cp')][:-4]} MMoE"
+        ranks_text = f"rank {ranks}" if isinstance(ranks, int) else f"ranks {ranks}"
         if getattr(args, "gate_rank", None) is not None:
             config["gate_rank"] = args.gate_rank
         for kind in ("mmoe", "linear"):
@@ -364,13 +429,13 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 mass, used = class_mass(trained.coefficients(data.x_test), data.y_test)
                 row.update(specialisation=specialisation(mass, used), used=int(used.sum()))
                 if repeat == 0:
-                    title = (f"{args.experts}-expert CP MMoE (rank {config['rank']}) on digits, {backend}, "
+                    title = (f"{args.experts}-expert {name} ({ranks_text}) on digits, {backend}, "
                              f"seed {seed}: test accuracy {row['accuracy']:.3f}")
                     plot_specialisation(mass, used, args.plot, title)
             runs[kind].append(row)
     for kind, rows in runs.items():
         results[kind] = {key: [r[key] for r in rows] for key in rows[0]}
-    results.update(budget=budget, rank=config["rank"])
+    results.update(budget=budget, rank=ranks, kind=getattr(args, "kind", "cp"))
 
     if not args.quiet:
         def mean(values: list[float], digits: int = 4) -> str:
@@ -382,7 +447,7 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
               f"images, {args.repeats} seed(s) from {args.seed}")
         print(f"{'hidden layer':<48}{'params (hidden)':>16}{'params (all)':>14}{'test accuracy':>22}{'train s':>9}")
         gate = "" if config.get("gate_rank") is None else f", gate rank {config['gate_rank']}"
-        rows = [(f"CP MMoE, {args.experts} experts, rank {config['rank']}{gate}", hidden_mmoe, results["mmoe"]),
+        rows = [(f"{name}, {args.experts} experts, {ranks_text}{gate}", hidden_mmoe, results["mmoe"]),
                 ("linear 64 -> 64", budget, results["linear"])]
         for name, hidden_params, r in rows:
             print(f"{name:<48}{hidden_params:>16}{r['params'][0]:>14}{mean(r['accuracy']):>22}"

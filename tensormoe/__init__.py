@@ -6,8 +6,14 @@ contraction planned once by opt_einsum.  The same code runs on NumPy, PyTorch
 and JAX, chosen by one flag (:func:`set_backend`, :func:`backend_context`, or the
 ``TENSORMOE_BACKEND`` environment variable).
 
-Importing tensormoe imports neither PyTorch nor JAX.
+Importing tensormoe imports neither PyTorch nor JAX.  The submodules that are not
+needed by the core (:mod:`tensormoe.io`, :mod:`tensormoe.torch`, :mod:`tensormoe.jax`,
+:mod:`tensormoe.cli`, :mod:`tensormoe.numerics`) are imported on first use as
+attributes: ``tensormoe.io.load(...)`` works after ``import tensormoe``, and only
+``tensormoe.torch`` / ``tensormoe.jax`` import their framework.
 """
+
+import importlib as _importlib
 
 from .accounting import Cost
 from .backend import (
@@ -26,6 +32,20 @@ from .ranks import Match, match_rank, match_ranks
 from .routers import DenseRouter, ExpertChoiceRouter, Router, Routing, SoftRouter, TopKRouter, aux_loss, get_router
 
 __version__ = "0.1.0"
+
+#: Submodules imported when first used as an attribute (PEP 562), not by ``import tensormoe``.
+_LAZY_SUBMODULES = ("cli", "io", "jax", "numerics", "torch")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")  # also sets the attribute on the package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})
+
 
 __all__ = [
     "CP",

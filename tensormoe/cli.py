@@ -9,7 +9,9 @@ to a linear layer's and a dense MMoE layer's, and the largest intermediate.
 (:func:`tensormoe.compress.from_dense`): a tensor from ``--tensor FILE.npy``
 (shape ``[N_1, ..., N_H, I(+1), O]``) or a synthetic CP tensor of rank
 ``--synthetic R`` plus ``--noise`` relative Gaussian noise.  ``--plot FILE.png``
-draws parameters, FLOPs (and the error) against rank with matplotlib.
+draws parameters, FLOPs (and the error) against rank with matplotlib.  While
+the sweep and the plot run, tqdm progress bars show on stderr when it is a
+terminal (``--quiet`` turns them off).
 
 Runs on NumPy only: the command imports neither PyTorch nor JAX.  Bad arguments
 get a one-line message on stderr and exit status 2.
@@ -102,10 +104,35 @@ def _fraction(text: str) -> float:
     return value
 
 
+_MAIN_EXAMPLES = """\
+examples:
+  tensormoe ranks --in 768 --out 768 --experts 64          # ranks that fit a 768 x 768 linear layer's parameters
+  tensormoe ranks --help                                   # every option of the rank explorer
+  python -m tensormoe ranks ...                            # the same, without the console script
+"""
+
+_RANKS_EXAMPLES = """\
+examples:
+  tensormoe ranks --in 768 --out 768 --experts 64 --budget linear
+  tensormoe ranks --in 768 --out 768 --experts 32 32 --kinds cp,tr --optimize dp
+  tensormoe ranks --in 768 --out 1000 --experts 64 --budget 2000000 --bond-rank 4
+  tensormoe ranks --in 64 --out 64 --experts 16 --synthetic 8 --noise 0.05 --plot sweep.png
+  tensormoe ranks --tensor W.npy --sweep-ranks 1,2,4,8 --kinds cp,tucker
+
+outputs: the table (and the sweep's table) go to standard output; --plot writes one PNG to
+the path given, and nothing else is written.  Progress bars (the sweep's decompositions,
+the plot's cost grid) go to standard error when it is a terminal; --quiet turns them off.
+Bad arguments: one line on standard error, exit status 2.
+"""
+
+
 def _parser() -> _Parser:
-    parser = _Parser(prog="tensormoe", description="Tools of tensormoe, the multilinear mixture-of-experts library.")
+    parser = _Parser(
+        prog="tensormoe", description="Tools of tensormoe, the multilinear mixture-of-experts library.",
+        epilog=_MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND", help="the tool to run")
     ranks = commands.add_parser(
         "ranks",
         help="ranks that fit a parameter budget, what they cost, and reconstruction error against rank",
@@ -114,6 +141,7 @@ def _parser() -> _Parser:
             "forward FLOPs next to a linear layer's and a dense MMoE layer's. Optionally a reconstruction-error "
             "sweep over ranks and a plot."
         ),
+        epilog=_RANKS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ranks.add_argument("--in", dest="in_dim", type=_positive_int, help="input features I")
     ranks.add_argument("--out", dest="out_dim", type=_positive_int, help="output features O")
@@ -152,8 +180,36 @@ def _parser() -> _Parser:
         "--max-entries", type=_positive_int, default=20_000_000, help="largest tensor the sweep accepts (2e7)"
     )
     ranks.add_argument("--seed", type=int, default=0, help="seed of the synthetic tensor and decompositions (0)")
-    ranks.add_argument("--plot", metavar="FILE.png", help="draw params, FLOPs (and error) against rank")
+    ranks.add_argument(
+        "--plot", metavar="FILE.png",
+        help="write a PNG (its folder must exist) of parameters and FLOPs against rank, and with a sweep the error "
+        "against rank and against parameters",
+    )
+    ranks.add_argument("--quiet", action="store_true", help="no progress bars on standard error")
     return parser
+
+
+# -- progress -----------------------------------------------------------------------
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    """A tqdm bar on stderr (only when stderr is a terminal), or a silent stand-in without tqdm or with --quiet."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with the examples extra; the table needs none of it
+        tqdm = None
+    if tqdm is None or quiet:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # -- formatting -----------------------------------------------------------------------
@@ -237,6 +293,7 @@ def _ranks_command(args: argparse.Namespace, out: Any) -> int:
         args.sweep = True
     tensor = _load_tensor(args)
     in_dim, out_dim, experts = _dims(args, tensor)
+    args.in_dim_resolved, args.out_dim_resolved, args.experts_resolved = in_dim, out_dim, experts
     bias, gates = not args.no_bias, not args.no_gates
     dims = (*experts, in_dim + int(bias), out_dim)
     dense_entries = math.prod(dims)
@@ -307,6 +364,7 @@ def _ranks_command(args: argparse.Namespace, out: Any) -> int:
             what = f"synthetic CP rank {args.synthetic} + {args.noise:g} relative noise"
         else:
             what = args.tensor
+        args.sweep_what = what
         print(f"\nreconstruction error of {what} (shape {list(tensor.shape)}):", file=out)
         sweep = _sweep(tensor, matches, args, bias)
         rows = [["kind", "ranks", "params", "rel. error", "method", "seconds"]]
@@ -325,11 +383,13 @@ def _sweep(tensor: np.ndarray, matches: dict, args: argparse.Namespace, bias: bo
     from .compress import from_dense
 
     results: dict[str, list] = {}
+    todo = {kind: args.sweep_ranks or _default_sweep(match.rank) for kind, match in matches.items()}
+    bar = _progress(sum(map(len, todo.values())), "decompositions", args.quiet)
     for kind, match in matches.items():
-        ranks_to_try = args.sweep_ranks or _default_sweep(match.rank)
         points = []
-        for r in ranks_to_try:
+        for r in todo[kind]:
             ranks = match.ranks_at(r)
+            bar.set_postfix_str(f"{kind} {_ranks_text(ranks)}")
             start = time.perf_counter()
             try:
                 with backend_context("numpy"):
@@ -339,12 +399,15 @@ def _sweep(tensor: np.ndarray, matches: dict, args: argparse.Namespace, bias: bo
                     )
             except ValueError as err:  # e.g. a CP rank ALS cannot solve for: report it and go on
                 print(f"tensormoe: {kind} at ranks {ranks} skipped: {err}", file=sys.stderr)
+                bar.update()
                 continue
             seconds = time.perf_counter() - start
+            bar.update()
             params = done.layer.n_params if match.count_gates else done.layer.factorization.n_params()
             short = done.method.split(" ")[0].rsplit(".", 1)[-1]
             points.append((r, ranks, params, done.relative_error, short, seconds))
         results[kind] = points
+    bar.close()
     return results
 
 
@@ -357,17 +420,21 @@ def _plot(path: str, matches: dict, sweep: dict, args: argparse.Namespace, linea
     except ImportError:
         raise _UsageError("--plot needs matplotlib: pip install 'tensormoe[examples]'") from None
     panels = 4 if sweep else 2
-    fig = Figure(figsize=(4.2 * panels, 3.8))
-    fig.subplots_adjust(left=0.32 / panels, right=0.99, bottom=0.14, top=0.91, wspace=0.3)
+    fig = Figure(figsize=(4.2 * panels, 4.3))
+    fig.subplots_adjust(left=0.34 / panels, right=0.99, bottom=0.13, top=0.82, wspace=0.32)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
+    grids = {}
     for kind, match in matches.items():
         top = max([2 * match.rank, *(args.sweep_ranks or [])])
-        grid = sorted({max(1, round(top ** (k / 24))) for k in range(25)})
-        costs = [
-            dataclasses.replace(match, ranks=match.ranks_at(r), rank=r).cost(args.batch, optimize=args.optimize)
-            for r in grid
-        ]
+        grids[kind] = sorted({max(1, round(top ** (k / 24))) for k in range(25)})
+    bar = _progress(sum(map(len, grids.values())), "plot: costs against rank", args.quiet)
+    for kind, match in matches.items():
+        grid, costs = grids[kind], []
+        bar.set_postfix_str(kind)
+        for r in grid:  # each point plans the layer's contraction: a second or so per factorization
+            costs.append(dataclasses.replace(match, ranks=match.ranks_at(r), rank=r).cost(args.batch, optimize=args.optimize))
+            bar.update()
         axes[0].plot(grid, [c.params for c in costs], label=kind)
         axes[1].plot(grid, [c.flops / args.batch for c in costs], label=kind)
         axes[0].plot([match.rank], [match.params], "o", color=axes[0].lines[-1].get_color())
@@ -375,26 +442,41 @@ def _plot(path: str, matches: dict, sweep: dict, args: argparse.Namespace, linea
             points = sweep[kind]
             axes[2].plot([p[0] for p in points], [p[3] for p in points], "o-", label=kind)
             axes[3].plot([p[2] for p in points], [p[3] for p in points], "o-", label=kind)
+    bar.close()
+    axes[0].plot([], [], "o", color="0.35", label="matched ranks")
     axes[0].axhline(budget, color="0.4", ls="--", lw=1, label="budget")
-    axes[0].axhline(linear, color="0.1", ls=":", lw=1, label="linear")
-    axes[1].axhline(linear_flops, color="0.1", ls=":", lw=1, label="linear")
-    titles = ["parameters", f"FLOPs per row (batch {args.batch})", "relative error", "relative error"]
-    xlabels = ["rank r", "rank r", "rank r", "parameters"]
-    for ax, title, xlabel in zip(axes, titles, xlabels):
+    axes[0].axhline(linear, color="0.1", ls=":", lw=1, label="linear layer")
+    axes[1].axhline(linear_flops, color="0.1", ls=":", lw=1, label="linear layer")
+    panel = [
+        ("parameters against rank", "rank r of the family", "parameters (count)", True),
+        (f"forward FLOPs against rank (batch {args.batch})", "rank r of the family",
+         "FLOPs per input row (multiply-add = 2)", True),
+        ("reconstruction error against rank", "rank r of the family", "relative error ||W - W_r|| / ||W||", False),
+        ("reconstruction error against parameters", "parameters (count)", "relative error ||W - W_r|| / ||W||", False),
+    ]
+    for ax, (title, xlabel, ylabel, counts) in zip(axes, panel):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for axis, counts, limits in (
-            (ax.xaxis, xlabel == "parameters", ax.get_xlim()),
-            (ax.yaxis, title != "relative error", ax.get_ylim()),
+        for axis, is_count, limits in (
+            (ax.xaxis, xlabel.startswith("parameters"), ax.get_xlim()),
+            (ax.yaxis, counts, ax.get_ylim()),
         ):
             decades = math.log10(max(limits) / max(min(limits), 1e-300))
             axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)))
-            axis.set_major_formatter(EngFormatter(sep="") if counts else FuncFormatter(_tick))
+            axis.set_major_formatter(EngFormatter(sep="") if is_count else FuncFormatter(_tick))
             axis.set_minor_formatter(NullFormatter())
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    in_dim, out_dim = args.in_dim_resolved, args.out_dim_resolved
+    fig.suptitle(
+        f"Ranks of an MMoE layer {in_dim} -> {out_dim} with experts {args.experts_resolved}"
+        f"{' and bias' if not args.no_bias else ''}: budget {budget:,} parameters"
+        + (f", swept tensor: {args.sweep_what}" if sweep else ""),
+        fontsize=11,
+    )
     try:
         fig.savefig(path, dpi=110)
     except OSError as err:

@@ -67,8 +67,12 @@ def resolve_budget(
     budget : int, float or "linear"
         Parameters; ``"linear"`` for a linear layer's; a fraction in ``(0, 1]``
         of the dense tensor's entries.
-    in_dim, out_dim : int
+    in_dim : int
+        Input features ``I`` of the layer.
+    out_dim : int
+        Output features ``O`` of the layer.
     expert_dims : int or sequence of int
+        Experts per level ``[N_1, ..., N_H]``.
     bias : bool
         Whether the layer (and the linear layer it is compared with) has a bias.
 
@@ -120,9 +124,16 @@ class Match:
         Parameters of the matched layer (gates included if counted).
     budget : int
         The budget in parameters.
-    in_dim, out_dim : int
+    in_dim : int
+        Input features ``I`` of the layer.
+    out_dim : int
+        Output features ``O`` of the layer.
     expert_dims : tuple of int
-    bias, count_gates : bool
+        Experts per level ``[N_1, ..., N_H]``.
+    bias : bool
+        Whether the layer has a bias row in its input mode.
+    count_gates : bool
+        Whether ``params`` counts the gates' ``I x N_h`` weights.
     bond_rank : int or None
         The fixed bond rank of the per-bond TT/TR rule (``None``: uniform).
 
@@ -284,9 +295,13 @@ def match_rank(
     Parameters
     ----------
     kind : {"cp", "tucker", "tt", "tr"}
-    in_dim, out_dim : int
+        The factorization.
+    in_dim : int
+        Input features ``I`` of the layer.
+    out_dim : int
+        Output features ``O`` of the layer.
     expert_dims : int or sequence of int
-        Experts per level.
+        Experts per level ``[N_1, ..., N_H]``.
     budget : int, float or "linear"
         See :func:`resolve_budget`.
     bias : bool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -125,3 +126,58 @@ def test_python_dash_m_runs_without_torch_or_jax():
     bad = subprocess.run([sys.executable, "-m", "tensormoe", "ranks", "--in", "x"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == ""
+
+
+class _Terminal:
+    """A stand-in for a terminal's stderr: tqdm draws bars only where ``isatty()`` is true."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_on_a_terminal_and_not_with_quiet(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    pytest.importorskip("matplotlib")
+    argv = ["ranks", "--in", "6", "--out", "5", "--experts", "3", "--kinds", "cp,tt", "--synthetic", "2",
+            "--sweep-ranks", "1,2", "--n-iter", "5", "--plot", str(tmp_path / "r.png")]
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(argv) == 0
+    drawn = "".join(terminal.text)
+    assert "decompositions:" in drawn and "0/4 " in drawn  # 2 kinds x 2 ranks
+    assert "plot: costs against rank" in drawn
+    terminal.text.clear()
+    assert main([*argv, "--quiet"]) == 0
+    assert "".join(terminal.text) == ""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["ranks", "--help"]])
+def test_help_has_usage_examples_and_describes_every_option(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "examples:\n  tensormoe ranks --in 768" in out
+    if argv == ["ranks", "--help"]:
+        assert "standard output" in out and "--plot writes one PNG" in out
+
+
+def test_every_option_has_a_help_text():
+    from tensormoe.cli import _parser
+
+    parsers, undocumented = [_parser()], []
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            if not (action.help or "").strip():
+                undocumented.append(f"{parser.prog}: {'/'.join(action.option_strings) or action.dest}")
+    assert undocumented == []

@@ -435,3 +435,19 @@ def test_the_snippet_runner_runs_checks_and_skips():
 
 def _pycon_source(code: str) -> str:
     return "\n".join(line[4:] for line in code.splitlines() if line.startswith((">>> ", "... ")))
+
+
+# --------------------------------------------------------------------------- the home page
+def nav_pages() -> list[str]:
+    """Every page listed in the nav of mkdocs.yml, in order."""
+    nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:\n", 1)[1]
+    return re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?([\w./-]+\.md)\s*$", nav, re.MULTILINE)
+
+
+def test_the_home_page_leads_to_every_page():
+    """'Where to go next' on the home page links every page of the nav but the per-module API pages."""
+    home = (DOCS / "index.md").read_text().split("## Where to go next", 1)[1]
+    linked = set(re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", home))
+    wanted = [p for p in nav_pages() if p != "index.md" and not (p.startswith("api/") and p != "api/index.md")]
+    assert len(wanted) > 10
+    assert [p for p in wanted if p not in linked] == []

@@ -7,18 +7,27 @@ table of the package's public modules (first line of each module docstring);
 entry on that module's API page.  Links are autorefs, so ``mkdocs build
 --strict`` fails if a module has no API page.
 
+MathJax is served from the site itself, not from a CDN: :func:`on_files` adds
+the MathJax 3 distribution that the ``django-static-mathjax`` package ships
+(a ``[docs]`` requirement) under ``javascripts/mathjax/``, so formulas render
+offline and ``mkdocs serve`` serves them too.
+
 Loaded by ``hooks:`` in ``mkdocs.yml``; not part of the package.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import pkgutil
 import re
 import sys
 from typing import Any
+
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File
 
 PACKAGE = "tensormoe"
 _ROLE = re.compile(r":(?:py:)?\w+:`~?([^`]+)`")
@@ -78,3 +87,33 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     package = _package(config)
     markdown = markdown.replace("<!-- tensormoe:modules -->", modules_table(package))
     return markdown.replace("<!-- tensormoe:public-names -->", names_table(package))
+
+
+#: Where the site serves MathJax from (``extra_javascript`` loads ``MATHJAX_URI/tex-mml-chtml.js``).
+MATHJAX_URI = "javascripts/mathjax"
+#: The parts of MathJax's ``es5`` folder the CommonHTML build needs: its entry point and what it loads on demand.
+_MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output/chtml", "ui", "a11y", "adaptors", "sre")
+
+
+def mathjax_dir() -> pathlib.Path:
+    """MathJax's ``es5`` folder as shipped by the ``django-static-mathjax`` package (import name ``mathjax``)."""
+    spec = importlib.util.find_spec("mathjax")
+    folder = pathlib.Path(spec.origin).parent / "static" / "mathjax" / "es5" if spec and spec.origin else None
+    if folder is None or not (folder / "tex-mml-chtml.js").is_file():
+        raise PluginError(
+            "the docs serve MathJax from the site itself and need the 'django-static-mathjax' package "
+            "(pip install -e '.[docs]'); found no mathjax/static/mathjax/es5/tex-mml-chtml.js"
+        )
+    return folder
+
+
+def on_files(files: Any, config: Any) -> Any:
+    """Add MathJax's files to the site under :data:`MATHJAX_URI`."""
+    root = mathjax_dir()
+    for part in _MATHJAX_PARTS:
+        path = root / part
+        for source in sorted([path] if path.is_file() else path.rglob("*")):
+            if source.is_file():
+                uri = f"{MATHJAX_URI}/{source.relative_to(root).as_posix()}"
+                files.append(File.generated(config, uri, abs_src_path=str(source)))
+    return files
