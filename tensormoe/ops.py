@@ -172,6 +172,18 @@ class Ops:
         """
         return self.xp.mean(x, axis=axis, keepdims=True)
 
+    def layer_norm(self, x: Any, eps: float) -> Any:
+        """``x`` normalised over the last axis to zero mean and unit variance (no affine; the framework's fused op).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").layer_norm(np.array([[1.0, 3.0]]), 0.0)
+        array([[-1.,  1.]])
+        """
+        centred = x - self.mean(x)
+        return centred / self.sqrt(self.mean(centred * centred) + eps)
+
     def exp(self, x: Any) -> Any:
         """Elementwise exponential.
 
@@ -647,6 +659,9 @@ class TorchOps(Ops):
 
     def clip_min(self, x: Any, low: float) -> Any:
         return self._torch.clamp(x, min=low)
+
+    def layer_norm(self, x: Any, eps: float) -> Any:
+        return self._torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
 
     def sort_descending(self, x: Any) -> Any:
         return self._torch.sort(x, dim=-1, descending=True).values
