@@ -51,18 +51,30 @@ def numpy_sparse_gate(z: np.ndarray, gate: str) -> np.ndarray:
     return out
 
 
-_TORCH_OP: list[Any] = []
+#: PyTorch's pieces, made on first use: the plain forward and backward, the autograd.Function, the custom op
+_TORCH: dict[str, Any] = {}
 
 
 def torch_sparse_gate(z: Any, gate: str) -> Any:
-    """``gate`` of the float32 or float64 CPU tensor ``z``, through the differentiable custom operator."""
-    if not _TORCH_OP:
-        _TORCH_OP.append(_register_torch_ops())
-    return _TORCH_OP[0](z, GATES[gate])
+    """``gate`` of the float32 or float64 CPU tensor ``z``, differentiable.
+
+    Under ``torch.compile`` this is the custom operator ``tensormoe::sparse_gate``;
+    in eager mode the same kernels are called directly (an ``autograd.Function``
+    when a gradient is needed): the custom operator's dispatch costs more than the
+    kernel itself on a few rows.
+    """
+    if not _TORCH:
+        _setup_torch()
+    torch = _TORCH["torch"]
+    if torch.compiler.is_compiling():
+        return _TORCH["op"](z, GATES[gate])
+    if z.requires_grad and torch.is_grad_enabled():
+        return _TORCH["function"].apply(z, GATES[gate])
+    return _TORCH["forward"](z, GATES[gate])
 
 
-def _register_torch_ops() -> Any:
-    """Register ``tensormoe::sparse_gate`` (+ fake, + autograd) and its backward; return the forward op."""
+def _setup_torch() -> None:
+    """Make the PyTorch pieces; register ``tensormoe::sparse_gate`` (+ fake, + autograd) and its backward."""
     import torch
 
     def run(z: torch.Tensor, gate: int) -> torch.Tensor:
@@ -83,6 +95,27 @@ def _register_torch_ops() -> Any:
                             p.numel() // n, n, _threads(p.numel(), torch.get_num_threads()))
         return dz
 
+    def differentiable_backward(p: torch.Tensor, grad: torch.Tensor, gate: int) -> torch.Tensor:
+        """The vector-Jacobian product in tensor operations (for create_graph=True)."""
+        s = p.sqrt() if gate == GATES["entmax15"] else (p > 0).to(p.dtype)
+        q = grad * s
+        return q - s * (q.sum(-1, keepdim=True) / s.sum(-1, keepdim=True))
+
+    class SparseGate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, z: torch.Tensor, gate: int) -> torch.Tensor:
+            out = run(z, gate)
+            ctx.gate = gate
+            ctx.save_for_backward(out)
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            (p,) = ctx.saved_tensors
+            if torch.is_grad_enabled():
+                return differentiable_backward(p, grad, ctx.gate), None
+            return run_backward(p, grad, ctx.gate), None
+
     forward = torch.library.custom_op("tensormoe::sparse_gate", run, mutates_args=(),
                                       schema="(Tensor z, int gate) -> Tensor")
     backward = torch.library.custom_op("tensormoe::sparse_gate_backward", run_backward, mutates_args=(),
@@ -96,11 +129,9 @@ def _register_torch_ops() -> Any:
 
     def vjp(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (p,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, in tensor operations
-            s = p.sqrt() if ctx.gate == GATES["entmax15"] else (p > 0).to(p.dtype)
-            q = grad * s
-            return q - s * (q.sum(-1, keepdim=True) / s.sum(-1, keepdim=True)), None
+        if torch.is_grad_enabled():  # create_graph=True
+            return differentiable_backward(p, grad, ctx.gate), None
         return backward(p, grad, ctx.gate), None
 
     forward.register_autograd(vjp, setup_context=setup_context)
-    return forward
+    _TORCH.update(torch=torch, forward=run, function=SparseGate, op=forward)

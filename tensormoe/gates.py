@@ -175,6 +175,24 @@ def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
     return body(z, ops, *args)
 
 
+def _activate(name: str, z: Any, ops: Ops) -> Any:
+    """The activation ``name`` of logits the caller has checked (the routers' per-call path), method ``"auto"``."""
+    if array_dtype(z) in ("float16", "bfloat16"):
+        return ops.cast_like(_activate(name, ops.cast(z, "float32"), ops), z)
+    if name == "softmax":
+        return _softmax(z, ops)
+    return _sparse_gate(z, ops, "auto", name)
+
+
+def _normalise(norm: str | None, z: Any, ops: Ops) -> Any:
+    """The normalisation ``norm`` (a key of :data:`NORMS`) of checked logits, with the default ``eps``."""
+    if norm is None:
+        return z
+    if array_dtype(z) in ("float16", "bfloat16"):
+        return ops.cast_like(ops.layer_norm(ops.cast(z, "float32"), _EPS), z)
+    return ops.layer_norm(z, _EPS)
+
+
 def softmax(z: Any, ops: Ops | None = None) -> Any:
     """Softmax over the last axis.
 
@@ -475,6 +493,9 @@ def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
 
 def _layer_norm(z: Any, ops: Ops, eps: float) -> Any:
     return ops.layer_norm(z, eps)
+
+
+_EPS = layer_norm.__defaults__[0]  # the normalisation the routers apply: layer_norm's default
 
 
 _SORT = {"entmax15": _entmax15_sort, "sparsemax": _sparsemax_sort}

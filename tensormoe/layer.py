@@ -549,7 +549,31 @@ class MMoE:
 
     def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
                  mask: Any = None, noise: Any = None) -> Any:
+        if coefficients is None and routing is None and mask is None and self._dense_routing():
+            return self._dense_gated_forward(ops, params, x)
         return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False, False)[0]
+
+    def _dense_routing(self) -> bool:
+        """Whether every level routes densely (the MMoE's own gating): the forward then needs no grouping."""
+        dense = self.__dict__.get("_all_dense")
+        if dense is None:
+            dense = self._all_dense = all(type(r) is _routers.DenseRouter for r in self.routers)
+        return dense
+
+    def _dense_gated_forward(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
+        """The forward with dense routers on every level: gates on the rows of ``x``, then the planned contraction.
+
+        The same computation as :meth:`_routed_forward` (which groups tokens for the
+        routers that need groups), without its bookkeeping: this is the per-call
+        path of the default layers.
+        """
+        lead = tuple(x.shape[:-1])
+        x2 = x if len(lead) == 1 else ops.reshape(x, (math.prod(lead), self.in_dim))
+        coeffs = [router.route(ops, self._level_params(params, h), x2).weights for h, router in enumerate(self.routers)]
+        xin = ops.concat_ones(x2) if self.bias else x2
+        operands = [*coeffs, xin, *self.factorization.gather_params(params, {}, ops)]
+        y = self._contract(ops, self.factorization.forward_equation(), operands)
+        return y if len(lead) == 1 else ops.reshape(y, (*lead, self.out_dim))
 
     def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                               routing: Any = None, mask: Any = None, noise: Any = None) -> Any:

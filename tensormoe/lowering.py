@@ -52,14 +52,11 @@ class _Step:
     b_swap: bool
     out_shape: tuple[int, ...]
     einsum: str = ""  # the step's equation, for kind == "einsum"
-
-
-def _permute(x: Any, perm: tuple[int, ...], backend: str) -> Any:
-    return x.permute(perm) if backend == "torch" else x.transpose(perm)
-
-
-def _swap(x: Any, backend: str) -> Any:
-    return x.transpose(-1, -2) if backend == "torch" else x.swapaxes(-1, -2)
+    # whether the operands (after the permutation) and the product need a reshape: fixed by the shapes, so
+    # decided once here rather than by comparing shapes on every call
+    a_reshape: bool = True
+    b_reshape: bool = True
+    out_reshape: bool = True
 
 
 def _einsum(backend: str) -> Any:
@@ -76,12 +73,25 @@ def _einsum(backend: str) -> Any:
     return np.einsum
 
 
-def _operand(x: Any, perm: tuple[int, ...] | None, shape: tuple[int, ...], swap: bool, backend: str) -> Any:
-    if perm is not None:
-        x = _permute(x, perm, backend)
-    if x.shape != shape:  # torch.Size equals a tuple; a reshape costs a dispatch even as a no-op
-        x = x.reshape(shape)
-    return _swap(x, backend) if swap else x
+def _viewed(shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[int, ...]:
+    return shape if perm is None else tuple(shape[p] for p in perm)
+
+
+def _product_shape(kind: str, a: tuple[int, ...], a_swap: bool, b: tuple[int, ...], b_swap: bool) -> tuple[int, ...]:
+    """Shape of ``a @ b`` (``a * b`` for ``kind == "mul"``) of views of shapes ``a`` and ``b`` (before swaps)."""
+    if a_swap:
+        a = (*a[:-2], a[-1], a[-2])
+    if b_swap:
+        b = (*b[:-2], b[-1], b[-2])
+    if kind == "mul":
+        return tuple(_broadcast(a, b))
+    return (*_broadcast(a[:-2], b[:-2]), a[-2], b[-1])
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return [x if y == 1 else y for x, y in zip(a, b)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +131,12 @@ class Program:
     written: int = 0
     steps: tuple[_Step, ...] = dataclasses.field(repr=False, default=())
     final_perm: tuple[int, ...] | None = dataclasses.field(repr=False, default=None)
+    operands: int = dataclasses.field(repr=False, default=0)
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        # the compiled functions come from exec and do not pickle; they are rebuilt on first call
+        return {**self.__dict__, "_compiled": {}}
 
     @property
     def cost(self) -> float:
@@ -143,24 +159,63 @@ class Program:
         >>> lower("ij,jk->ki", [(2, 3), (3, 4)], [(0, 1)])(np.ones((2, 3)), np.ones((3, 4)), backend="numpy").shape
         (4, 2)
         """
-        stack = list(operands)
+        run = self._compiled.get(backend)
+        if run is None:
+            namespace = {"einsum": _einsum(backend)}
+            exec(compile(self.source(backend), f"<tensormoe program {self.path}>", "exec"), namespace)  # noqa: S102
+            run = self._compiled[backend] = namespace["program"]
+        return run(*operands)
+
+    def source(self, backend: str = "numpy") -> str:
+        """The program as straight-line Python: what runs (compiled once per backend), as a person would write it.
+
+        Examples
+        --------
+        >>> print(lower("bi,io,on->bn", [(2, 3), (3, 4), (4, 5)], [(0, 1), (1, 0)]).source())
+        def program(x0, x1, x2):
+            x3 = x0 @ x1
+            x4 = x3 @ x2
+            return x4
+        >>> print(lower("bi,oi->bo", [(2, 3), (4, 3)], [(0, 1)]).source("torch"))
+        def program(x0, x1):
+            x2 = x0 @ x1.transpose(-1, -2)
+            return x2
+        """
+        names = [f"x{k}" for k in range(self.operands)]
+        args = ", ".join(names)
+        lines = [f"def program({args}):"]
+        count = len(names)
+
+        def view(name: str, perm: Any, shape: tuple, reshape: bool, swap: bool) -> str:
+            if perm is not None:
+                name = f"{name}.{'permute' if backend == 'torch' else 'transpose'}{tuple(perm)}"
+            if reshape:
+                name = f"{name}.reshape{tuple(shape)}"
+            if swap:
+                name = f"{name}.{'transpose' if backend == 'torch' else 'swapaxes'}(-1, -2)"
+            return name
+
         for step in self.steps:
-            a, b = stack[step.i], stack[step.j]
+            a, b = names[step.i], names[step.j]
             for k in sorted((step.i, step.j), reverse=True):
-                del stack[k]
+                del names[k]
             if step.kind == "einsum":
-                out = _einsum(backend)(step.einsum, a, b)
+                expr = f"einsum({step.einsum!r}, {a}, {b})"
             else:
-                a = _operand(a, step.a_perm, step.a_shape, step.a_swap, backend)
-                b = _operand(b, step.b_perm, step.b_shape, step.b_swap, backend)
-                out = a @ b if step.kind == "matmul" else a * b
-                if out.shape != step.out_shape:
-                    out = out.reshape(step.out_shape)
-            stack.append(out)
-        out = stack[0]
+                op = "@" if step.kind == "matmul" else "*"
+                expr = (f"{view(a, step.a_perm, step.a_shape, step.a_reshape, step.a_swap)} {op} "
+                        f"{view(b, step.b_perm, step.b_shape, step.b_reshape, step.b_swap)}")
+                if step.out_reshape:
+                    expr = f"({expr}).reshape{tuple(step.out_shape)}"
+            out = f"x{count}"
+            count += 1
+            lines.append(f"    {out} = {expr}")
+            names.append(out)
+        result = names[0]
         if self.final_perm is not None:
-            out = _permute(out, self.final_perm, backend)
-        return out
+            result = f"{result}.{'permute' if backend == 'torch' else 'transpose'}{tuple(self.final_perm)}"
+        lines.append(f"    return {result}")
+        return "\n".join(lines)
 
 
 def _size(group: Sequence[str], sizes: dict[str, int]) -> int:
@@ -312,7 +367,12 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
         if kind == "einsum":
             steps.append(_Step(i, j, kind, None, (), False, None, (), False, out_shape, eq))
         else:
-            steps.append(_Step(i, j, kind, la[0], la[1], la[2], lb[0], lb[1], lb[2], out_shape))
+            if kind == "mul" and current[i] == current[j] == out:  # one layout: an elementwise product as is
+                la, lb = (None, current_shapes[i], False), (None, current_shapes[j], False)
+            a_view, b_view = _viewed(current_shapes[i], la[0]), _viewed(current_shapes[j], lb[0])
+            product = _product_shape(kind, la[1], la[2], lb[1], lb[2])
+            steps.append(_Step(i, j, kind, la[0], la[1], la[2], lb[0], lb[1], lb[2], out_shape,
+                               a_reshape=a_view != la[1], b_reshape=b_view != lb[1], out_reshape=product != out_shape))
         flops += f
         copied += c
         if len(current) > 2:  # the last step writes the result, which every program writes
@@ -329,7 +389,7 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
         raise ValueError(f"path {list(path)} does not produce the output {output!r} of {equation!r}")
     perm = None if final == output else tuple(final.index(c) for c in output)
     return Program(path=tuple(tuple(p) for p in path), flops=flops, copied=copied, written=written, steps=tuple(steps),
-                   final_perm=perm)
+                   final_perm=perm, operands=len(shapes))
 
 
 def _all_paths(n: int) -> Any:

@@ -574,7 +574,10 @@ class Ops:
         )
         if not plan.tuned:
             self._tune(plan, operands)
-        return plan(*operands, backend=self.einsum_backend)
+        program = plan.program  # the operands have the plan's shapes: no need for Plan.__call__'s checks
+        if program is None:
+            return plan.expression(*operands, backend=self.einsum_backend)
+        return program(*operands, backend=self.einsum_backend)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
         """Time the plan's candidate programs once on these operands."""
@@ -645,8 +648,7 @@ class TorchOps(Ops):
         return x.detach().cpu().numpy()
 
     def concat_ones(self, x: Any) -> Any:
-        ones = self._torch.ones((*x.shape[:-1], 1), dtype=x.dtype, device=x.device)
-        return self._torch.cat([x, ones], dim=-1)
+        return self._torch.nn.functional.pad(x, (0, 1), value=1.0)  # one operation (cat needs a ones array)
 
     def max(self, x: Any, axis: int = -1) -> Any:
         return self._torch.amax(x, dim=axis, keepdim=True)

@@ -486,7 +486,7 @@ def test_kernel_operator_passes_torch_opcheck_and_gradcheck(name):
     gen = torch.Generator().manual_seed(6)
     z = (torch.randn(4, 80, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     f = lambda t: getattr(gates, name)(t, ops=ops, method="kernel")  # noqa: E731
-    f(z)  # registers the operators
+    f(z)  # registers the operators (eager calls run the same kernels without them)
     torch.library.opcheck(torch.ops.tensormoe.sparse_gate.default, (z, gates._kernels.GATES[name]))
     assert torch.autograd.gradcheck(f, (z,))
     w = torch.randn(4, 80, generator=gen, dtype=torch.float64)
