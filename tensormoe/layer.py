@@ -481,8 +481,9 @@ class MMoE:
             coeffs = [ops.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
         return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
 
-    def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
-        return ops.contract(equation, operands, self.optimize)
+    def _contract(self, ops: Ops, equation: str, operands: list[Any], rows: bool = True) -> Any:
+        # rows: the operands carry the batch index, whose size changes from call to call (one plan for all)
+        return ops.contract(equation, operands, self.optimize, self.factorization.batch_symbol if rows else None)
 
     def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
         """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
@@ -946,7 +947,7 @@ class MMoE:
         index = _v.check_index(index, self.expert_dims)
         ops = _ops(backend)
         operands = self.factorization.slice_params(self._params_for(params, ops.name), index)
-        return self._contract(ops, self.factorization.slice_equation(), operands)
+        return self._contract(ops, self.factorization.slice_equation(), operands, rows=False)
 
     def plan(self, batch_size: int = 1) -> Plan:
         """The planned forward contraction for ``batch_size`` rows (path, FLOPs, largest intermediate).

@@ -188,9 +188,9 @@ class Program:
 
         def view(name: str, perm: Any, shape: tuple, reshape: bool, swap: bool) -> str:
             if perm is not None:
-                name = f"{name}.{'permute' if backend == 'torch' else 'transpose'}{tuple(perm)}"
+                name = f"{name}.{'permute' if backend == 'torch' else 'transpose'}({tuple(perm)!r})"
             if reshape:
-                name = f"{name}.reshape{tuple(shape)}"
+                name = f"{name}.reshape({tuple(shape)!r})"
             if swap:
                 name = f"{name}.{'transpose' if backend == 'torch' else 'swapaxes'}(-1, -2)"
             return name
@@ -206,14 +206,14 @@ class Program:
                 expr = (f"{view(a, step.a_perm, step.a_shape, step.a_reshape, step.a_swap)} {op} "
                         f"{view(b, step.b_perm, step.b_shape, step.b_reshape, step.b_swap)}")
                 if step.out_reshape:
-                    expr = f"({expr}).reshape{tuple(step.out_shape)}"
+                    expr = f"({expr}).reshape({tuple(step.out_shape)!r})"
             out = f"x{count}"
             count += 1
             lines.append(f"    {out} = {expr}")
             names.append(out)
         result = names[0]
         if self.final_perm is not None:
-            result = f"{result}.{'permute' if backend == 'torch' else 'transpose'}{tuple(self.final_perm)}"
+            result = f"{result}.{'permute' if backend == 'torch' else 'transpose'}({tuple(self.final_perm)!r})"
         lines.append(f"    return {result}")
         return "\n".join(lines)
 
@@ -338,10 +338,15 @@ def _lower_step(
     return best
 
 
-def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]]) -> Program:
+def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]],
+          free: str | None = None, _memo: dict | None = None) -> Program:
     """Lower ``path`` (opt_einsum's format) for ``equation`` over ``shapes`` to a :class:`Program`.
 
-    Every path step must contract exactly two operands.
+    Every path step must contract exactly two operands.  ``free`` names an index
+    (the batch) whose size may differ between calls: the program is lowered for
+    its size in ``shapes`` (its FLOPs are counted there) and reshapes the axes
+    it spans with ``-1``, so the same program runs for any size of it (at least
+    two in ``shapes``).
 
     Examples
     --------
@@ -349,7 +354,13 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
 
     >>> lower("bi,ir,br->b", [(4, 3), (3, 2), (4, 2)], [(0, 1), (0, 1)]).flops
     64
+    >>> import numpy as np
+    >>> p = lower("bi,io->bo", [(4, 3), (3, 2)], [(0, 1)], free="b")
+    >>> p(np.ones((7, 3)), np.ones((3, 2)), backend="numpy").shape
+    (7, 2)
     """
+    if free is not None:
+        return _with_free_index(equation, shapes, path, free)
     terms, output, sizes = _parse(equation, shapes)
     current = list(terms)
     current_shapes = [tuple(s) for s in shapes]
@@ -361,8 +372,13 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
         i, j = pair
         rest = [t for k, t in enumerate(current) if k not in (i, j)]
         keep = set(output).union(*rest)
-        kind, out, la, lb, f, c, eq = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j],
-                                                   keep, sizes)
+        memo_key = (current[i], current[j], current_shapes[i], current_shapes[j], frozenset(keep))
+        found = None if _memo is None else _memo.get(memo_key)
+        if found is None:
+            found = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j], keep, sizes)
+            if _memo is not None:
+                _memo[memo_key] = found
+        kind, out, la, lb, f, c, eq = found
         out_shape = tuple(sizes[ch] for ch in out)
         if kind == "einsum":
             steps.append(_Step(i, j, kind, None, (), False, None, (), False, out_shape, eq))
@@ -392,14 +408,58 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
                    final_perm=perm, operands=len(shapes))
 
 
-def _all_paths(n: int) -> Any:
-    """Every pairwise contraction order of ``n`` operands (opt_einsum's path format)."""
-    if n <= 1:
-        yield ()
-        return
-    for pair in itertools.combinations(range(n), 2):
-        for rest in _all_paths(n - 1):
-            yield (pair, *rest)
+def _with_free_index(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]],
+                     free: str) -> Program:
+    """:func:`lower` with the axes spanned by index ``free`` reshaped by ``-1`` (any size of ``free`` runs).
+
+    The path is lowered at two sizes of ``free``; the reshape targets that differ
+    are the ones ``free`` spans (one axis each: an index lies in one group of a
+    view).  Where the two programs differ otherwise, or ``free`` is not an
+    index, the program of ``shapes`` is returned as is (fixed sizes).
+    """
+    terms, _, sizes = _parse(equation, shapes)
+    program = lower(equation, shapes, path)
+    if sizes.get(free, 0) < 2:
+        return program
+    grown = [tuple(d + 1 if c == free else d for c, d in zip(t, s)) for t, s in zip(terms, shapes)]
+    other = lower(equation, grown, path)
+
+    def symbolic(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+        if len(a) != len(b):
+            return None
+        shape = tuple(-1 if x != y else x for x, y in zip(a, b))
+        return shape if shape.count(-1) <= 1 else None
+
+    steps = []
+    for s, t in zip(program.steps, other.steps):
+        same = (s.i, s.j, s.kind, s.a_perm, s.a_swap, s.b_perm, s.b_swap, s.einsum, s.a_reshape, s.b_reshape,
+                s.out_reshape) == (t.i, t.j, t.kind, t.a_perm, t.a_swap, t.b_perm, t.b_swap, t.einsum, t.a_reshape,
+                                   t.b_reshape, t.out_reshape)
+        shapes3 = [symbolic(s.a_shape, t.a_shape), symbolic(s.b_shape, t.b_shape), symbolic(s.out_shape, t.out_shape)]
+        if not same or any(x is None for x in shapes3):
+            return program
+        steps.append(dataclasses.replace(s, a_shape=shapes3[0], b_shape=shapes3[1], out_shape=shapes3[2]))
+    if program.final_perm != other.final_perm:
+        return program
+    return dataclasses.replace(program, steps=tuple(steps), _compiled={})
+
+
+def _all_orders(terms: Sequence[str], output: str, sizes: dict[str, int]) -> Any:
+    """Every pairwise contraction order of ``terms`` (opt_einsum's path format) with its FLOPs (as
+    :func:`_order_flops` counts them); orders sharing a prefix share its count."""
+
+    def orders(current: list[str], prefix: tuple, total: int) -> Any:
+        if len(current) <= 1:
+            yield prefix, total
+            return
+        for i, j in itertools.combinations(range(len(current)), 2):
+            rest = [t for k, t in enumerate(current) if k not in (i, j)]
+            keep = set(output).union(*rest)
+            union = set(current[i]) | set(current[j])
+            cost = (2 if union - keep else 1) * _size(union, sizes)
+            yield from orders([*rest, "".join(sorted(union & keep))], (*prefix, (i, j)), total + cost)
+
+    yield from orders(list(terms), (), 0)
 
 
 def _swapped(path: Sequence[Sequence[int]], flips: Sequence[bool]) -> tuple[tuple[int, ...], ...]:
@@ -446,19 +506,20 @@ def candidates(
     """
     terms, output, sizes = _parse(equation, shapes)
     orders = {tuple(tuple(p) for p in path) for path in paths if all(len(p) == 2 for p in path)}
-    if exhaustive and len(shapes) <= EXHAUSTIVE_OPERANDS:
-        orders.update(_all_paths(len(shapes)))
-    if not orders:
-        return []
     counted = {order: _order_flops(terms, output, sizes, order) for order in orders}
+    if exhaustive and len(shapes) <= EXHAUSTIVE_OPERANDS:
+        counted.update(_all_orders(terms, output, sizes))
+    if not counted:
+        return []
     least = min(counted.values())
     kept = sorted((o for o, f in counted.items() if f <= slack * least), key=lambda o: (counted[o], o))
     programs = {}
+    memo: dict = {}  # the orders share most of their steps: each pair is lowered once
     for order in kept[: 8 * limit]:
         steps = len(order)
         flips = itertools.product((False, True), repeat=steps) if steps <= 6 else [(False,) * steps]
         for flip in flips:
-            variant = lower(equation, shapes, _swapped(order, flip))
+            variant = lower(equation, shapes, _swapped(order, flip), _memo=memo)
             key = tuple((s.kind, s.a_perm, s.a_shape, s.a_swap, s.b_perm, s.b_shape, s.b_swap) for s in variant.steps)
             if key not in programs or variant.cost < programs[key].cost:
                 programs[key] = variant

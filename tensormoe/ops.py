@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backend import _load, _normalise, get_backend
-from .contraction import get_plan
+from .contraction import SEARCH_ROWS, _cache, get_plan
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
 
@@ -556,14 +556,20 @@ class Ops:
         return False
 
     # --- contraction --------------------------------------------------------------
-    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
         """Contract ``operands`` along ``equation`` with the cached plan of their shapes.
+
+        ``batch`` names the index of the rows, whose number may change from call
+        to call: one plan then serves every number of rows (see
+        :func:`tensormoe.contraction.get_plan`).
 
         Examples
         --------
         >>> import numpy as np
         >>> get_ops("numpy").contract("ab,bc->ac", [np.ones((2, 3)), np.ones((3, 4))]).shape
         (2, 4)
+        >>> get_ops("numpy").contract("ab,bc->ac", [np.ones((5, 3)), np.ones((3, 4))], batch="a").shape
+        (5, 4)
         """
         plan = get_plan(
             equation,
@@ -571,6 +577,7 @@ class Ops:
             backend=self.name,
             dtype=self.dtype_name(operands[-1]),
             optimize=optimize,
+            batch=batch,
         )
         if not plan.tuned:
             self._tune(plan, operands)
@@ -580,8 +587,11 @@ class Ops:
         return program(*operands, backend=self.einsum_backend)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
-        """Time the plan's candidate programs once on these operands."""
-        plan.tune(*operands, backend=self.einsum_backend)
+        """Time the plan's candidate programs once on (stand-ins of) these operands."""
+        plan.tune(*plan.stand_ins(operands, self._zeros), backend=self.einsum_backend)
+
+    def _zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        return self.zeros(shape, like)
 
 
 class NumpyOps(Ops):
@@ -704,19 +714,23 @@ class TorchOps(Ops):
             return draw.to(like.device), rng
         return super().normal(rng, shape, like)
 
-    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
         if not self._torch.compiler.is_compiling():
-            return super().contract(equation, operands, optimize)
-        # Under torch.compile: opt_einsum's runtime is not traceable (it reads the
-        # thread id) and sizes may be symbolic, so hand the whole equation to
+            return super().contract(equation, operands, optimize, batch)
+        # Under torch.compile the lowered program of a plan found before (any eager call of these
+        # shapes, or of any batch size for a batch-free plan) is traced like hand-written code; the
+        # plan search itself cannot run in a trace, so a contraction never planned goes to
         # torch.einsum, which plans its path with opt_einsum once, when tracing.
+        program = _traceable_program(equation, operands, self.name, self.dtype_name(operands[-1]), optimize, batch)
+        if program is not None:
+            return program(*operands, backend=self.einsum_backend)
         return self._torch.einsum(equation, *operands)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
         cuda = operands[0].is_cuda
         with self._torch.no_grad():
             sync = (lambda _: self._torch.cuda.synchronize()) if cuda else None
-            plan.tune(*operands, backend=self.einsum_backend, sync=sync)
+            plan.tune(*plan.stand_ins(operands, self._zeros), backend=self.einsum_backend, sync=sync)
 
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
@@ -809,7 +823,7 @@ class JaxOps(Ops):
         jax, jnp = self._jax, self.xp
         rng = np.random.default_rng(0)
         with jax.ensure_compile_time_eval():
-            stand_ins = [jnp.asarray(rng.standard_normal(o.shape), dtype=o.dtype) for o in operands]
+            stand_ins = [jnp.asarray(rng.standard_normal(shape), dtype=o.dtype) for o, shape in zip(operands, plan.shapes)]
             plan.tune(
                 *stand_ins,
                 backend=self.einsum_backend,
@@ -880,3 +894,28 @@ def ops_for_array(x: Any) -> str | None:
 
 #: (array class, backend name) of the frameworks loaded so far (filled by their Ops)
 _ARRAY_TYPES: list[tuple[type, str]] = []
+
+
+def _traceable_program(equation: str, operands: list[Any], backend: str, dtype: str, optimize: str,
+                       batch: str | None) -> Any:
+    """The tuned lowered program of a plan already made for these operands, or ``None`` (no search, no lock).
+
+    Called while ``torch.compile`` traces: a plain look-up in the plan cache, by
+    the operands' shapes (for a batch-free plan, with the rows at their planned
+    size, so symbolic row counts find it too).
+    """
+    terms = equation.split("->")[0].split(",")
+    shapes = []
+    for term, operand in zip(terms, operands):
+        shape = []
+        for c, d in zip(term, operand.shape):
+            if c == batch:
+                d = SEARCH_ROWS
+            elif type(d) is not int:
+                return None  # a symbolic size of another index: no plan can be known
+            shape.append(d)
+        shapes.append(tuple(shape))
+    plan = _cache.data.get((equation, tuple(shapes), backend, dtype, optimize, batch))
+    program = None if plan is None or not plan.tuned else plan.program
+    # a program that has run eagerly is compiled to plain code (compiling it is not traceable)
+    return program if program is not None and "torch" in program._compiled else None
