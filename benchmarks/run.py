@@ -636,10 +636,14 @@ def section_dense(be: Backend, cfg: dict, out: dict) -> None:
 
 
 def _grad_fns(be: Backend, layer: Any, p: dict, x: Any, w: Any) -> dict[str, Callable]:
-    """Forward+backward of the layer and of ``x @ w`` (gradients w.r.t. the parameters)."""
+    """Forward+backward of the layer and of a linear layer ``x @ w + b`` (gradients w.r.t. the parameters;
+    ``torch.nn.Linear``'s computation)."""
     if be.name == "pytorch":
+        import torch
+
         pt = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
         wt = w.detach().clone().requires_grad_(True)
+        bt = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device, requires_grad=True)
 
         def layer_step():
             for v in pt.values():
@@ -648,17 +652,19 @@ def _grad_fns(be: Backend, layer: Any, p: dict, x: Any, w: Any) -> dict[str, Cal
             return pt["factor_0"].grad
 
         def linear_step():
-            wt.grad = None
-            (x @ wt).sum().backward()
+            wt.grad = bt.grad = None
+            torch.nn.functional.linear(x, wt.T, bt).sum().backward()
             return wt.grad
 
         return {"layer": layer_step, "linear": linear_step}
     if be.name == "jax":
         import jax
+        import jax.numpy as jnp
 
+        b = jnp.zeros(w.shape[1], w.dtype)
         g_layer = jax.jit(jax.grad(lambda p, x: layer.apply(p, x).sum()))
-        g_linear = jax.jit(jax.grad(lambda w, x: (x @ w).sum()))
-        return {"layer": lambda: g_layer(p, x), "linear": lambda: g_linear(w, x)}
+        g_linear = jax.jit(jax.grad(lambda wb, x: (x @ wb[0] + wb[1]).sum()))
+        return {"layer": lambda: g_layer(p, x), "linear": lambda: g_linear((w, b), x)}
     return {}
 
 
@@ -1130,7 +1136,8 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 [[r["backend"], str(r["experts"]), str(r["batch"]), _bytes(r["dense_w_bytes"]),
                   _ms(r.get("planned")), _ms(r.get("dense")) if "dense" in r else r.get("skipped", ""),
                   _x(r.get("ratio"))] for r in res["dense"]]))
-    out.append(("4. Layer vs parameter-matched linear (x @ W[I, params/I]) and I x O linear; ratios layer/linear (min)",
+    out.append(("4. Layer vs parameter-matched linear (x @ W[I, params/I]) and I x O linear; forward x @ W, "
+                "forward+backward x @ W + b (nn.Linear); ratios layer/linear (min)",
                 ["backend", "layer", "B", "params", "fwd layer", "fwd matched", "fwd IxO", "fwd /matched", "fwd /IxO",
                  "fwd+bwd layer", "fwd+bwd /matched", "fwd+bwd /IxO", "target", "met"],
                 [[r["backend"], r["kind"], str(r["batch"]), f"{r['params']:,}", _ms(r["forward"]["layer"]),

@@ -32,6 +32,10 @@ __all__ = ["Program", "candidates", "lower"]
 # FLOPs per nanosecond per core.
 COPY_COST = 16
 
+# An element read through a transposed view (or of a transposed result) is charged this many FLOPs: nothing
+# on BLAS, but XLA's CPU backend may copy a transposed operand, and between programs alike it breaks the tie
+TRANSPOSE_COST = 1
+
 # Contraction orders are enumerated exhaustively up to this many operands
 # (5 operands: 180 orders, 6: 2,700).
 EXHAUSTIVE_OPERANDS = 6
@@ -109,9 +113,13 @@ class Program:
         a matrix product can read (zero when every operand is used as a view).
     written : int
         Elements of the intermediate arrays the steps write.
+    transposed : int
+        Elements read through transposed views, and of the result when it is
+        a transposed view.
     cost : float
-        ``flops + COPY_COST * (copied + written)``: the model used to rank
-        programs (memory traffic is charged, not only arithmetic).
+        ``flops + COPY_COST * (copied + written) + TRANSPOSE_COST *
+        transposed``: the model used to rank programs (memory traffic is
+        charged, not only arithmetic).
 
     Examples
     --------
@@ -129,6 +137,7 @@ class Program:
     copied: int
 
     written: int = 0
+    transposed: int = 0
     steps: tuple[_Step, ...] = dataclasses.field(repr=False, default=())
     final_perm: tuple[int, ...] | None = dataclasses.field(repr=False, default=None)
     operands: int = dataclasses.field(repr=False, default=0)
@@ -140,15 +149,16 @@ class Program:
 
     @property
     def cost(self) -> float:
-        """FLOPs plus ``COPY_COST`` per element copied or written: what programs are ranked by.
+        """FLOPs plus ``COPY_COST`` per element copied or written and ``TRANSPOSE_COST`` per element read
+        transposed: what programs are ranked by.
 
         Examples
         --------
         >>> p = lower("bi,io,on->bn", [(2, 3), (3, 4), (4, 5)], [(0, 1), (0, 1)])
-        >>> p.cost == p.flops + COPY_COST * (p.copied + p.written)
+        >>> p.cost == p.flops + COPY_COST * (p.copied + p.written) + TRANSPOSE_COST * p.transposed
         True
         """
-        return self.flops + COPY_COST * (self.copied + self.written)
+        return self.flops + COPY_COST * (self.copied + self.written) + TRANSPOSE_COST * self.transposed
 
     def __call__(self, *operands: Any, backend: str) -> Any:
         """Run the program on ``operands`` (arrays of ``backend``: ``"numpy"``, ``"torch"`` or ``"jax"``).
@@ -365,7 +375,7 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
     current = list(terms)
     current_shapes = [tuple(s) for s in shapes]
     steps = []
-    flops = copied = written = 0
+    flops = copied = written = transposed = 0
     for pair in path:
         if len(pair) != 2:
             raise ValueError(f"path step {tuple(pair)} contracts {len(pair)} operands; lower() takes pairs")
@@ -389,6 +399,7 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
             product = _product_shape(kind, la[1], la[2], lb[1], lb[2])
             steps.append(_Step(i, j, kind, la[0], la[1], la[2], lb[0], lb[1], lb[2], out_shape,
                                a_reshape=a_view != la[1], b_reshape=b_view != lb[1], out_reshape=product != out_shape))
+            transposed += la[2] * math.prod(la[1]) + lb[2] * math.prod(lb[1])
         flops += f
         copied += c
         if len(current) > 2:  # the last step writes the result, which every program writes
@@ -404,8 +415,10 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
     if set(final) != set(output) or len(final) != len(output):
         raise ValueError(f"path {list(path)} does not produce the output {output!r} of {equation!r}")
     perm = None if final == output else tuple(final.index(c) for c in output)
-    return Program(path=tuple(tuple(p) for p in path), flops=flops, copied=copied, written=written, steps=tuple(steps),
-                   final_perm=perm, operands=len(shapes))
+    if perm is not None:
+        transposed += math.prod(sizes[c] for c in output)
+    return Program(path=tuple(tuple(p) for p in path), flops=flops, copied=copied, written=written,
+                   transposed=transposed, steps=tuple(steps), final_perm=perm, operands=len(shapes))
 
 
 def _with_free_index(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]],
@@ -502,7 +515,7 @@ def candidates(
 
     >>> best = candidates("bi,io,on->bn", [(2, 30), (30, 40), (40, 5)], [[(1, 2), (0, 1)]])[0]
     >>> best.path, best.flops, best.copied
-    (((0, 1), (0, 1)), 5600, 0)
+    (((0, 1), (1, 0)), 5600, 0)
     """
     terms, output, sizes = _parse(equation, shapes)
     orders = {tuple(tuple(p) for p in path) for path in paths if all(len(p) == 2 for p in path)}
