@@ -176,6 +176,7 @@ def test_quick_run(tmp_path):
         # torch.compile's graph runs the gate kernel (where built) and the lowered program, not torch.einsum
         from tensormoe.gates import KERNEL_AVAILABLE
 
-        assert all(r["kernel_in_graph"] == KERNEL_AVAILABLE and not r["einsum_in_graph"] for r in res["compile"])
+        layers = [r for r in res["compile"] if r["kernel_in_graph"] is not None]
+        assert layers and all(r["kernel_in_graph"] == KERNEL_AVAILABLE and not r["einsum_in_graph"] for r in layers)
     # a new batch size reuses its layer's plan: no search
     assert res["firstcall"] and all(r["new_batch_searches"] == 0 for r in res["firstcall"])
