@@ -283,7 +283,11 @@ def fastest(backend: str, gate: str, z: Any, to_numpy: Callable, timer: Callable
     record: dict[str, Any] = {}
     exact = {}
     for name, f in found.items():
-        ok = is_exact(to_numpy(f(z, gate)), zn, gate)
+        try:
+            ok = is_exact(to_numpy(f(z, gate)), zn, gate)
+        except (RuntimeError, TypeError, ValueError) as err:  # e.g. a NumPy candidate on a CUDA tensor
+            record[name] = {"exact": False, "error": f"{type(err).__name__}: {err}"[:200]}
+            continue
         record[name] = {"exact": ok}
         if ok:
             exact[name] = f
