@@ -6,7 +6,7 @@ array methods.  On PyTorch the kernel is registered as the custom operators
 ``tensormoe::sparse_gate`` and ``tensormoe::sparse_gate_backward`` (with a fake
 implementation and the closed-form backward), so it runs in eager mode and
 inside ``torch.compile(fullgraph=True)`` graphs alike.  Nothing here imports
-PyTorch until a PyTorch array reaches :func:`sparse_gate`.
+PyTorch until a PyTorch array reaches ``torch_sparse_gate``.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ __all__ = [
     "SEARCH_FLOPS",
     "SEARCH_ROWS",
     "cache_info",
+    "cached_program",
     "check_optimizer",
     "clear_cache",
     "contract",
@@ -559,3 +560,39 @@ def clear_cache() -> None:
     with _cache.lock:
         _cache.data.clear()
         _cache.hits = _cache.misses = 0
+
+
+def cached_program(equation: str, operands: Any, backend: str, dtype: str, optimize: str, batch: str | None,
+                   einsum_backend: str) -> lowering.Program | None:
+    """The tuned program of a plan already made for these operands and compiled for ``einsum_backend``, or
+    ``None``: a plain look-up (no search, no lock), which ``torch.compile`` can trace.
+
+    Shapes are read from the operands; for a batch-free plan the rows count as
+    :data:`SEARCH_ROWS`, so symbolic row counts find it too.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensormoe.ops import get_ops
+    >>> x, w = np.ones((3, 2)), np.ones((2, 4))
+    >>> cached_program("ib,bo->io", [x, w], "numpy", "float64", "auto", "i", "numpy") is None
+    True
+    >>> y = get_ops("numpy").contract("ib,bo->io", [x, w], batch="i")  # plans, times, runs
+    >>> cached_program("ib,bo->io", [np.ones((7, 2)), w], "numpy", "float64", "auto", "i", "numpy") is not None
+    True
+    """
+    terms = equation.split("->")[0].split(",")
+    shapes = []
+    for term, operand in zip(terms, operands):
+        shape = []
+        for c, d in zip(term, operand.shape):
+            if c == batch:
+                d = SEARCH_ROWS
+            elif type(d) is not int:
+                return None  # a symbolic size of another index: no plan can be known
+            shape.append(d)
+        shapes.append(tuple(shape))
+    plan = _cache.data.get((equation, tuple(shapes), backend, dtype, optimize, batch))
+    program = None if plan is None or not plan.tuned else plan.program
+    # a program that has run is compiled to plain code (compiling it is not traceable)
+    return program if program is not None and einsum_backend in program._compiled else None

@@ -27,7 +27,7 @@ and stops after at most ``N`` steps; for 1.5-entmax it stops once ``t`` passes
 the largest logit outside the support (quadratic convergence).  The search runs
 without gradient tracking; ``tau`` is then computed differentiably in closed
 form from the support found, so values and gradients equal the sort method's up
-to rounding.  The kernel runs the same search: one or a few Newton (Michelot)
+to rounding.  The kernel runs the same search: up to three Newton (Michelot)
 steps over the whole row give a lower bound on ``tau``, the logits above it are
 copied aside, and the search finishes on those in float64; it checks the
 support it finds and falls back to every logit above ``max z' - 1`` if the
@@ -37,9 +37,9 @@ Jacobian-vector product (Peters et al. 2019): with ``s = p**(2-alpha)``,
 
 ``"auto"`` (the default) picks the fastest exact method available, as measured
 on CPU (float32, ``python benchmarks/run.py --sections gates``): ``"kernel"``
-on NumPy and PyTorch CPU arrays when the extension is built (about two softmax
-times for 64 rows of 1024 experts, against 70 to 90 for the array methods in
-eager PyTorch); ``"newton"`` on JAX, where XLA's sort is slow and the search
+on NumPy and PyTorch CPU arrays when the extension is built (2 to 3 times a
+softmax on 64 rows of 1024 experts, against 50 to 80 times for the array methods
+in eager PyTorch); ``"newton"`` on JAX, where XLA's sort is slow and the search
 runs as one ``jax.lax.while_loop`` (4 to 18 times faster than sorting under
 ``jax.jit`` at 256 and 1024 experts).  Without the extension: ``"sort"`` on
 NumPy (its sort is fast), and on PyTorch's CPU ``"sort"`` for small logit

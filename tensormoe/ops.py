@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backend import _load, _normalise, get_backend
-from .contraction import SEARCH_ROWS, _cache, get_plan
+from .contraction import cached_program, get_plan
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
 
@@ -721,7 +721,8 @@ class TorchOps(Ops):
         # shapes, or of any batch size for a batch-free plan) is traced like hand-written code; the
         # plan search itself cannot run in a trace, so a contraction never planned goes to
         # torch.einsum, which plans its path with opt_einsum once, when tracing.
-        program = _traceable_program(equation, operands, self.name, self.dtype_name(operands[-1]), optimize, batch)
+        program = cached_program(equation, operands, self.name, self.dtype_name(operands[-1]), optimize, batch,
+                                 self.einsum_backend)
         if program is not None:
             return program(*operands, backend=self.einsum_backend)
         return self._torch.einsum(equation, *operands)
@@ -895,27 +896,3 @@ def ops_for_array(x: Any) -> str | None:
 #: (array class, backend name) of the frameworks loaded so far (filled by their Ops)
 _ARRAY_TYPES: list[tuple[type, str]] = []
 
-
-def _traceable_program(equation: str, operands: list[Any], backend: str, dtype: str, optimize: str,
-                       batch: str | None) -> Any:
-    """The tuned lowered program of a plan already made for these operands, or ``None`` (no search, no lock).
-
-    Called while ``torch.compile`` traces: a plain look-up in the plan cache, by
-    the operands' shapes (for a batch-free plan, with the rows at their planned
-    size, so symbolic row counts find it too).
-    """
-    terms = equation.split("->")[0].split(",")
-    shapes = []
-    for term, operand in zip(terms, operands):
-        shape = []
-        for c, d in zip(term, operand.shape):
-            if c == batch:
-                d = SEARCH_ROWS
-            elif type(d) is not int:
-                return None  # a symbolic size of another index: no plan can be known
-            shape.append(d)
-        shapes.append(tuple(shape))
-    plan = _cache.data.get((equation, tuple(shapes), backend, dtype, optimize, batch))
-    program = None if plan is None or not plan.tuned else plan.program
-    # a program that has run eagerly is compiled to plain code (compiling it is not traceable)
-    return program if program is not None and "torch" in program._compiled else None
