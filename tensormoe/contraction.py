@@ -12,11 +12,17 @@ Large contractions (at least :data:`SEARCH_FLOPS`) get a wider search: every
 contraction order close to the fewest FLOPs (all orders up to six operands, the
 orders of opt_einsum's ``"greedy"`` and ``"dp"`` otherwise) is lowered, ranked
 by FLOPs plus memory traffic, and on the first NumPy or PyTorch call the best
-few are timed in round-robin rounds on the real operands (like cuDNN's
-benchmark mode): the model's first choice is kept unless another is clearly
-faster.  On JAX, when the forward is first traced, each of them is compiled
-and timed on stand-in arrays of the same shapes and dtype.  Every candidate
+few are timed in round-robin rounds (like cuDNN's benchmark mode): the model's
+first choice is kept unless another is clearly faster.  On JAX, when the
+forward is first traced, each of them is compiled and timed.  Every candidate
 computes the same contraction; they differ only in rounding.
+
+A plan may leave one index free (``batch=``, the rows of a layer's input): it
+is then searched and timed once, at :data:`SEARCH_ROWS` rows, and its programs
+run for any number of rows (they reshape the rows' axes with ``-1``).  The
+layers plan this way, so a new batch size costs no search and no timing, and a
+huge batch is never timed: the candidates run on stand-ins of
+:data:`SEARCH_ROWS` rows (the first rows of the operands, or zeros).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ __all__ = [
     "OPTIMIZERS",
     "Plan",
     "SEARCH_FLOPS",
+    "SEARCH_ROWS",
     "cache_info",
+    "cached_program",
     "check_optimizer",
     "clear_cache",
     "contract",
@@ -72,9 +80,20 @@ Examples
 True
 """
 
+SEARCH_ROWS = 256
+"""Size of the free index (``batch=``) at which a batch-free plan is searched and timed.
+
+Examples
+--------
+>>> get_plan("bi,io->bo", (5, 3), (3, 4), batch="b").shapes
+((256, 3), (3, 4))
+"""
+
 _TUNE_CANDIDATES = 4
 _TUNE_REPEATS = 5
 _TUNE_MARGIN = 0.05
+#: Seconds of timing after which the rounds stop (once two have been timed)
+_TUNE_BUDGET_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +121,10 @@ class Plan:
     expression : opt_einsum.contract.ContractExpression
         opt_einsum's compiled expression of the path (used only where no
         lowered program exists).
+    batch : str or None
+        The free index (see :func:`get_plan`): ``shapes``, ``flops`` and
+        ``largest_intermediate`` are then those at :data:`SEARCH_ROWS` of it,
+        and the plan runs for any size of it.
 
     Examples
     --------
@@ -118,6 +141,7 @@ class Plan:
     optimize: str
     candidates: tuple = dataclasses.field(repr=False, compare=False)
     expression: Any = dataclasses.field(repr=False, compare=False)
+    batch: str | None = None
     _chosen: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -142,9 +166,34 @@ class Plan:
         """
         return "program" in self._chosen or len(self.candidates) <= 1
 
+    def stand_ins(self, operands: Any, zeros: Any) -> list[Any]:
+        """``operands`` brought to the plan's ``shapes``: a batch-free plan times its candidates at
+        :data:`SEARCH_ROWS` rows, on the first rows of the operands, or on ``zeros(shape, like)`` of
+        that shape where they have fewer rows.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> plan = get_plan("bi,io->bo", (1000, 3), (3, 4), batch="b")
+        >>> [a.shape for a in plan.stand_ins([np.ones((1000, 3)), np.ones((3, 4))], None)]
+        [(256, 3), (3, 4)]
+        """
+        out = []
+        for operand, shape in zip(operands, self.shapes):
+            got = tuple(operand.shape)
+            if got != shape:
+                axis = next(k for k, (g, w) in enumerate(zip(got, shape)) if g != w)
+                if got[axis] >= shape[axis]:
+                    operand = operand[(slice(None),) * axis + (slice(0, shape[axis]),)]
+                else:
+                    operand = zeros(shape, operand)
+            out.append(operand)
+        return out
+
     def tune(self, *operands: Any, backend: str, sync: Any = None, wrap: Any = None) -> lowering.Program | None:
         """Time each candidate program once on ``operands`` and keep the fastest (first call only).
 
+        ``operands`` have the plan's ``shapes`` (see :meth:`stand_ins`).
         ``wrap(program)`` turns a program into the function to time (``jax.jit``
         of it on JAX; default: the program itself), and ``sync(result)`` waits for
         the result (a device synchronisation on CUDA, ``block_until_ready`` on JAX).
@@ -165,7 +214,10 @@ class Plan:
         best = [float("inf")] * len(programs)
         # round-robin, one call of each candidate per round (the first round warms up):
         # a machine that slows down for a while slows every candidate alike
+        began = time.perf_counter()
         for round_ in range(_TUNE_REPEATS + 1):
+            if round_ > 2 and time.perf_counter() - began > _TUNE_BUDGET_S:
+                break
             for k, run in enumerate(runs):
                 start = time.perf_counter()
                 out = run(*operands)
@@ -195,7 +247,7 @@ class Plan:
             )
         for k, (operand, shape) in enumerate(zip(operands, self.shapes)):
             got = tuple(getattr(operand, "shape", ()))
-            if got != shape:
+            if got != shape and not self._batch_differs(k, got):
                 raise ValueError(
                     f"operands[{k}] has shape {got}; expected {shape}, the shape the plan was made for "
                     "(get a plan for these shapes with get_plan)"
@@ -204,6 +256,14 @@ class Plan:
         if program is None:
             return self.expression(*operands, backend=_einsum_backend(backend))
         return program(*operands, backend=_einsum_backend(backend))
+
+    def _batch_differs(self, k: int, got: tuple[int, ...]) -> bool:
+        """Whether operand ``k`` of shape ``got`` differs from the planned shape only in the free index."""
+        if self.batch is None or self.program is None:
+            return False
+        term = self.equation.split("->")[0].split(",")[k]
+        want = self.shapes[k]
+        return len(got) == len(want) and all(g == w or c == self.batch for c, g, w in zip(term, got, want))
 
 
 class _Cache:
@@ -264,6 +324,7 @@ def get_plan(
     backend: str = "numpy",
     dtype: str = "float32",
     optimize: str = "auto",
+    batch: str | None = None,
 ) -> Plan:
     """Return the cached :class:`Plan` of ``equation`` for operands of ``shapes``.
 
@@ -280,6 +341,10 @@ def get_plan(
     optimize : str
         opt_einsum path optimizer: ``"auto"``, ``"auto-hq"``, ``"greedy"``,
         ``"optimal"``, ..., or a cotengra preset when cotengra is installed.
+    batch : str, optional
+        An index of ``equation`` whose size may change between calls (the
+        rows): the plan is searched (and timed) once at :data:`SEARCH_ROWS` of
+        it and runs for any size; every size of it gets the same plan.
 
     Returns
     -------
@@ -293,17 +358,50 @@ def get_plan(
     """
     # Only valid keys are ever stored, so a hit on the key as given needs no checks
     # (this is the per-call path of every forward); a miss validates everything.
-    plan = _lookup(equation, shapes, backend, dtype, optimize)
+    plan = _lookup(equation, shapes, backend, dtype, optimize, batch)
     if plan is not None:
         return plan
     shapes = _check_shapes(equation, shapes)
     backend = _normalise(backend, "backend")
     dtype = _check_dtype_name(dtype)
     check_optimizer(optimize)
-    key = (equation, shapes, backend, dtype, optimize)
+    key = (equation, shapes, backend, dtype, optimize, batch)
     plan = _lookup(*key)
     if plan is not None:
         return plan
+    if batch is None:
+        plan = _search(equation, shapes, backend, dtype, optimize, None)
+        _store(key, plan)
+        return plan
+    free = _free_shapes(equation, shapes, batch)
+    plan = _lookup(equation, free, backend, dtype, optimize, batch)
+    if plan is None:
+        plan = _search(equation, free, backend, dtype, optimize, batch)
+        _store((equation, free, backend, dtype, optimize, batch), plan)
+    if free != shapes:
+        _store(key, plan)  # the same plan under these shapes: the next call finds it at once
+    return plan
+
+
+def _free_shapes(equation: str, shapes: tuple, batch: Any) -> tuple:
+    """``shapes`` with the size of index ``batch`` set to :data:`SEARCH_ROWS` (checked: one letter)."""
+    if not isinstance(batch, str) or len(batch) != 1 or not batch.isalpha():
+        raise ValueError(f"batch={batch!r} is not an index; expected one letter of equation={equation!r} or None")
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    return tuple(tuple(SEARCH_ROWS if c == batch else d for c, d in zip(t, s)) for t, s in zip(terms, shapes))
+
+
+def _store(key: tuple, plan: Plan) -> None:
+    with _cache.lock:
+        _cache.data[key] = plan
+        while len(_cache.data) > _cache.maxsize:
+            _cache.data.popitem(last=False)
+
+
+def _search(equation: str, shapes: tuple, backend: str, dtype: str, optimize: str, batch: str | None) -> Plan:
+    """Search the path of ``equation`` over ``shapes`` and lower its candidates (a cache miss)."""
+    with _cache.lock:
+        _cache.misses += 1
     try:
         path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
         expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
@@ -332,25 +430,23 @@ def get_plan(
         flops=int(info.opt_cost),
         largest_intermediate=int(info.largest_intermediate),
         optimize=optimize,
-        candidates=tuple(_candidates(equation, shapes, path, seeds, optimize, int(info.opt_cost))),
+        candidates=tuple(_candidates(equation, shapes, path, seeds, optimize, int(info.opt_cost), batch)),
         expression=expression,
+        batch=batch,
     )
-    with _cache.lock:
-        _cache.misses += 1
-        _cache.data[key] = plan
-        while len(_cache.data) > _cache.maxsize:
-            _cache.data.popitem(last=False)
     return plan
 
 
 def _candidates(equation: str, shapes: tuple, path: list, seeds: list, optimize: str,
-                flops: int) -> list[lowering.Program]:
+                flops: int, batch: str | None) -> list[lowering.Program]:
     """The lowered programs of a plan: the chosen order, widened to all ``seeds`` for large contractions."""
     if any("." in term for term in equation.split("->")[0].split(",")) or "->" not in equation:
         return []
     if flops < SEARCH_FLOPS:
-        return lowering.candidates(equation, shapes, [path], exhaustive=False, limit=1)
-    return lowering.candidates(equation, shapes, seeds, exhaustive=optimize == "auto", limit=_TUNE_CANDIDATES)
+        found = lowering.candidates(equation, shapes, [path], exhaustive=False, limit=1)
+    else:
+        found = lowering.candidates(equation, shapes, seeds, exhaustive=optimize == "auto", limit=_TUNE_CANDIDATES)
+    return found if batch is None else [lowering.lower(equation, shapes, p.path, free=batch) for p in found]
 
 
 def contract(equation: str, *operands: Any, backend: str, dtype: str, optimize: str = "auto") -> Any:
@@ -464,3 +560,39 @@ def clear_cache() -> None:
     with _cache.lock:
         _cache.data.clear()
         _cache.hits = _cache.misses = 0
+
+
+def cached_program(equation: str, operands: Any, backend: str, dtype: str, optimize: str, batch: str | None,
+                   einsum_backend: str) -> lowering.Program | None:
+    """The tuned program of a plan already made for these operands and compiled for ``einsum_backend``, or
+    ``None``: a plain look-up (no search, no lock), which ``torch.compile`` can trace.
+
+    Shapes are read from the operands; for a batch-free plan the rows count as
+    :data:`SEARCH_ROWS`, so symbolic row counts find it too.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensormoe.ops import get_ops
+    >>> x, w = np.ones((3, 2)), np.ones((2, 4))
+    >>> cached_program("ib,bo->io", [x, w], "numpy", "float64", "auto", "i", "numpy") is None
+    True
+    >>> y = get_ops("numpy").contract("ib,bo->io", [x, w], batch="i")  # plans, times, runs
+    >>> cached_program("ib,bo->io", [np.ones((7, 2)), w], "numpy", "float64", "auto", "i", "numpy") is not None
+    True
+    """
+    terms = equation.split("->")[0].split(",")
+    shapes = []
+    for term, operand in zip(terms, operands):
+        shape = []
+        for c, d in zip(term, operand.shape):
+            if c == batch:
+                d = SEARCH_ROWS
+            elif type(d) is not int:
+                return None  # a symbolic size of another index: no plan can be known
+            shape.append(d)
+        shapes.append(tuple(shape))
+    plan = _cache.data.get((equation, tuple(shapes), backend, dtype, optimize, batch))
+    program = None if plan is None or not plan.tuned else plan.program
+    # a program that has run is compiled to plain code (compiling it is not traceable)
+    return program if program is not None and einsum_backend in program._compiled else None

@@ -8,10 +8,15 @@ simplex (non-negative, summing to one over the last axis):
   reference MMoE's default;
 * :func:`sparsemax` — Euclidean projection onto the simplex (Martins & Astudillo 2016).
 
-The two sparse gates find their exact threshold ``tau`` by one of two methods
-(``method=``, see :data:`METHODS`): ``"sort"`` sorts the logits and scans their
-cumulative sums; ``"newton"`` never sorts.  Both activations are ``p =
-relu(z' - tau)**(1/(alpha-1))`` with ``g(t) = sum relu(z' - t)**(1/(alpha-1)) - 1``
+The two sparse gates find their exact threshold ``tau`` by one of three methods
+(``method=``, see :data:`METHODS`): ``"kernel"`` runs a fused C kernel on NumPy
+and PyTorch CPU arrays, a few passes over each row while it sits in the cache
+(the optional extension ``tensormoe._sparse_gates``, built when tensormoe is
+installed with a C compiler at hand; on PyTorch a custom operator with the
+closed-form backward, which ``torch.compile(fullgraph=True)`` keeps in its
+graph); ``"sort"`` sorts the logits and scans their cumulative sums;
+``"newton"`` never sorts.  Both activations are ``p = relu(z' -
+tau)**(1/(alpha-1))`` with ``g(t) = sum relu(z' - t)**(1/(alpha-1)) - 1``
 convex and decreasing until it reaches ``-1``, and ``tau`` its root.  Newton's
 method started left of the root, at ``max z' - 1``, climbs to it monotonically
 without overshooting; each step needs only elementwise operations and row sums.
@@ -22,18 +27,28 @@ and stops after at most ``N`` steps; for 1.5-entmax it stops once ``t`` passes
 the largest logit outside the support (quadratic convergence).  The search runs
 without gradient tracking; ``tau`` is then computed differentiably in closed
 form from the support found, so values and gradients equal the sort method's up
-to rounding.
+to rounding.  The kernel runs the same search: up to three Newton (Michelot)
+steps over the whole row give a lower bound on ``tau``, the logits above it are
+copied aside, and the search finishes on those in float64; it checks the
+support it finds and falls back to every logit above ``max z' - 1`` if the
+bound overshot, so its result is exact too.  Its backward is the closed-form
+Jacobian-vector product (Peters et al. 2019): with ``s = p**(2-alpha)``,
+``dz = s * dy - s * sum(s * dy) / sum(s)``.
 
-``"auto"`` (the default) picks the faster one measured on CPU (float32):
-``"newton"`` on JAX, where XLA's sort is slow and the search runs as one
-``jax.lax.while_loop`` (4 to 18 times faster than sorting under ``jax.jit`` at
-256 and 1024 experts); on NumPy and PyTorch (CPU) ``"sort"`` for small logit
-arrays, whose eager sorts beat 4 to 7 Newton steps of several array passes
-each, and ``"newton"`` from ``2**16`` logits in all (entmax15, e.g. 64 rows of
-1024 experts: 1.2 to 1.5 times faster) or ``2**18`` (sparsemax), where sorting
-long rows costs more.  On a GPU, PyTorch keeps ``"sort"`` (every Newton step
-would wait for the host).  Under ``torch.compile`` both methods run as
-``"sort"``: the search's data-dependent loop would break the graph.
+``"auto"`` (the default) picks the fastest exact method available, as measured
+on CPU (float32, ``python benchmarks/run.py --sections gates``): ``"kernel"``
+on NumPy and PyTorch CPU arrays when the extension is built (2 to 3 times a
+softmax on 64 rows of 1024 experts, against 50 to 80 times for the array methods
+in eager PyTorch); ``"newton"`` on JAX, where XLA's sort is slow and the search
+runs as one ``jax.lax.while_loop`` (4 to 18 times faster than sorting under
+``jax.jit`` at 256 and 1024 experts).  Without the extension: ``"sort"`` on
+NumPy (its sort is fast), and on PyTorch's CPU ``"sort"`` for small logit
+arrays and ``"newton"`` from ``2**16`` logits in all (entmax15) or ``2**18``
+(sparsemax), where sorting long rows costs more.  On a GPU, PyTorch uses
+``"sort"`` (every Newton step would wait for the host).  Under
+``torch.compile`` the kernel (a custom operator) stays in the graph; the other
+methods run as ``"sort"``: the search's data-dependent loop would break the
+graph.
 
 All three subtract the row maximum first, so large logits neither overflow nor
 lose the support.  :func:`layer_norm` is the optional normalisation of the
@@ -57,23 +72,37 @@ import functools
 import math
 from typing import Any
 
+from . import _kernels
 from .ops import Ops, get_ops
 from .validation import array_dtype, check_array, check_positive_real, describe
 
-__all__ = ["ACTIVATIONS", "METHODS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
+__all__ = ["ACTIVATIONS", "KERNEL_AVAILABLE", "METHODS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
 
-METHODS = ("auto", "sort", "newton")
+METHODS = ("auto", "kernel", "sort", "newton")
 """Threshold methods of the sparse gates (:func:`entmax15`, :func:`sparsemax`): their ``method=`` values.
 
-``"sort"`` sorts the logits; ``"newton"`` finds the support by Newton steps
-without sorting (exact, see the module notes); ``"auto"`` picks ``"newton"`` on
-JAX and on large logit arrays on NumPy and PyTorch's CPU, ``"sort"`` otherwise
-(the faster, as measured).  Under ``torch.compile`` every method runs as ``"sort"``.
+``"kernel"`` runs the fused C kernel (NumPy and PyTorch CPU arrays, when the
+extension is built: see :data:`KERNEL_AVAILABLE`); ``"sort"`` sorts the logits;
+``"newton"`` finds the support by Newton steps without sorting (exact, see the
+module notes); ``"auto"`` picks the fastest available (see the module notes).
+Under ``torch.compile`` ``"sort"`` and ``"newton"`` run as ``"sort"``.
 
 Examples
 --------
 >>> METHODS
-('auto', 'sort', 'newton')
+('auto', 'kernel', 'sort', 'newton')
+"""
+
+KERNEL_AVAILABLE = _kernels.KERNEL is not None
+"""Whether the fused C kernel of the sparse gates (``method="kernel"``) is built.
+
+It is compiled when tensormoe is installed (``pip install``) where a C compiler
+is found; without it the gates use their array methods, with the same results.
+
+Examples
+--------
+>>> isinstance(KERNEL_AVAILABLE, bool)
+True
 """
 
 #: Cap on Newton steps for 1.5-entmax (a safeguard: quadratic convergence needs far fewer)
@@ -98,21 +127,43 @@ def _checked_method(method: Any) -> str:
     return method
 
 
-#: ``"auto"`` on NumPy and PyTorch's CPU: the fewest logits (all rows) from which ``"newton"`` runs faster
-#: than ``"sort"`` (measured side by side, float32: ``python benchmarks/run.py --sections gates``)
+#: ``"auto"`` on PyTorch's CPU without the kernel: the fewest logits (all rows) from which ``"newton"`` runs
+#: faster than ``"sort"`` (measured side by side, float32: ``python benchmarks/run.py --sections gates``)
 _NEWTON_FROM = {"entmax15": 2**16, "sparsemax": 2**18}
 
 
+def _kernel_misfit(ops: Ops, z: Any) -> str | None:
+    """Why the fused kernel cannot run on ``z`` (``None`` when it can)."""
+    if _kernels.KERNEL is None:
+        return "the extension tensormoe._sparse_gates is not built (reinstall tensormoe where a C compiler is found)"
+    if ops.name not in ("numpy", "pytorch"):
+        return f"it runs on NumPy and PyTorch arrays, not on the {ops.name} backend"
+    if getattr(ops.device(z), "type", "cpu") != "cpu":
+        return f"it runs on the CPU; z is on {ops.device(z)}"
+    dtype = ops.dtype_name(z)
+    if dtype not in _kernels.DTYPES:
+        return f"it computes in float32 or float64 (half precision is cast to float32 first); z is {dtype}"
+    return None
+
+
 def _resolved_method(method: str, ops: Ops, z: Any = None, gate: str = "entmax15") -> str:
-    """The method to run: ``"sort"`` under ``torch.compile``; for ``"auto"`` see :data:`METHODS`."""
+    """The method to run for ``method`` on ``z`` (see the module notes)."""
+    if method == "kernel":
+        why = None if z is None else _kernel_misfit(ops, z)
+        if why is not None:
+            raise ValueError(f"method='kernel' cannot run here: {why}; use method='auto', 'sort' or 'newton'")
+        return "kernel"
+    kernel = z is not None and _kernel_misfit(ops, z) is None
     if ops.is_compiling():
-        return "sort"
+        return "kernel" if method == "auto" and kernel else "sort"
     if method != "auto":
         return method
+    if kernel:
+        return "kernel"
     if ops.name == "jax":
         return "newton"
-    if z is None or getattr(ops.device(z), "type", "cpu") != "cpu":
-        return "sort"  # on a GPU each Newton step would wait for the host
+    if ops.name == "numpy" or z is None or getattr(ops.device(z), "type", "cpu") != "cpu":
+        return "sort"  # NumPy sorts fast; on a GPU each Newton step would wait for the host
     return "newton" if math.prod(z.shape) >= _NEWTON_FROM[gate] else "sort"
 
 
@@ -122,6 +173,24 @@ def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
     if array_dtype(z) in ("float16", "bfloat16"):
         return ops.cast_like(body(ops.cast(z, "float32"), ops, *args), z)
     return body(z, ops, *args)
+
+
+def _activate(name: str, z: Any, ops: Ops) -> Any:
+    """The activation ``name`` of logits the caller has checked (the routers' per-call path), method ``"auto"``."""
+    if array_dtype(z) in ("float16", "bfloat16"):
+        return ops.cast_like(_activate(name, ops.cast(z, "float32"), ops), z)
+    if name == "softmax":
+        return _softmax(z, ops)
+    return _sparse_gate(z, ops, "auto", name)
+
+
+def _normalise(norm: str | None, z: Any, ops: Ops) -> Any:
+    """The normalisation ``norm`` (a key of :data:`NORMS`) of checked logits, with the default ``eps``."""
+    if norm is None:
+        return z
+    if array_dtype(z) in ("float16", "bfloat16"):
+        return ops.cast_like(ops.layer_norm(ops.cast(z, "float32"), _EPS), z)
+    return ops.layer_norm(z, _EPS)
 
 
 def softmax(z: Any, ops: Ops | None = None) -> Any:
@@ -192,11 +261,11 @@ def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
         Floating-point logits of the current backend (or of ``ops``), ``N >= 1``.
     ops : Ops, optional
         The backend's operations (default: the current backend's).
-    method : {"auto", "sort", "newton"}
-        How the threshold is found (see :data:`METHODS`): ``"sort"`` sorts the
-        logits; ``"newton"`` does not; ``"auto"`` picks the faster (see
-        :data:`METHODS`).  All give the same values and gradients up to
-        rounding.
+    method : {"auto", "kernel", "sort", "newton"}
+        How the threshold is found (see :data:`METHODS`): ``"kernel"`` runs
+        the fused C kernel; ``"sort"`` sorts the logits; ``"newton"`` does not;
+        ``"auto"`` picks the fastest available.  All give the same values and
+        gradients up to rounding.
 
     Examples
     --------
@@ -215,7 +284,12 @@ def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
 
 def _sparse_gate(z: Any, ops: Ops, method: str, gate: str) -> Any:
     """``gate`` ("entmax15" or "sparsemax") of ``z`` by the threshold method ``method`` resolves to."""
-    if _resolved_method(method, ops, z, gate) == "newton":
+    resolved = _resolved_method(method, ops, z, gate)
+    if resolved == "kernel":
+        if ops.name == "numpy":
+            return _kernels.numpy_sparse_gate(z, gate)
+        return _kernels.torch_sparse_gate(z, gate)
+    if resolved == "newton":
         return _jitted_on_jax(_NEWTON[gate], z, ops)
     return _SORT[gate](z, ops)
 
@@ -317,7 +391,7 @@ def sparsemax(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
         Floating-point logits of the current backend (or of ``ops``), ``N >= 1``.
     ops : Ops, optional
         The backend's operations (default: the current backend's).
-    method : {"auto", "sort", "newton"}
+    method : {"auto", "kernel", "sort", "newton"}
         How the threshold is found (see :data:`METHODS`); all give the same values
         and gradients up to rounding.
 
@@ -418,8 +492,10 @@ def layer_norm(z: Any, eps: float = 1e-5, ops: Ops | None = None) -> Any:
 
 
 def _layer_norm(z: Any, ops: Ops, eps: float) -> Any:
-    centred = z - ops.mean(z)
-    return centred / ops.sqrt(ops.mean(centred * centred) + eps)
+    return ops.layer_norm(z, eps)
+
+
+_EPS = layer_norm.__defaults__[0]  # the normalisation the routers apply: layer_norm's default
 
 
 _SORT = {"entmax15": _entmax15_sort, "sparsemax": _sparsemax_sort}

@@ -488,8 +488,9 @@ class MMoE:
             coeffs = [ops.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
         return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
 
-    def _contract(self, ops: Ops, equation: str, operands: list[Any]) -> Any:
-        return ops.contract(equation, operands, self.optimize)
+    def _contract(self, ops: Ops, equation: str, operands: list[Any], rows: bool = True) -> Any:
+        # rows: the operands carry the batch index, whose size changes from call to call (one plan for all)
+        return ops.contract(equation, operands, self.optimize, self.factorization.batch_symbol if rows else None)
 
     def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
         """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
@@ -556,7 +557,31 @@ class MMoE:
 
     def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
                  mask: Any = None, noise: Any = None) -> Any:
+        if coefficients is None and routing is None and mask is None and self._dense_routing():
+            return self._dense_gated_forward(ops, params, x)
         return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False, False)[0]
+
+    def _dense_routing(self) -> bool:
+        """Whether every level routes densely (the MMoE's own gating): the forward then needs no grouping."""
+        dense = self.__dict__.get("_all_dense")
+        if dense is None:
+            dense = self._all_dense = all(type(r) is _routers.DenseRouter for r in self.routers)
+        return dense
+
+    def _dense_gated_forward(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
+        """The forward with dense routers on every level: gates on the rows of ``x``, then the planned contraction.
+
+        The same computation as :meth:`_routed_forward` (which groups tokens for the
+        routers that need groups), without its bookkeeping: this is the per-call
+        path of the default layers.
+        """
+        lead = tuple(x.shape[:-1])
+        x2 = x if len(lead) == 1 else ops.reshape(x, (math.prod(lead), self.in_dim))
+        coeffs = [router.route(ops, self._level_params(params, h), x2).weights for h, router in enumerate(self.routers)]
+        xin = ops.concat_ones(x2) if self.bias else x2
+        operands = [*coeffs, xin, *self.factorization.gather_params(params, {}, ops)]
+        y = self._contract(ops, self.factorization.forward_equation(), operands)
+        return y if len(lead) == 1 else ops.reshape(y, (*lead, self.out_dim))
 
     def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                               routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
@@ -929,7 +954,7 @@ class MMoE:
         index = _v.check_index(index, self.expert_dims)
         ops = _ops(backend)
         operands = self.factorization.slice_params(self._params_for(params, ops.name), index)
-        return self._contract(ops, self.factorization.slice_equation(), operands)
+        return self._contract(ops, self.factorization.slice_equation(), operands, rows=False)
 
     def plan(self, batch_size: int = 1) -> Plan:
         """The planned forward contraction for ``batch_size`` rows (path, FLOPs, largest intermediate).

@@ -32,6 +32,10 @@ __all__ = ["Program", "candidates", "lower"]
 # FLOPs per nanosecond per core.
 COPY_COST = 16
 
+# An element read through a transposed view (or of a transposed result) is charged this many FLOPs: nothing
+# on BLAS, but XLA's CPU backend may copy a transposed operand, and between programs alike it breaks the tie
+TRANSPOSE_COST = 1
+
 # Contraction orders are enumerated exhaustively up to this many operands
 # (5 operands: 180 orders, 6: 2,700).
 EXHAUSTIVE_OPERANDS = 6
@@ -52,14 +56,11 @@ class _Step:
     b_swap: bool
     out_shape: tuple[int, ...]
     einsum: str = ""  # the step's equation, for kind == "einsum"
-
-
-def _permute(x: Any, perm: tuple[int, ...], backend: str) -> Any:
-    return x.permute(perm) if backend == "torch" else x.transpose(perm)
-
-
-def _swap(x: Any, backend: str) -> Any:
-    return x.transpose(-1, -2) if backend == "torch" else x.swapaxes(-1, -2)
+    # whether the operands (after the permutation) and the product need a reshape: fixed by the shapes, so
+    # decided once here rather than by comparing shapes on every call
+    a_reshape: bool = True
+    b_reshape: bool = True
+    out_reshape: bool = True
 
 
 def _einsum(backend: str) -> Any:
@@ -76,12 +77,25 @@ def _einsum(backend: str) -> Any:
     return np.einsum
 
 
-def _operand(x: Any, perm: tuple[int, ...] | None, shape: tuple[int, ...], swap: bool, backend: str) -> Any:
-    if perm is not None:
-        x = _permute(x, perm, backend)
-    if x.shape != shape:  # torch.Size equals a tuple; a reshape costs a dispatch even as a no-op
-        x = x.reshape(shape)
-    return _swap(x, backend) if swap else x
+def _viewed(shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[int, ...]:
+    return shape if perm is None else tuple(shape[p] for p in perm)
+
+
+def _product_shape(kind: str, a: tuple[int, ...], a_swap: bool, b: tuple[int, ...], b_swap: bool) -> tuple[int, ...]:
+    """Shape of ``a @ b`` (``a * b`` for ``kind == "mul"``) of views of shapes ``a`` and ``b`` (before swaps)."""
+    if a_swap:
+        a = (*a[:-2], a[-1], a[-2])
+    if b_swap:
+        b = (*b[:-2], b[-1], b[-2])
+    if kind == "mul":
+        return tuple(_broadcast(a, b))
+    return (*_broadcast(a[:-2], b[:-2]), a[-2], b[-1])
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return [x if y == 1 else y for x, y in zip(a, b)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +113,13 @@ class Program:
         a matrix product can read (zero when every operand is used as a view).
     written : int
         Elements of the intermediate arrays the steps write.
+    transposed : int
+        Elements read through transposed views, and of the result when it is
+        a transposed view.
     cost : float
-        ``flops + COPY_COST * (copied + written)``: the model used to rank
-        programs (memory traffic is charged, not only arithmetic).
+        ``flops + COPY_COST * (copied + written) + TRANSPOSE_COST *
+        transposed``: the model used to rank programs (memory traffic is
+        charged, not only arithmetic).
 
     Examples
     --------
@@ -119,20 +137,28 @@ class Program:
     copied: int
 
     written: int = 0
+    transposed: int = 0
     steps: tuple[_Step, ...] = dataclasses.field(repr=False, default=())
     final_perm: tuple[int, ...] | None = dataclasses.field(repr=False, default=None)
+    operands: int = dataclasses.field(repr=False, default=0)
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        # the compiled functions come from exec and do not pickle; they are rebuilt on first call
+        return {**self.__dict__, "_compiled": {}}
 
     @property
     def cost(self) -> float:
-        """FLOPs plus ``COPY_COST`` per element copied or written: what programs are ranked by.
+        """FLOPs plus ``COPY_COST`` per element copied or written and ``TRANSPOSE_COST`` per element read
+        transposed: what programs are ranked by.
 
         Examples
         --------
         >>> p = lower("bi,io,on->bn", [(2, 3), (3, 4), (4, 5)], [(0, 1), (0, 1)])
-        >>> p.cost == p.flops + COPY_COST * (p.copied + p.written)
+        >>> p.cost == p.flops + COPY_COST * (p.copied + p.written) + TRANSPOSE_COST * p.transposed
         True
         """
-        return self.flops + COPY_COST * (self.copied + self.written)
+        return self.flops + COPY_COST * (self.copied + self.written) + TRANSPOSE_COST * self.transposed
 
     def __call__(self, *operands: Any, backend: str) -> Any:
         """Run the program on ``operands`` (arrays of ``backend``: ``"numpy"``, ``"torch"`` or ``"jax"``).
@@ -143,24 +169,63 @@ class Program:
         >>> lower("ij,jk->ki", [(2, 3), (3, 4)], [(0, 1)])(np.ones((2, 3)), np.ones((3, 4)), backend="numpy").shape
         (4, 2)
         """
-        stack = list(operands)
+        run = self._compiled.get(backend)
+        if run is None:
+            namespace = {"einsum": _einsum(backend)}
+            exec(compile(self.source(backend), f"<tensormoe program {self.path}>", "exec"), namespace)  # noqa: S102
+            run = self._compiled[backend] = namespace["program"]
+        return run(*operands)
+
+    def source(self, backend: str = "numpy") -> str:
+        """The program as straight-line Python: what runs (compiled once per backend), as a person would write it.
+
+        Examples
+        --------
+        >>> print(lower("bi,io,on->bn", [(2, 3), (3, 4), (4, 5)], [(0, 1), (1, 0)]).source())
+        def program(x0, x1, x2):
+            x3 = x0 @ x1
+            x4 = x3 @ x2
+            return x4
+        >>> print(lower("bi,oi->bo", [(2, 3), (4, 3)], [(0, 1)]).source("torch"))
+        def program(x0, x1):
+            x2 = x0 @ x1.transpose(-1, -2)
+            return x2
+        """
+        names = [f"x{k}" for k in range(self.operands)]
+        args = ", ".join(names)
+        lines = [f"def program({args}):"]
+        count = len(names)
+
+        def view(name: str, perm: Any, shape: tuple, reshape: bool, swap: bool) -> str:
+            if perm is not None:
+                name = f"{name}.{'permute' if backend == 'torch' else 'transpose'}({tuple(perm)!r})"
+            if reshape:
+                name = f"{name}.reshape({tuple(shape)!r})"
+            if swap:
+                name = f"{name}.{'transpose' if backend == 'torch' else 'swapaxes'}(-1, -2)"
+            return name
+
         for step in self.steps:
-            a, b = stack[step.i], stack[step.j]
+            a, b = names[step.i], names[step.j]
             for k in sorted((step.i, step.j), reverse=True):
-                del stack[k]
+                del names[k]
             if step.kind == "einsum":
-                out = _einsum(backend)(step.einsum, a, b)
+                expr = f"einsum({step.einsum!r}, {a}, {b})"
             else:
-                a = _operand(a, step.a_perm, step.a_shape, step.a_swap, backend)
-                b = _operand(b, step.b_perm, step.b_shape, step.b_swap, backend)
-                out = a @ b if step.kind == "matmul" else a * b
-                if out.shape != step.out_shape:
-                    out = out.reshape(step.out_shape)
-            stack.append(out)
-        out = stack[0]
+                op = "@" if step.kind == "matmul" else "*"
+                expr = (f"{view(a, step.a_perm, step.a_shape, step.a_reshape, step.a_swap)} {op} "
+                        f"{view(b, step.b_perm, step.b_shape, step.b_reshape, step.b_swap)}")
+                if step.out_reshape:
+                    expr = f"({expr}).reshape({tuple(step.out_shape)!r})"
+            out = f"x{count}"
+            count += 1
+            lines.append(f"    {out} = {expr}")
+            names.append(out)
+        result = names[0]
         if self.final_perm is not None:
-            out = _permute(out, self.final_perm, backend)
-        return out
+            result = f"{result}.{'permute' if backend == 'torch' else 'transpose'}({tuple(self.final_perm)!r})"
+        lines.append(f"    return {result}")
+        return "\n".join(lines)
 
 
 def _size(group: Sequence[str], sizes: dict[str, int]) -> int:
@@ -283,10 +348,15 @@ def _lower_step(
     return best
 
 
-def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]]) -> Program:
+def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]],
+          free: str | None = None, _memo: dict | None = None) -> Program:
     """Lower ``path`` (opt_einsum's format) for ``equation`` over ``shapes`` to a :class:`Program`.
 
-    Every path step must contract exactly two operands.
+    Every path step must contract exactly two operands.  ``free`` names an index
+    (the batch) whose size may differ between calls: the program is lowered for
+    its size in ``shapes`` (its FLOPs are counted there) and reshapes the axes
+    it spans with ``-1``, so the same program runs for any size of it (at least
+    two in ``shapes``).
 
     Examples
     --------
@@ -294,25 +364,42 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
 
     >>> lower("bi,ir,br->b", [(4, 3), (3, 2), (4, 2)], [(0, 1), (0, 1)]).flops
     64
+    >>> import numpy as np
+    >>> p = lower("bi,io->bo", [(4, 3), (3, 2)], [(0, 1)], free="b")
+    >>> p(np.ones((7, 3)), np.ones((3, 2)), backend="numpy").shape
+    (7, 2)
     """
+    if free is not None:
+        return _with_free_index(equation, shapes, path, free)
     terms, output, sizes = _parse(equation, shapes)
     current = list(terms)
     current_shapes = [tuple(s) for s in shapes]
     steps = []
-    flops = copied = written = 0
+    flops = copied = written = transposed = 0
     for pair in path:
         if len(pair) != 2:
             raise ValueError(f"path step {tuple(pair)} contracts {len(pair)} operands; lower() takes pairs")
         i, j = pair
         rest = [t for k, t in enumerate(current) if k not in (i, j)]
         keep = set(output).union(*rest)
-        kind, out, la, lb, f, c, eq = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j],
-                                                   keep, sizes)
+        memo_key = (current[i], current[j], current_shapes[i], current_shapes[j], frozenset(keep))
+        found = None if _memo is None else _memo.get(memo_key)
+        if found is None:
+            found = _lower_step(current[i], current[j], current_shapes[i], current_shapes[j], keep, sizes)
+            if _memo is not None:
+                _memo[memo_key] = found
+        kind, out, la, lb, f, c, eq = found
         out_shape = tuple(sizes[ch] for ch in out)
         if kind == "einsum":
             steps.append(_Step(i, j, kind, None, (), False, None, (), False, out_shape, eq))
         else:
-            steps.append(_Step(i, j, kind, la[0], la[1], la[2], lb[0], lb[1], lb[2], out_shape))
+            if kind == "mul" and current[i] == current[j] == out:  # one layout: an elementwise product as is
+                la, lb = (None, current_shapes[i], False), (None, current_shapes[j], False)
+            a_view, b_view = _viewed(current_shapes[i], la[0]), _viewed(current_shapes[j], lb[0])
+            product = _product_shape(kind, la[1], la[2], lb[1], lb[2])
+            steps.append(_Step(i, j, kind, la[0], la[1], la[2], lb[0], lb[1], lb[2], out_shape,
+                               a_reshape=a_view != la[1], b_reshape=b_view != lb[1], out_reshape=product != out_shape))
+            transposed += la[2] * math.prod(la[1]) + lb[2] * math.prod(lb[1])
         flops += f
         copied += c
         if len(current) > 2:  # the last step writes the result, which every program writes
@@ -328,18 +415,64 @@ def lower(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequenc
     if set(final) != set(output) or len(final) != len(output):
         raise ValueError(f"path {list(path)} does not produce the output {output!r} of {equation!r}")
     perm = None if final == output else tuple(final.index(c) for c in output)
-    return Program(path=tuple(tuple(p) for p in path), flops=flops, copied=copied, written=written, steps=tuple(steps),
-                   final_perm=perm)
+    if perm is not None:
+        transposed += math.prod(sizes[c] for c in output)
+    return Program(path=tuple(tuple(p) for p in path), flops=flops, copied=copied, written=written,
+                   transposed=transposed, steps=tuple(steps), final_perm=perm, operands=len(shapes))
 
 
-def _all_paths(n: int) -> Any:
-    """Every pairwise contraction order of ``n`` operands (opt_einsum's path format)."""
-    if n <= 1:
-        yield ()
-        return
-    for pair in itertools.combinations(range(n), 2):
-        for rest in _all_paths(n - 1):
-            yield (pair, *rest)
+def _with_free_index(equation: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]],
+                     free: str) -> Program:
+    """:func:`lower` with the axes spanned by index ``free`` reshaped by ``-1`` (any size of ``free`` runs).
+
+    The path is lowered at two sizes of ``free``; the reshape targets that differ
+    are the ones ``free`` spans (one axis each: an index lies in one group of a
+    view).  Where the two programs differ otherwise, or ``free`` is not an
+    index, the program of ``shapes`` is returned as is (fixed sizes).
+    """
+    terms, _, sizes = _parse(equation, shapes)
+    program = lower(equation, shapes, path)
+    if sizes.get(free, 0) < 2:
+        return program
+    grown = [tuple(d + 1 if c == free else d for c, d in zip(t, s)) for t, s in zip(terms, shapes)]
+    other = lower(equation, grown, path)
+
+    def symbolic(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+        if len(a) != len(b):
+            return None
+        shape = tuple(-1 if x != y else x for x, y in zip(a, b))
+        return shape if shape.count(-1) <= 1 else None
+
+    steps = []
+    for s, t in zip(program.steps, other.steps):
+        same = (s.i, s.j, s.kind, s.a_perm, s.a_swap, s.b_perm, s.b_swap, s.einsum, s.a_reshape, s.b_reshape,
+                s.out_reshape) == (t.i, t.j, t.kind, t.a_perm, t.a_swap, t.b_perm, t.b_swap, t.einsum, t.a_reshape,
+                                   t.b_reshape, t.out_reshape)
+        shapes3 = [symbolic(s.a_shape, t.a_shape), symbolic(s.b_shape, t.b_shape), symbolic(s.out_shape, t.out_shape)]
+        if not same or any(x is None for x in shapes3):
+            return program
+        steps.append(dataclasses.replace(s, a_shape=shapes3[0], b_shape=shapes3[1], out_shape=shapes3[2]))
+    if program.final_perm != other.final_perm:
+        return program
+    return dataclasses.replace(program, steps=tuple(steps), _compiled={})
+
+
+def _all_orders(terms: Sequence[str], output: str, sizes: dict[str, int]) -> Any:
+    """Every pairwise contraction order of ``terms`` (opt_einsum's path format) with its FLOPs (as
+    :func:`_order_flops` counts them); orders sharing a prefix share its count."""
+
+    def orders(current: list[str], prefix: tuple, total: int) -> Any:
+        if len(current) <= 1:
+            yield prefix, total
+            return
+        for i, j in itertools.combinations(range(len(current)), 2):
+            rest = [t for k, t in enumerate(current) if k not in (i, j)]
+            keep = set(output).union(*rest)
+            union = set(current[i]) | set(current[j])
+            cost = (2 if union - keep else 1) * _size(union, sizes)
+            yield from orders([*rest, "".join(sorted(union & keep))], (*prefix, (i, j)), total + cost)
+
+    yield from orders(list(terms), (), 0)
 
 
 def _swapped(path: Sequence[Sequence[int]], flips: Sequence[bool]) -> tuple[tuple[int, ...], ...]:
@@ -382,23 +515,24 @@ def candidates(
 
     >>> best = candidates("bi,io,on->bn", [(2, 30), (30, 40), (40, 5)], [[(1, 2), (0, 1)]])[0]
     >>> best.path, best.flops, best.copied
-    (((0, 1), (0, 1)), 5600, 0)
+    (((0, 1), (1, 0)), 5600, 0)
     """
     terms, output, sizes = _parse(equation, shapes)
     orders = {tuple(tuple(p) for p in path) for path in paths if all(len(p) == 2 for p in path)}
-    if exhaustive and len(shapes) <= EXHAUSTIVE_OPERANDS:
-        orders.update(_all_paths(len(shapes)))
-    if not orders:
-        return []
     counted = {order: _order_flops(terms, output, sizes, order) for order in orders}
+    if exhaustive and len(shapes) <= EXHAUSTIVE_OPERANDS:
+        counted.update(_all_orders(terms, output, sizes))
+    if not counted:
+        return []
     least = min(counted.values())
     kept = sorted((o for o, f in counted.items() if f <= slack * least), key=lambda o: (counted[o], o))
     programs = {}
+    memo: dict = {}  # the orders share most of their steps: each pair is lowered once
     for order in kept[: 8 * limit]:
         steps = len(order)
         flips = itertools.product((False, True), repeat=steps) if steps <= 6 else [(False,) * steps]
         for flip in flips:
-            variant = lower(equation, shapes, _swapped(order, flip))
+            variant = lower(equation, shapes, _swapped(order, flip), _memo=memo)
             key = tuple((s.kind, s.a_perm, s.a_shape, s.a_swap, s.b_perm, s.b_shape, s.b_swap) for s in variant.steps)
             if key not in programs or variant.cost < programs[key].cost:
                 programs[key] = variant

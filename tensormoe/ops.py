@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backend import _load, _normalise, get_backend
-from .contraction import get_plan
+from .contraction import cached_program, get_plan
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
 
@@ -171,6 +171,18 @@ class Ops:
         array([[2.]])
         """
         return self.xp.mean(x, axis=axis, keepdims=True)
+
+    def layer_norm(self, x: Any, eps: float) -> Any:
+        """``x`` normalised over the last axis to zero mean and unit variance (no affine; the framework's fused op).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> get_ops("numpy").layer_norm(np.array([[1.0, 3.0]]), 0.0)
+        array([[-1.,  1.]])
+        """
+        centred = x - self.mean(x)
+        return centred / self.sqrt(self.mean(centred * centred) + eps)
 
     def exp(self, x: Any) -> Any:
         """Elementwise exponential.
@@ -544,14 +556,20 @@ class Ops:
         return False
 
     # --- contraction --------------------------------------------------------------
-    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
         """Contract ``operands`` along ``equation`` with the cached plan of their shapes.
+
+        ``batch`` names the index of the rows, whose number may change from call
+        to call: one plan then serves every number of rows (see
+        :func:`tensormoe.contraction.get_plan`).
 
         Examples
         --------
         >>> import numpy as np
         >>> get_ops("numpy").contract("ab,bc->ac", [np.ones((2, 3)), np.ones((3, 4))]).shape
         (2, 4)
+        >>> get_ops("numpy").contract("ab,bc->ac", [np.ones((5, 3)), np.ones((3, 4))], batch="a").shape
+        (5, 4)
         """
         plan = get_plan(
             equation,
@@ -559,14 +577,21 @@ class Ops:
             backend=self.name,
             dtype=self.dtype_name(operands[-1]),
             optimize=optimize,
+            batch=batch,
         )
         if not plan.tuned:
             self._tune(plan, operands)
-        return plan(*operands, backend=self.einsum_backend)
+        program = plan.program  # the operands have the plan's shapes: no need for Plan.__call__'s checks
+        if program is None:
+            return plan.expression(*operands, backend=self.einsum_backend)
+        return program(*operands, backend=self.einsum_backend)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
-        """Time the plan's candidate programs once on these operands."""
-        plan.tune(*operands, backend=self.einsum_backend)
+        """Time the plan's candidate programs once on (stand-ins of) these operands."""
+        plan.tune(*plan.stand_ins(operands, self._zeros), backend=self.einsum_backend)
+
+    def _zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        return self.zeros(shape, like)
 
 
 class NumpyOps(Ops):
@@ -633,8 +658,7 @@ class TorchOps(Ops):
         return x.detach().cpu().numpy()
 
     def concat_ones(self, x: Any) -> Any:
-        ones = self._torch.ones((*x.shape[:-1], 1), dtype=x.dtype, device=x.device)
-        return self._torch.cat([x, ones], dim=-1)
+        return self._torch.nn.functional.pad(x, (0, 1), value=1.0)  # one operation (cat needs a ones array)
 
     def max(self, x: Any, axis: int = -1) -> Any:
         return self._torch.amax(x, dim=axis, keepdim=True)
@@ -647,6 +671,9 @@ class TorchOps(Ops):
 
     def clip_min(self, x: Any, low: float) -> Any:
         return self._torch.clamp(x, min=low)
+
+    def layer_norm(self, x: Any, eps: float) -> Any:
+        return self._torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
 
     def sort_descending(self, x: Any) -> Any:
         return self._torch.sort(x, dim=-1, descending=True).values
@@ -687,19 +714,24 @@ class TorchOps(Ops):
             return draw.to(like.device), rng
         return super().normal(rng, shape, like)
 
-    def contract(self, equation: str, operands: list[Any], optimize: str = "auto") -> Any:
+    def contract(self, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
         if not self._torch.compiler.is_compiling():
-            return super().contract(equation, operands, optimize)
-        # Under torch.compile: opt_einsum's runtime is not traceable (it reads the
-        # thread id) and sizes may be symbolic, so hand the whole equation to
+            return super().contract(equation, operands, optimize, batch)
+        # Under torch.compile the lowered program of a plan found before (any eager call of these
+        # shapes, or of any batch size for a batch-free plan) is traced like hand-written code; the
+        # plan search itself cannot run in a trace, so a contraction never planned goes to
         # torch.einsum, which plans its path with opt_einsum once, when tracing.
+        program = cached_program(equation, operands, self.name, self.dtype_name(operands[-1]), optimize, batch,
+                                 self.einsum_backend)
+        if program is not None:
+            return program(*operands, backend=self.einsum_backend)
         return self._torch.einsum(equation, *operands)
 
     def _tune(self, plan: Any, operands: list[Any]) -> None:
         cuda = operands[0].is_cuda
         with self._torch.no_grad():
             sync = (lambda _: self._torch.cuda.synchronize()) if cuda else None
-            plan.tune(*operands, backend=self.einsum_backend, sync=sync)
+            plan.tune(*plan.stand_ins(operands, self._zeros), backend=self.einsum_backend, sync=sync)
 
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
@@ -792,7 +824,7 @@ class JaxOps(Ops):
         jax, jnp = self._jax, self.xp
         rng = np.random.default_rng(0)
         with jax.ensure_compile_time_eval():
-            stand_ins = [jnp.asarray(rng.standard_normal(o.shape), dtype=o.dtype) for o in operands]
+            stand_ins = [jnp.asarray(rng.standard_normal(shape), dtype=o.dtype) for o, shape in zip(operands, plan.shapes)]
             plan.tune(
                 *stand_ins,
                 backend=self.einsum_backend,
@@ -863,3 +895,4 @@ def ops_for_array(x: Any) -> str | None:
 
 #: (array class, backend name) of the frameworks loaded so far (filled by their Ops)
 _ARRAY_TYPES: list[tuple[type, str]] = []
+

@@ -365,9 +365,7 @@ class Router:
         >>> DenseRouter(norm=None).logits(get_ops("numpy"), {"gate": np.eye(2)}, np.array([[1.0, 2.0]]))
         array([[1., 2.]])
         """
-        z = self.project(params, "gate", x)
-        norm = _gates.NORMS[getattr(self, "norm", None)]
-        return z if norm is None else norm(z, ops=ops)
+        return _gates._normalise(getattr(self, "norm", None), self.project(params, "gate", x), ops)
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         """Route a grouped input ``x[G, T, I]``, without statistics (the layers' entry point).
@@ -477,7 +475,7 @@ class DenseRouter(Router):
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         logits = self.logits(ops, params, x)
-        weights = _gates.ACTIVATIONS[self.activation](logits, ops=ops)
+        weights = _gates._activate(self.activation, logits, ops)
         if mask is not None:
             weights = weights * mask[..., None]
         return Routing(weights=weights, probs=weights, logits=logits)

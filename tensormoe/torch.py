@@ -110,7 +110,8 @@ class MMoE(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
     def _params(self) -> dict[str, torch.Tensor]:
-        return dict(self.params.items())
+        # the ParameterDict's own storage: its items() costs a few microseconds per forward
+        return dict(self.params._parameters)
 
     def forward(self, x: torch.Tensor, coefficients: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The factorized forward pass ``y[..., out_dim]`` (see :meth:`tensormoe.layer.MMoE.apply`).

@@ -32,6 +32,7 @@ def _load(name: str):
 
 
 chains = _load("chains")
+limit_gates = _load("limit_gates")
 
 # (kind, expert_dims, ranks, bias): hierarchy 1 and 2 for every format, bias on and off, ranks not all equal
 CONFIGS = [
@@ -48,6 +49,8 @@ CONFIGS = [
 
 @pytest.mark.parametrize("kind,dims,ranks,bias", CONFIGS)
 def test_hand_chain_equals_layer_and_dense_reference(backend, kind, dims, ranks, bias):
+    """The limit (a gate candidate of limit_gates, the framework's LayerNorm, the hand chain; no tensormoe code)
+    computes what the layer computes."""
     ops = get_ops()
     rng = np.random.default_rng(len(dims) * 10 + bias)
     layer = make_layer(kind, 6, 5, dims, ranks, bias=bias, gate="sparsemax", seed=3)
@@ -55,13 +58,50 @@ def test_hand_chain_equals_layer_and_dense_reference(backend, kind, dims, ranks,
     for h, n in enumerate(dims):  # random gates: the sparse coefficients are not uniform
         params[f"gate_{h}"] = ops.asarray(rng.normal(size=(6, n)), "float32")
     x = ops.asarray(rng.normal(size=(7, 6)), "float32")
-    # compiled as the benchmark runs it (jax.jit on JAX: one compilation instead of one per operation)
+    gate = limit_gates.candidates(backend)["numpy-sort" if backend == "pytorch" else "sort"]  # a full sort
     # one compiled program on JAX (the layer's own jit inlines), plain calls elsewhere
-    run = ops.compile(lambda p, x: (chains.limit_forward(layer, p, x, ops), layer.apply(p, x), layer.dense_forward(p, x)))
+    run = ops.compile(lambda p, x: (chains.limit_forward(layer, p, x, lambda z: gate(z, "sparsemax")),
+                                    layer.apply(p, x), layer.dense_forward(p, x)))
     limit, planned, dense = (to_numpy(y) for y in run(params, x))
     assert np.abs(planned).max() > 1e-3  # a non-trivial output
     np.testing.assert_allclose(limit, planned, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(limit, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["entmax15", "sparsemax"])
+def test_limit_gate_candidates_are_exact_and_differentiable(backend, gate):
+    """Each candidate of the limit's gate equals the float64 reference (rows up to 300 experts, ties, scales),
+    and on PyTorch and JAX its gradient is the closed-form Jacobian-vector product."""
+    ops = get_ops()
+    rng = np.random.default_rng(8)
+    z = rng.normal(size=(6, 300)) * np.array([[0.01], [0.3], [1.0], [3.0], [30.0], [1.0]])
+    z[5] = np.round(z[5])  # ties
+    z32 = z.astype(np.float32)
+    ref = limit_gates.reference(z32, gate)
+    w = rng.normal(size=z.shape)
+    s = np.sqrt(ref) if gate == "entmax15" else (ref > 0).astype(float)
+    grad_ref = s * w - s * (s * w).sum(-1, keepdims=True) / s.sum(-1, keepdims=True)
+    for name, f in limit_gates.candidates(backend).items():
+        np.testing.assert_allclose(to_numpy(f(ops.asarray(z32), gate)), ref, atol=2e-6, err_msg=name)
+        if backend == "pytorch":
+            import torch
+
+            zt = torch.tensor(z32, requires_grad=True)
+            (f(zt, gate) * torch.tensor(w, dtype=torch.float32)).sum().backward()
+            np.testing.assert_allclose(zt.grad.numpy(), grad_ref, atol=1e-4, err_msg=name)
+        elif backend == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            g = jax.grad(lambda zz: (f(zz, gate) * jnp.asarray(w, jnp.float32)).sum())(jnp.asarray(z32))
+            np.testing.assert_allclose(np.asarray(g), grad_ref, atol=1e-4, err_msg=name)
+
+
+def test_the_limit_calls_no_tensormoe_code():
+    """benchmarks/chains.py and limit_gates.py import nothing of tensormoe (the limit is independent of it)."""
+    for name in ("chains", "limit_gates"):
+        source = (BENCH / f"{name}.py").read_text()
+        assert "tensormoe" not in "".join(line for line in source.splitlines() if "import" in line), name
 
 
 def test_hand_chain_with_given_coefficients_matches_dense_einsum():
@@ -74,7 +114,7 @@ def test_hand_chain_with_given_coefficients_matches_dense_einsum():
     x = rng.normal(size=(6, 4))
     w = np.einsum("nr,mr,ir,or->nmio", p["factor_0"], p["factor_1"], p["factor_2"], p["factor_3"])
     want = np.einsum("bn,bm,bi,nmio->bo", a[0], a[1], x, w[:, :, :4]) + np.einsum("bn,bm,nmo->bo", *a, w[:, :, 4])
-    np.testing.assert_allclose(chains.cp_chain(layer, p, x, a, ops), want, rtol=1e-10)
+    np.testing.assert_allclose(chains.cp_chain(layer, p, x, a), want, rtol=1e-10)
 
 
 def test_million_rank_makes_about_four_linear_layers():
@@ -109,7 +149,8 @@ def test_quick_run(tmp_path):
     for section in ("limit", "unplanned", "dense", "linear", "million", "scaling", "gates"):
         assert res[section], f"section {section} is empty"
         assert {r["backend"] for r in res[section]} == set(BACKENDS), section
-    timings = list(_finite_timings({k: res[k] for k in ("limit", "unplanned", "dense", "linear", "million", "scaling", "gates")}))
+    timings = list(_finite_timings({k: res[k] for k in ("limit", "unplanned", "dense", "linear", "million", "scaling",
+                                                        "gates", "peers", "compile", "firstcall")}))
     assert len(timings) > 50
     assert all(math.isfinite(t["median_ms"]) and t["median_ms"] > 0 and t["min_ms"] > 0 for t in timings)
     # every hand chain was checked against the layer, on every backend and format
@@ -123,3 +164,19 @@ def test_quick_run(tmp_path):
     assert Path(res["plot"]).is_file() and Path(res["plot"]).stat().st_size > 1000
     assert "Planned forward vs the limit" in done.stdout and "target" in done.stdout
     assert res["meta"]["cpu_count"] >= 1 and res["meta"]["sizes"]["I"] > 0
+    # the limit's gate is an exact candidate written without tensormoe, chosen by time on every backend
+    assert {r["backend"] for r in res["limit_gates"]} == set(BACKENDS)
+    for r in res["limit_gates"]:
+        assert r["candidates"][r["chosen"]]["exact"]
+    assert all(r["limit_gate"] in limit_gates.candidates(r["backend"]) for r in res["limit"])
+    if "pytorch" in BACKENDS:
+        models = {r["model"] for r in res["peers"]}
+        assert {"tensormoe CP", "nn.Linear (I x O)"} <= models
+        assert ("unplanned (torch.einsum + entmax)" in models) == (importlib.util.find_spec("entmax") is not None)
+        # torch.compile's graph runs the gate kernel (where built) and the lowered program, not torch.einsum
+        from tensormoe.gates import KERNEL_AVAILABLE
+
+        layers = [r for r in res["compile"] if r["kernel_in_graph"] is not None]
+        assert layers and all(r["kernel_in_graph"] == KERNEL_AVAILABLE and not r["einsum_in_graph"] for r in layers)
+    # a new batch size reuses its layer's plan: no search
+    assert res["firstcall"] and all(r["new_batch_searches"] == 0 for r in res["firstcall"])

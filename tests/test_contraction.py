@@ -8,6 +8,7 @@ import numpy as np
 import opt_einsum
 import pytest
 
+import tensormoe
 from tensormoe import contraction
 
 EQ = "bn,nr,bi,ir,or->bo"
@@ -57,3 +58,42 @@ def test_unknown_optimizer(bad, error):
 def test_cotengra_preset():
     p = contraction.get_plan(EQ, *SHAPES, optimize="greedy-compressed")
     assert p.flops > 0 and len(p.path) == len(SHAPES) - 1
+
+
+def test_a_batch_free_plan_is_searched_once_and_runs_for_any_rows():
+    """batch=: one search (at SEARCH_ROWS) serves every number of rows; each result equals np.einsum."""
+    equation = "ab,ac,be,ce,de->ad"
+    rng = np.random.default_rng(0)
+    factors = [rng.standard_normal(s) for s in [(7, 3), (5, 3), (4, 3)]]
+    contraction.clear_cache()
+    plans = set()
+    for rows in (1, 2, 300, 5):
+        a, x = rng.standard_normal((rows, 7)), rng.standard_normal((rows, 5))
+        plan = contraction.get_plan(equation, (rows, 7), (rows, 5), *(f.shape for f in factors), dtype="float64",
+                                    batch="a")
+        plans.add(id(plan))
+        np.testing.assert_allclose(plan(a, x, *factors, backend="numpy"), np.einsum(equation, a, x, *factors),
+                                   rtol=1e-12, atol=1e-12)
+    assert len(plans) == 1 and contraction.cache_info()["misses"] == 1
+    assert plan.shapes[0] == (contraction.SEARCH_ROWS, 7) and plan.batch == "a"
+    with pytest.raises(ValueError, match="batch='ab' is not an index"):
+        contraction.get_plan(equation, (2, 7), (2, 5), *(f.shape for f in factors), batch="ab")
+
+
+def test_tuning_never_runs_on_more_rows_than_search_rows(monkeypatch):
+    """A large first batch is timed on its first SEARCH_ROWS rows; a small one on zeros of SEARCH_ROWS rows."""
+    seen = []
+    original = contraction.Plan.tune
+
+    def recording(self, *operands, **kwargs):
+        seen.append([tuple(o.shape) for o in operands])
+        return original(self, *operands, **kwargs)
+
+    monkeypatch.setattr(contraction.Plan, "tune", recording)
+    layer = tensormoe.CPMMoE(64, 48, [96], rank=32)
+    for rows in (3000, 3):  # a new layer shape each time: planned and timed anew
+        contraction.clear_cache()
+        seen.clear()
+        layer(np.ones((rows, 64), dtype="float32"))
+        assert seen and all(shape[0] <= contraction.SEARCH_ROWS for shapes in seen for shape in shapes[:2])
+        assert seen[0][0] == (contraction.SEARCH_ROWS, 96)

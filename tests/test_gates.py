@@ -171,6 +171,12 @@ def test_non_finite_logits_follow_the_documented_rules(backend, name):
 SPARSE = {"entmax15": 1.5, "sparsemax": 2.0}
 METHODS = ["sort", "newton"]
 
+
+def methods_here():
+    """The threshold methods that run on the current backend: the fused kernel too where it is built."""
+    kernel = gates.KERNEL_AVAILABLE and get_ops().name in ("numpy", "pytorch")
+    return METHODS + ["kernel"] * kernel
+
 # logits with ties: a few distinct values (so equal logits, often at the threshold), times a scale
 tied_logits = st.tuples(
     st.integers(1, 4), st.integers(1, 9), st.sampled_from([1e-6, 0.3, 1.0, 7.0, 1e4])
@@ -198,7 +204,7 @@ def test_both_methods_equal_the_reference_and_each_other(backend, name, z):
     padded[: z.shape[0]] = -np.inf
     padded[: z.shape[0], : z.shape[1]] = z
     by_method = {}
-    for m in METHODS:
+    for m in methods_here():
         p = run_gate(name, padded, m)
         assert np.all(p[: z.shape[0], z.shape[1] :] == 0.0)
         np.testing.assert_allclose(p[z.shape[0] :], 1 / 9, rtol=1e-6)
@@ -206,14 +212,15 @@ def test_both_methods_equal_the_reference_and_each_other(backend, name, z):
     for p in by_method.values():
         np.testing.assert_allclose(p, ref, atol=2e-5)
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(by_method["newton"], by_method["sort"], atol=2e-6)
-    # exact zeros agree wherever the reference is clearly outside the support
-    outside = ref < 1e-3
-    assert np.all(by_method["newton"][outside & (by_method["sort"] == 0)] == 0.0)
+    for m in by_method:
+        np.testing.assert_allclose(by_method[m], by_method["sort"], atol=2e-6)
+        # exact zeros agree wherever the reference is clearly outside the support
+        outside = ref < 1e-3
+        assert np.all(by_method[m][outside & (by_method["sort"] == 0)] == 0.0)
 
 
 @pytest.mark.parametrize("name", sorted(SPARSE))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ["kernel"])
 def test_edge_rows(backend, name, method):
     """All-equal rows, one expert, huge and tiny logits, -inf masks, NaN/+inf/all -inf rows."""
     z = np.array(
@@ -229,6 +236,8 @@ def test_edge_rows(backend, name, method):
             [-np.inf] * 4,
         ]
     )
+    if method not in methods_here():
+        pytest.skip(f"method={method!r} does not run on the {backend} backend here")
     with np.errstate(invalid="ignore"):
         p = run_gate(name, z, method)
     finite = z[:6].copy()
@@ -247,9 +256,11 @@ def test_methods_agree_on_many_experts(backend, name):
     rng = np.random.default_rng(2)
     z = rng.normal(size=(3, 4096)) * np.array([[0.01], [1.0], [30.0]])
     z[:, :8] = z[:, :1]  # eight tied maxima
-    sort, newton = run_gate(name, z, "sort"), run_gate(name, z, "newton")
-    np.testing.assert_allclose(newton, sort, atol=1e-6)
-    np.testing.assert_allclose(newton.sum(-1), 1.0, rtol=1e-4)
+    sort = run_gate(name, z, "sort")
+    for method in methods_here():
+        p = run_gate(name, z, method)
+        np.testing.assert_allclose(p, sort, atol=1e-6)
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-4)
 
 
 def _grads(name, method, z, w):
@@ -286,10 +297,11 @@ def test_gradients_equal_between_methods_and_the_closed_form(backend, name):
     z[1] = 0.0  # all equal
     z[2, :5] = z[2].max() + 1  # tied maxima
     w = rng.normal(size=z.shape)
-    by_method = {m: _grads(name, m, z, w) for m in METHODS}
-    assert np.all(np.isfinite(by_method["newton"]))
-    np.testing.assert_allclose(by_method["newton"], by_method["sort"], atol=1e-5)
-    np.testing.assert_allclose(by_method["newton"], _reference_grad(name, z, w), atol=1e-4)
+    by_method = {m: _grads(name, m, z, w) for m in methods_here()}
+    for m, g in by_method.items():
+        assert np.all(np.isfinite(g)), m
+        np.testing.assert_allclose(g, by_method["sort"], atol=1e-5)
+        np.testing.assert_allclose(g, _reference_grad(name, z, w), atol=1e-4)
 
 
 @pytest.mark.skipif("jax" not in BACKENDS, reason="JAX not installed")
@@ -310,35 +322,70 @@ def test_newton_under_jax_jit_and_grad_is_finite_with_masks(name):
 
 @pytest.mark.skipif("pytorch" not in BACKENDS, reason="PyTorch not installed")
 @pytest.mark.parametrize("method", ["auto", "newton"])
-def test_torch_compile_full_graph_runs_the_sort_method(method):
-    """Under torch.compile every method runs as "sort" (the Newton loop would break the graph)."""
+def test_torch_compile_full_graph_runs_the_kernel_or_the_sort_method(method):
+    """Under torch.compile "auto" runs the kernel (a custom operator) where built; the other methods run "sort"."""
     import torch
 
     ops = get_ops("pytorch")
+    ran = []
+    original = gates._SORT["entmax15"]
     compiled = torch.compile(lambda z: gates.entmax15(z, ops=ops, method=method), backend="eager", fullgraph=True)
     z = torch.randn(3, 9, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(compiled(z), gates.entmax15(z, ops=ops, method="sort"), atol=1e-6, rtol=0)
+    try:
+        gates._SORT["entmax15"] = lambda z, ops: ran.append("sort") or original(z, ops)
+        out = compiled(z)
+    finally:
+        gates._SORT["entmax15"] = original
+    torch.testing.assert_close(out, gates.entmax15(z, ops=ops, method="sort"), atol=1e-6, rtol=0)
+    kernel = gates.KERNEL_AVAILABLE and method == "auto"
+    assert ran == ([] if kernel else ["sort"])
 
 
 @pytest.mark.parametrize("name", sorted(SPARSE))
 @pytest.mark.parametrize("method", ["Sort", "bisect", None, 2])
 def test_bad_method_names_the_argument(name, method):
-    with pytest.raises(ValueError, match=r"method=.*expected one of \['auto', 'sort', 'newton'\]"):
+    with pytest.raises(ValueError, match=r"method=.*expected one of \['auto', 'kernel', 'sort', 'newton'\]"):
         getattr(gates, name)(np.zeros((2, 3)), method=method)
 
 
-def test_auto_picks_newton_on_jax_and_for_large_logits():
-    """"auto": Newton on JAX; on NumPy and PyTorch's CPU from 2**16 logits (entmax15) or 2**18 (sparsemax)."""
-    for b in BACKENDS:
-        ops = get_ops(b)
-        small, large, larger = (ops.asarray(np.zeros(s, dtype="float32")) for s in [(64, 16), (64, 1024), (64, 4096)])
-        on_jax = b == "jax"
-        assert gates._resolved_method("auto", ops, small, "entmax15") == ("newton" if on_jax else "sort")
-        assert gates._resolved_method("auto", ops, large, "entmax15") == "newton"
-        assert gates._resolved_method("auto", ops, large, "sparsemax") == ("newton" if on_jax else "sort")
-        assert gates._resolved_method("auto", ops, larger, "sparsemax") == "newton"
-        for method in ("sort", "newton"):
-            assert gates._resolved_method(method, ops, large, "entmax15") == method
+def test_auto_picks_the_kernel_or_the_faster_array_method(monkeypatch):
+    """"auto": the kernel on NumPy and PyTorch's CPU where built, Newton on JAX; without the kernel "sort" on
+    NumPy, and on PyTorch's CPU Newton from 2**16 logits (entmax15) or 2**18 (sparsemax)."""
+    for kernel in (True, False):
+        if kernel and not gates.KERNEL_AVAILABLE:
+            continue
+        if not kernel:
+            monkeypatch.setattr(gates._kernels, "KERNEL", None)
+        for b in BACKENDS:
+            ops = get_ops(b)
+            small, large, larger = (ops.asarray(np.zeros(s, dtype="float32")) for s in [(64, 16), (64, 1024), (64, 4096)])
+            if b == "jax":
+                expected = ["newton"] * 4
+            elif kernel:
+                expected = ["kernel"] * 4
+            elif b == "numpy":
+                expected = ["sort"] * 4
+            else:
+                expected = ["sort", "newton", "sort", "newton"]
+            got = [gates._resolved_method("auto", ops, small, "entmax15"),
+                   gates._resolved_method("auto", ops, large, "entmax15"),
+                   gates._resolved_method("auto", ops, large, "sparsemax"),
+                   gates._resolved_method("auto", ops, larger, "sparsemax")]
+            assert got == expected, (b, kernel)
+            for method in ("sort", "newton"):
+                assert gates._resolved_method(method, ops, large, "entmax15") == method
+
+
+def test_kernel_method_says_why_it_cannot_run(monkeypatch):
+    z = np.zeros((2, 3), dtype="float32")
+    if "jax" in BACKENDS:
+        ops = get_ops("jax")
+        with pytest.raises(ValueError, match="method='kernel' cannot run here: .*not on the jax backend"):
+            gates.entmax15(ops.asarray(z), ops=ops, method="kernel")
+    monkeypatch.setattr(gates._kernels, "KERNEL", None)
+    with pytest.raises(ValueError, match="method='kernel' cannot run here: the extension .* is not built"):
+        gates.sparsemax(z, method="kernel")
+    np.testing.assert_allclose(gates.sparsemax(z), 1 / 3)  # "auto" falls back to the array methods
 
 
 def test_auto_keeps_sort_on_cuda():
@@ -347,3 +394,104 @@ def test_auto_keeps_sort_on_cuda():
         pytest.skip("no CUDA device")
     z = torch.zeros((64, 1024), device="cuda")
     assert gates._resolved_method("auto", get_ops("pytorch"), z, "entmax15") == "sort"
+
+
+# -- the fused kernel: long rows (its whole-row bound steps), dtypes, layouts, threads, autograd -----------
+
+kernel_only = pytest.mark.skipif(not gates.KERNEL_AVAILABLE, reason="the sparse-gate kernel is not built")
+
+# rows up to 700 experts (the kernel screens rows of 64 and more with bound steps), scales from 1e-3 to 1e4,
+# a random share of -inf masks, and rows of few distinct values (ties at the threshold)
+long_rows = st.tuples(
+    st.integers(1, 3), st.integers(1, 700), st.sampled_from([1e-3, 0.3, 1.0, 3.0, 30.0, 1e4]),
+    st.integers(0, 2**32 - 1), st.sampled_from(["normal", "ties", "masked"]),
+)
+
+
+def make_rows(rows, n, scale, seed, kind):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, n))
+    if kind == "ties":
+        z = np.round(z * 2) / 2  # values on a grid of 1/2: many equal logits
+    z = z * scale
+    if kind == "masked":
+        z[rng.random(z.shape) < rng.random()] = -np.inf
+        z[:, rng.integers(n)] = scale  # every row keeps a finite logit
+    return z
+
+
+@kernel_only
+@pytest.mark.parametrize("name", sorted(SPARSE))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@given(case=long_rows)
+def test_kernel_equals_the_float64_reference_on_long_rows(backend, name, dtype, case):
+    if backend not in ("numpy", "pytorch"):
+        pytest.skip("the kernel runs on NumPy and PyTorch arrays")
+    z = make_rows(*case)
+    rounded = z.astype(dtype).astype(np.float64)
+    p = run_gate(name, z, "kernel", dtype)
+    ref = bisection_reference(rounded, SPARSE[name])
+    np.testing.assert_allclose(p, ref, atol=2e-6 if dtype == "float32" else 1e-10)
+    assert np.all(p[np.isneginf(rounded)] == 0.0)
+    assert np.all(p[ref == 0.0] == 0.0) or dtype == "float32"  # float64: the same support exactly
+
+
+@kernel_only
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_kernel_takes_any_layout_and_leading_axes(backend, name):
+    if backend not in ("numpy", "pytorch"):
+        pytest.skip("the kernel runs on NumPy and PyTorch arrays")
+    ops = get_ops()
+    z = np.random.default_rng(4).normal(size=(2, 300, 5)) * 2
+    strided = ops.swap_last(ops.asarray(z, "float32"))  # [2, 5, 300], not contiguous
+    p = to_numpy(getattr(gates, name)(strided, ops=ops, method="kernel"))
+    want = bisection_reference(np.swapaxes(z, -1, -2).astype(np.float32).astype(np.float64), SPARSE[name])
+    np.testing.assert_allclose(p, want, atol=2e-6)
+    empty = getattr(gates, name)(ops.asarray(np.zeros((0, 7)), "float32"), ops=ops, method="kernel")
+    assert tuple(empty.shape) == (0, 7)
+
+
+@kernel_only
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_kernel_threads_split_rows_without_changing_a_bit(monkeypatch, name):
+    """Rows are independent: two threads give the very same bits as one."""
+    z = np.random.default_rng(5).normal(size=(2 * 2**16 // 512, 512)).astype(np.float32)
+    outs = []
+    for cpus in (1, 2):
+        monkeypatch.setattr(gates._kernels, "_cpu_count", lambda cpus=cpus: cpus)
+        outs.append(getattr(gates, name)(z, method="kernel"))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    if "pytorch" in BACKENDS:
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out = getattr(gates, name)(torch.from_numpy(z), ops=get_ops("pytorch"), method="kernel")
+                np.testing.assert_array_equal(out.numpy(), outs[0])
+        finally:
+            torch.set_num_threads(before)
+
+
+@kernel_only
+@pytest.mark.skipif("pytorch" not in BACKENDS, reason="PyTorch not installed")
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_kernel_operator_passes_torch_opcheck_and_gradcheck(name):
+    """The custom operator's schema, fake tensor and autograd registrations (opcheck), its closed-form
+    backward against finite differences in float64 (gradcheck), and second derivatives through create_graph."""
+    import torch
+
+    ops = get_ops("pytorch")
+    gen = torch.Generator().manual_seed(6)
+    z = (torch.randn(4, 80, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    f = lambda t: getattr(gates, name)(t, ops=ops, method="kernel")  # noqa: E731
+    f(z)  # registers the operators (eager calls run the same kernels without them)
+    torch.library.opcheck(torch.ops.tensormoe.sparse_gate.default, (z, gates._kernels.GATES[name]))
+    assert torch.autograd.gradcheck(f, (z,))
+    w = torch.randn(4, 80, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((f(z) * w).sum(), z, create_graph=True)
+    (g_sort,) = torch.autograd.grad((getattr(gates, name)(z, ops=ops, method="sort") * w).sum(), z,
+                                    create_graph=True)
+    torch.testing.assert_close(g, g_sort)
+    assert g.requires_grad == (name == "entmax15")  # sparsemax is piecewise linear: its Hessian is zero

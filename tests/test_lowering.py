@@ -52,19 +52,28 @@ networks = st.tuples(
 )
 
 
-@given(networks)
-def test_every_order_and_role_equals_einsum(network):
-    """Each contraction order of a forward network, with random operand roles, lowers to the einsum."""
+@given(networks, st.integers(1, 9))
+def test_every_order_and_role_equals_einsum(network, other_batch):
+    """Each contraction order of a forward network, with random operand roles, lowers to the einsum; lowered
+    with the batch index free (for any number of rows), the same program equals the einsum at another batch."""
     fmt, experts, i, o, rank, batch, seed = network
     equation, operands = _forward_operands(fmt, [*experts, i, o], rank, batch, seed)
     expected = _reference(equation, operands)
     shapes = [x.shape for x in operands]
-    orders = list(itertools.islice(lowering._all_paths(len(operands)), 0, 6 * 37, 37))
+    terms, output, sizes = lowering._parse(equation, shapes)
+    orders = [order for order, _ in itertools.islice(lowering._all_orders(terms, output, sizes), 0, 6 * 37, 37)]
+    _, others = _forward_operands(fmt, [*experts, i, o], rank, other_batch, seed + 1)
+    other_expected = _reference(equation, others)
+    rows = equation[0]  # the forward equation's first index is the batch
     rng = np.random.default_rng(seed)
     for order in orders:
         flips = rng.integers(0, 2, size=len(order)).astype(bool)
-        program = lowering.lower(equation, shapes, lowering._swapped(order, flips))
+        path = lowering._swapped(order, flips)
+        program = lowering.lower(equation, shapes, path)
         np.testing.assert_allclose(program(*operands, backend="numpy"), expected, rtol=1e-10, atol=1e-10)
+        if batch >= 2:  # lowered at one batch size, run at another
+            free = lowering.lower(equation, shapes, path, free=rows)
+            np.testing.assert_allclose(free(*others, backend="numpy"), other_expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
