@@ -76,7 +76,7 @@ SLOW = {
                             "test_gradients_equal_between_methods_and_the_closed_form",
                             "test_methods_agree_on_many_experts",
                             "test_newton_under_jax_jit_and_grad_is_finite_with_masks",
-                            "test_torch_compile_full_graph_runs_the_sort_method"],
+                            "test_torch_compile_full_graph_runs_the_kernel_or_the_sort_method"],
     "tests/test_gradients.py": ["test_jax_gradients_equal_dense_gradients",
                                 "test_jax_gradients_through_the_gates_match_torch",
                                 "test_torch_gradients_match_finite_differences"],
