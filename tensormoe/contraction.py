@@ -39,7 +39,8 @@ import numpy as np
 import opt_einsum
 
 from . import lowering
-from .backend import _normalise
+from ._array import backend_of
+from .backend import canonical_name
 from .validation import as_list, describe, is_int
 
 __all__ = [
@@ -362,7 +363,7 @@ def get_plan(
     if plan is not None:
         return plan
     shapes = _check_shapes(equation, shapes)
-    backend = _normalise(backend, "backend")
+    backend = canonical_name(backend, "backend")
     dtype = _check_dtype_name(dtype)
     check_optimizer(optimize)
     key = (equation, shapes, backend, dtype, optimize, batch)
@@ -460,11 +461,9 @@ def contract(equation: str, *operands: Any, backend: str, dtype: str, optimize: 
     >>> contract("ij,jk->ik", np.eye(2), np.ones((2, 3)), backend="numpy", dtype="float64").shape
     (2, 3)
     """
-    from .ops import ops_for_array  # ops imports this module for its plans
-
-    backend = _normalise(backend, "backend")
+    backend = canonical_name(backend, "backend")
     for k, operand in enumerate(operands):
-        source = ops_for_array(operand)
+        source = backend_of(operand)
         if source != backend:
             raise TypeError(
                 f"operands[{k}] must be a {backend} array (backend={backend!r}); got {describe(operand)}"
@@ -480,7 +479,7 @@ def _einsum_backend(backend: Any) -> str:
     """opt_einsum's name of a backend given by tensormoe's or opt_einsum's name."""
     if backend in _EINSUM_BACKENDS.values():
         return backend
-    return _EINSUM_BACKENDS[_normalise(backend, "backend")]
+    return _EINSUM_BACKENDS[canonical_name(backend, "backend")]
 
 
 def _check_shapes(equation: Any, shapes: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:

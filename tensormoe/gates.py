@@ -73,8 +73,9 @@ import math
 from typing import Any
 
 from . import _kernels
+from ._array import dtype_name
 from .ops import Ops, get_ops
-from .validation import array_dtype, check_array, check_positive_real, describe
+from .validation import check_array, check_positive_real, describe
 
 __all__ = ["ACTIVATIONS", "KERNEL_AVAILABLE", "METHODS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
 
@@ -170,14 +171,14 @@ def _resolved_method(method: str, ops: Ops, z: Any = None, gate: str = "entmax15
 def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
     """``body(z, ops, *args)`` after checking ``z``; half precision runs in float32 and is cast back."""
     ops = _checked_ops(z, ops)
-    if array_dtype(z) in ("float16", "bfloat16"):
+    if dtype_name(z) in ("float16", "bfloat16"):
         return ops.cast_like(body(ops.cast(z, "float32"), ops, *args), z)
     return body(z, ops, *args)
 
 
 def _activate(name: str, z: Any, ops: Ops) -> Any:
     """The activation ``name`` of logits the caller has checked (the routers' per-call path), method ``"auto"``."""
-    if array_dtype(z) in ("float16", "bfloat16"):
+    if dtype_name(z) in ("float16", "bfloat16"):
         return ops.cast_like(_activate(name, ops.cast(z, "float32"), ops), z)
     if name == "softmax":
         return _softmax(z, ops)
@@ -188,7 +189,7 @@ def _normalise(norm: str | None, z: Any, ops: Ops) -> Any:
     """The normalisation ``norm`` (a key of :data:`NORMS`) of checked logits, with the default ``eps``."""
     if norm is None:
         return z
-    if array_dtype(z) in ("float16", "bfloat16"):
+    if dtype_name(z) in ("float16", "bfloat16"):
         return ops.cast_like(ops.layer_norm(ops.cast(z, "float32"), _EPS), z)
     return ops.layer_norm(z, _EPS)
 

@@ -27,10 +27,11 @@ import numpy as np
 from . import gates as _gates
 from . import routers as _routers
 from . import validation as _v
-from .backend import _normalise, get_backend
+from ._array import backend_of, dtype_name, to_numpy
+from .backend import canonical_name, get_backend
 from .contraction import Plan, check_optimizer, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker
-from .ops import Ops, get_ops, ops_for_array
+from .ops import Ops, get_ops
 from .validation import check_positive_int
 
 __all__ = [
@@ -45,9 +46,6 @@ __all__ = [
     "make_layer",
 ]
 
-_FLOAT_DTYPES = _v.FLOAT_DTYPES
-#: Largest finite value of each dtype (for overflow messages).
-_FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.7977e308}
 
 
 def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -71,25 +69,20 @@ def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype:
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of names to arrays; got {_v.describe(params)}")
-    target = get_ops(None if backend is None else _normalise(backend, "backend"))
+    target = get_ops(None if backend is None else canonical_name(backend, "backend"))
     dtype = None if dtype is None else _v.check_dtype(dtype)
     out = {}
     for name, value in params.items():
-        source = ops_for_array(value)
-        array = get_ops(source).to_numpy(value) if source else np.asarray(value)
+        array = to_numpy(value)
         if array.dtype.kind not in "fiub":
             raise TypeError(f"params[{name!r}] must be a real numeric array; got {_v.describe(value)}")
-        out[name] = target.asarray(array, dtype or _dtype_name(value))
+        out[name] = target.asarray(array, dtype or dtype_name(value))
     return out
 
 
 def _ops(backend: str | None) -> Ops:
     """The ops of ``backend`` (normalised, e.g. ``"torch"``), or of the current backend."""
-    return get_ops(None if backend is None else _normalise(backend))
-
-
-def _dtype_name(x: Any) -> str:
-    return str(getattr(x, "dtype", "float32")).replace("torch.", "")
+    return get_ops(None if backend is None else canonical_name(backend))
 
 
 def _expert_dims(expert_dims: Any, hierarchy: Any) -> tuple[int, ...]:
@@ -323,7 +316,7 @@ class MMoE:
         self.check_params(value)
         self._params = dict(value)
         first = next(iter(self._params.values()))
-        self._params_backend = ops_for_array(first) or get_backend()
+        self._params_backend = backend_of(first) or get_backend()
         self._converted = {}
 
     @property
@@ -390,7 +383,7 @@ class MMoE:
         if not all(ops.count_nonfinite(value) == 0 for value in params.values()):
             raise ValueError(
                 f"init_std={self.init_std!r} gives parameters that overflow {self.dtype} (largest finite value "
-                f"{_FLOAT_MAX[self.dtype]:.4g}); expected a smaller init_std"
+                f"{_v.FLOAT_MAX[self.dtype]:.4g}); expected a smaller init_std"
             )
         return params
 
@@ -633,14 +626,14 @@ class MMoE:
                     raise ValueError(
                         f"the result of {type(self).__name__}.{method} holds non-finite values although x and the "
                         f"parameters are finite: the computation overflowed {self.dtype} (largest finite value "
-                        f"{_FLOAT_MAX[self.dtype]:.4g}); expected a finite result: use a wider dtype or smaller inputs"
+                        f"{_v.FLOAT_MAX[self.dtype]:.4g}); expected a finite result: use a wider dtype or smaller inputs"
                     )
         return out
 
     def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
         name = next(iter(self.param_shapes()))
         value = params.get(name) if isinstance(params, Mapping) else None
-        return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
+        return self.dtype if value is None or not hasattr(value, "dtype") else dtype_name(value)
 
     def _prepared(self, params: Any, x: Any, coefficients: Any, routing: Any, mask: Any, training: Any,
                   rng: Any, backend: str | None = None) -> tuple:
@@ -703,7 +696,7 @@ class MMoE:
                         f"{where}: weights and indices must both have shape [{', '.join(map(str, rows))}, k]; "
                         f"got {list(w.shape)} and {list(r.indices.shape)}"
                     )
-                if ops_for_array(r.indices) != ops.name or "int" not in ops.dtype_name(r.indices):
+                if backend_of(r.indices) != ops.name or "int" not in dtype_name(r.indices):
                     raise TypeError(f"{where}.indices must be an integer array of the {ops.name} backend; "
                                     f"got {type(r.indices).__name__} of dtype {getattr(r.indices, 'dtype', None)}")
                 if ops.is_concrete(r.indices):

@@ -15,19 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .backend import _load, _normalise, get_backend
+from ._array import backend_of, dtype_name, register_array_type, to_numpy
+from .backend import canonical_name, get_backend, load
 from .contraction import cached_program, get_plan
 
 __all__ = ["Ops", "get_ops", "ops_for_array"]
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-_DTYPE_NAMES: dict[Any, str] = {}
-
-
-def _is_torch_dtype(dtype: Any) -> bool:
-    return type(dtype).__module__ == "torch"
 
 
 class Ops:
@@ -83,11 +77,7 @@ class Ops:
         >>> get_ops("numpy").dtype_name(np.zeros(2, dtype="float32"))
         'float32'
         """
-        dtype = x.dtype
-        name = _DTYPE_NAMES.get(dtype)
-        if name is None:  # NumPy's dtype.name is computed in Python on every access: remember it
-            name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "") if _is_torch_dtype(dtype) else dtype.name
-        return name
+        return dtype_name(x)
 
     def asarray(self, x: Any, dtype: str | None = None, like: Any = None) -> Any:
         """An array of this backend from ``x`` (any array or nested list).
@@ -112,7 +102,7 @@ class Ops:
         >>> get_ops("numpy").to_numpy(np.ones(2))
         array([1., 1.])
         """
-        return np.asarray(x)
+        return to_numpy(x)
 
     def concat_ones(self, x: Any) -> Any:
         """Append a column of ones on the last axis (the bias input).
@@ -629,7 +619,7 @@ class TorchOps(Ops):
 
         self.xp = torch
         self._torch = torch
-        _ARRAY_TYPES.append((torch.Tensor, "pytorch"))
+        register_array_type(torch.Tensor, "pytorch")
 
     def is_array(self, x: Any) -> bool:
         return isinstance(x, self._torch.Tensor)
@@ -651,11 +641,6 @@ class TorchOps(Ops):
         if dtype is not None and out.dtype != self.dtype(dtype):
             out = out.to(self.dtype(dtype))
         return out
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        if x.dtype == self._torch.bfloat16:
-            x = x.float()
-        return x.detach().cpu().numpy()
 
     def concat_ones(self, x: Any) -> Any:
         return self._torch.nn.functional.pad(x, (0, 1), value=1.0)  # one operation (cat needs a ones array)
@@ -759,7 +744,7 @@ class JaxOps(Ops):
 
         self.xp = jnp
         self._jax = jax
-        _ARRAY_TYPES.append((jax.Array, "jax"))
+        register_array_type(jax.Array, "jax")
 
     def is_array(self, x: Any) -> bool:
         return isinstance(x, self._jax.Array)
@@ -777,11 +762,6 @@ class JaxOps(Ops):
         if dtype is None:
             return self.xp.asarray(x)
         return self.xp.asarray(x, dtype=self.dtype(dtype))
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        if x.dtype == self.xp.bfloat16:
-            x = x.astype(self.xp.float32)
-        return np.asarray(x)
 
     def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
         # lax.top_k puts the lower index first among equal values
@@ -849,7 +829,7 @@ def _ops(name: str) -> Ops:
     # but not through cache wrappers
     ops = _INSTANCES.get(name)
     if ops is None:
-        _load(name)
+        load(name)
         ops = _INSTANCES.setdefault(name, _CLASSES[name]())
     return ops
 
@@ -862,7 +842,7 @@ def get_ops(name: str | None = None) -> Ops:
     >>> get_ops("numpy").name
     'numpy'
     """
-    return _ops(get_backend() if name is None else _normalise(name, "name"))
+    return _ops(get_backend() if name is None else canonical_name(name, "name"))
 
 
 def ops_for_array(x: Any) -> str | None:
@@ -878,21 +858,4 @@ def ops_for_array(x: Any) -> str | None:
     >>> ops_for_array([1.0]) is None
     True
     """
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    # the frameworks' array classes, once their backend is loaded: isinstance is
-    # traceable by torch.compile (string methods on module names are not)
-    for cls, name in _ARRAY_TYPES:
-        if isinstance(x, cls):
-            return name
-    module = type(x).__module__
-    if module == "torch" or module.startswith("torch."):
-        return "pytorch"
-    if module.startswith(("jax.", "jaxlib.")) or module in ("jax", "jaxlib"):
-        return "jax"
-    return None
-
-
-#: (array class, backend name) of the frameworks loaded so far (filled by their Ops)
-_ARRAY_TYPES: list[tuple[type, str]] = []
-
+    return backend_of(x)
