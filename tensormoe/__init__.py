@@ -34,7 +34,7 @@ from .routers import DenseRouter, ExpertChoiceRouter, Router, Routing, SoftRoute
 __version__ = "0.1.0"
 
 #: Submodules imported when first used as an attribute (PEP 562), not by ``import tensormoe``.
-_LAZY_SUBMODULES = ("cli", "io", "jax", "numerics", "torch")
+_LAZY_SUBMODULES = ("cli", "frameworks", "io", "jax", "numerics", "ops", "torch")
 
 
 def __getattr__(name: str):

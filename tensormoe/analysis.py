@@ -75,7 +75,7 @@ from . import gates as _gates
 from . import routers as _routers
 from .layer import MMoE, layer_from_config
 from ._array import backend_of, dtype_name, to_numpy
-from .ops import get_ops
+from .frameworks import get_ops
 from .validation import check_index, describe, is_int
 
 __all__ = [
@@ -1165,9 +1165,9 @@ def _masked_routing_weights(layer: MMoE, ops: Any, routing: _routers.Routing, le
                              f"removing {len(set(experts))} of {n} leaves fewer")
         probs = _gates.softmax(masked, ops=ops)
         _, indices = ops.top_k(masked, router.k)
-        weights = ops.take_last(probs, indices)
+        weights = ops.xp.take_along_axis(probs, indices, axis=-1)
         if router.renormalize:
-            weights = weights / ops.sum(weights)
+            weights = weights / ops.xp.sum(weights, axis=-1, keepdims=True)
         return _routers.Routing(weights=weights, indices=indices).to_dense(n)
     raise ValueError(
         f"mode='before' supports dense (entmax15, softmax, sparsemax) and top-k routers; level {level} uses "

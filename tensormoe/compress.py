@@ -38,7 +38,7 @@ from .backend import backend_context
 from .contraction import contract
 from .factorizations import Factorization, check_positive_int
 from .layer import MMoE, make_layer
-from .ops import get_ops
+from .frameworks import get_ops
 from .ranks import match_rank
 
 __all__ = ["Compressed", "from_dense", "from_linear"]

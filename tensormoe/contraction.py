@@ -39,7 +39,7 @@ import numpy as np
 import opt_einsum
 
 from . import lowering
-from ._array import backend_of
+from ._array import backend_of, dtype_name
 from .backend import canonical_name
 from .validation import as_list, describe, is_int
 
@@ -53,6 +53,7 @@ __all__ = [
     "check_optimizer",
     "clear_cache",
     "contract",
+    "execute",
     "get_plan",
 ]
 
@@ -572,11 +573,11 @@ def cached_program(equation: str, operands: Any, backend: str, dtype: str, optim
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> x, w = np.ones((3, 2)), np.ones((2, 4))
     >>> cached_program("ib,bo->io", [x, w], "numpy", "float64", "auto", "i", "numpy") is None
     True
-    >>> y = get_ops("numpy").contract("ib,bo->io", [x, w], batch="i")  # plans, times, runs
+    >>> y = execute(get_ops("numpy"), "ib,bo->io", [x, w], batch="i")  # plans, times, runs
     >>> cached_program("ib,bo->io", [np.ones((7, 2)), w], "numpy", "float64", "auto", "i", "numpy") is not None
     True
     """
@@ -595,3 +596,37 @@ def cached_program(equation: str, operands: Any, backend: str, dtype: str, optim
     program = None if plan is None or not plan.tuned else plan.program
     # a program that has run is compiled to plain code (compiling it is not traceable)
     return program if program is not None and einsum_backend in program._compiled else None
+
+
+def execute(ops: Any, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
+    """Contract ``operands``, arrays of the framework of ``ops``, along ``equation`` with the plan of their shapes.
+
+    The layers' per-call path: the plan is looked up (searched on the first call),
+    its candidate programs are timed once (:meth:`Plan.tune`, through
+    ``ops.tune``), and the chosen program runs.  ``batch`` names the index of the
+    rows, whose number may change from call to call: one plan then serves every
+    number of rows.  Under ``torch.compile`` the program of a plan found before
+    is traced like hand-written code; a contraction never planned goes to
+    ``einsum``, which plans its path once, when tracing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensormoe.frameworks import get_ops
+    >>> execute(get_ops("numpy"), "ab,bc->ac", [np.ones((5, 3)), np.ones((3, 4))], batch="a").shape
+    (5, 4)
+    """
+    if ops.is_compiling():
+        program = cached_program(equation, operands, ops.name, dtype_name(operands[-1]), optimize, batch,
+                                 ops.einsum_backend)
+        if program is not None:
+            return program(*operands, backend=ops.einsum_backend)
+        return ops.xp.einsum(equation, *operands)
+    plan = get_plan(equation, *(tuple(o.shape) for o in operands), backend=ops.name, dtype=dtype_name(operands[-1]),
+                    optimize=optimize, batch=batch)
+    if not plan.tuned:
+        ops.tune(plan, operands)
+    program = plan.program  # the operands have the plan's shapes: no need for Plan.__call__'s checks
+    if program is None:
+        return plan.expression(*operands, backend=ops.einsum_backend)
+    return program(*operands, backend=ops.einsum_backend)

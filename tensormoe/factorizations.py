@@ -273,7 +273,7 @@ class Factorization:
         Examples
         --------
         >>> import numpy as np
-        >>> from tensormoe.ops import get_ops
+        >>> from tensormoe.frameworks import get_ops
         >>> f = CP([1000, 5, 6], rank=3, n_expert_modes=1)
         >>> p = f.init(np.random.default_rng(0), std=0.1)
         >>> [g.shape for g in f.gather_params(p, {0: np.array([[7, 9]])}, get_ops("numpy"))]
@@ -286,13 +286,13 @@ class Factorization:
             value = params[name]
             if levels:
                 axes = [letters.index(self.mode_symbol(h)) for h in levels]
-                value = ops.moveaxis(value, axes, range(len(axes)))
+                value = ops.xp.moveaxis(value, tuple(axes), tuple(range(len(axes))))
                 index = []
                 for j, h in enumerate(levels):
                     idx = indices[h]
                     shape = [idx.shape[0]] + [1] * len(levels)
                     shape[1 + j] = idx.shape[1]
-                    index.append(ops.reshape(idx, tuple(shape)))
+                    index.append(ops.xp.reshape(idx, tuple(shape)))
                 value = ops.gather(value, tuple(index))
             out.append(value)
         return out

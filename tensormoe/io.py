@@ -68,7 +68,7 @@ from . import validation as _v
 from ._array import backend_of, dtype_name, to_numpy
 from .backend import backend_context, get_backend
 from .layer import LAYERS, MMoE, convert_params
-from .ops import get_ops
+from .frameworks import get_ops
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "layer_from_file", "read_config", "save"]
 

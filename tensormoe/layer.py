@@ -29,9 +29,9 @@ from . import routers as _routers
 from . import validation as _v
 from ._array import backend_of, dtype_name, to_numpy
 from .backend import canonical_name, get_backend
-from .contraction import Plan, check_optimizer, get_plan
+from .contraction import Plan, check_optimizer, execute, get_plan
 from .factorizations import CP, TR, TT, Factorization, Tucker
-from .ops import Ops, get_ops
+from .frameworks import Ops, get_ops
 from .validation import check_positive_int
 
 __all__ = [
@@ -474,16 +474,16 @@ class MMoE:
         """Rows of ``x`` as a matrix, each level's coefficients, and the (bias-extended) input."""
         lead = tuple(x.shape[:-1])
         rows = math.prod(lead)
-        x2 = ops.reshape(x, (rows, self.in_dim))
+        x2 = ops.xp.reshape(x, (rows, self.in_dim))
         if coefficients is None:
             coeffs = self._gate(ops, params, x2)
         else:
-            coeffs = [ops.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
+            coeffs = [ops.xp.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
         return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
 
     def _contract(self, ops: Ops, equation: str, operands: list[Any], rows: bool = True) -> Any:
         # rows: the operands carry the batch index, whose size changes from call to call (one plan for all)
-        return ops.contract(equation, operands, self.optimize, self.factorization.batch_symbol if rows else None)
+        return execute(ops, equation, operands, self.optimize, self.factorization.batch_symbol if rows else None)
 
     def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
         """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
@@ -510,12 +510,12 @@ class MMoE:
         if coefficients is not None:
             _, coeffs, xin = self._flat(ops, params, x, coefficients)
             y = self._contract_levels(ops, params, xin, [(a, None) for a in coeffs], dense)
-            return ops.reshape(y, (*lead, self.out_dim)), None
+            return ops.xp.reshape(y, (*lead, self.out_dim)), None
         g, t = _routers.group_shape(lead)
-        x3 = ops.reshape(x, (g, t, self.in_dim))
+        x3 = ops.xp.reshape(x, (g, t, self.in_dim))
         if routing is None:
             soft = next((h for h, r in enumerate(self.routers) if r.soft), None)
-            mask3 = None if mask is None else ops.reshape(mask, (g, t))
+            mask3 = None if mask is None else ops.xp.reshape(mask, (g, t))
             routing, rows = self._route(ops, params, x3, mask3, noise, statistics)
         else:
             soft = next((h for h, r in enumerate(routing) if r.is_soft), None)
@@ -528,18 +528,18 @@ class MMoE:
             if h == soft:
                 slots = rows.shape[1]
                 index = _routers.slot_experts(ops, g, slots, slots // n, like=x)
-                levels.append((ops.zeros((n_rows, 1), like=x) + 1, index))
+                levels.append((ops.xp.ones((n_rows, 1), dtype=x.dtype, device=ops.device(x)), index))
             elif r.is_sparse:
                 k = r.weights.shape[-1]
-                levels.append((ops.reshape(r.weights, (n_rows, k)), ops.reshape(r.indices, (n_rows, k))))
+                levels.append((ops.xp.reshape(r.weights, (n_rows, k)), ops.xp.reshape(r.indices, (n_rows, k))))
             else:
-                levels.append((ops.reshape(r.weights, (n_rows, n)), None))
-        xin = ops.reshape(rows, (n_rows, self.in_dim))
+                levels.append((ops.xp.reshape(r.weights, (n_rows, n)), None))
+        xin = ops.xp.reshape(rows, (n_rows, self.in_dim))
         xin = ops.concat_ones(xin) if self.bias else xin
-        y = ops.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
+        y = ops.xp.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
         if soft is not None:
             y = _routers.soft_combine(ops, routing[soft], y)
-        y = ops.reshape(y, (*lead, self.out_dim))
+        y = ops.xp.reshape(y, (*lead, self.out_dim))
         if not want_routing:
             return y, None
         slot_lead = (*lead[:-1], rows.shape[1])
@@ -569,12 +569,12 @@ class MMoE:
         path of the default layers.
         """
         lead = tuple(x.shape[:-1])
-        x2 = x if len(lead) == 1 else ops.reshape(x, (math.prod(lead), self.in_dim))
+        x2 = x if len(lead) == 1 else ops.xp.reshape(x, (math.prod(lead), self.in_dim))
         coeffs = [router.route(ops, self._level_params(params, h), x2).weights for h, router in enumerate(self.routers)]
         xin = ops.concat_ones(x2) if self.bias else x2
         operands = [*coeffs, xin, *self.factorization.gather_params(params, {}, ops)]
         y = self._contract(ops, self.factorization.forward_equation(), operands)
-        return y if len(lead) == 1 else ops.reshape(y, (*lead, self.out_dim))
+        return y if len(lead) == 1 else ops.xp.reshape(y, (*lead, self.out_dim))
 
     def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                               routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
@@ -588,8 +588,8 @@ class MMoE:
                  statistics: bool = True) -> tuple:
         lead = tuple(x.shape[:-1])
         g, t = _routers.group_shape(lead)
-        mask3 = None if mask is None else ops.reshape(mask, (g, t))
-        routing, rows = self._route(ops, params, ops.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
+        mask3 = None if mask is None else ops.xp.reshape(mask, (g, t))
+        routing, rows = self._route(ops, params, ops.xp.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
         soft = any(r.is_soft for r in routing)
         slot_lead = (*lead[:-1], rows.shape[1])
         return tuple(_routers.ungroup(ops, r, slot_lead if soft and not r.is_soft else lead) for r in routing)
@@ -699,8 +699,8 @@ class MMoE:
                 if backend_of(r.indices) != ops.name or "int" not in dtype_name(r.indices):
                     raise TypeError(f"{where}.indices must be an integer array of the {ops.name} backend; "
                                     f"got {type(r.indices).__name__} of dtype {getattr(r.indices, 'dtype', None)}")
-                if ops.is_concrete(r.indices):
-                    values = ops.to_numpy(r.indices)
+                if not ops.is_tracer(r.indices):
+                    values = to_numpy(r.indices)
                     if values.size and (values.min() < 0 or values.max() >= n):
                         raise ValueError(f"{where}.indices must lie in [0, {n}); got values in "
                                          f"[{values.min()}, {values.max()}]")

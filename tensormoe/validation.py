@@ -522,7 +522,7 @@ def check_array(
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> check_array(np.ones((2, 4), dtype="int64"), get_ops("numpy"), "x", last=4)
     Traceback (most recent call last):
     ...
@@ -587,7 +587,7 @@ def check_coefficients(
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> check_coefficients([np.ones((2, 3))], [4], (2,), get_ops("numpy"), "float64")
     Traceback (most recent call last):
     ...
@@ -698,7 +698,7 @@ def check_finite(x: Any, ops: Any, argument: str) -> None:
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> check_finite(np.array([1.0, np.nan, np.inf]), get_ops("numpy"), "x")
     Traceback (most recent call last):
     ...
