@@ -35,8 +35,8 @@ import numpy as np
 
 from ._array import backend_of, to_numpy
 from .backend import backend_context
-from .contraction import contract
-from .factorizations import Factorization, check_positive_int
+from .network.contraction import contract
+from .network.factorizations import Factorization, check_positive_int
 from .layer import MMoE, make_layer
 from .frameworks import get_ops
 from .ranks import match_rank

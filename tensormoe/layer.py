@@ -2,7 +2,7 @@
 
 A layer object holds its configuration (dims, factorization, gate) and, for
 convenience, one set of parameters in :attr:`MMoE.params`.  The math lives in
-:mod:`tensormoe.factorizations` (the network), :mod:`tensormoe.contraction` (the
+:mod:`tensormoe.network.factorizations` (the network), :mod:`tensormoe.network.contraction` (the
 planned einsum) and :mod:`tensormoe.gates`; this module wires them together and
 checks what users pass in.
 
@@ -29,8 +29,8 @@ from . import routers as _routers
 from . import validation as _v
 from ._array import backend_of, dtype_name, to_numpy
 from .backend import canonical_name, get_backend
-from .contraction import Plan, check_optimizer, execute, get_plan
-from .factorizations import CP, TR, TT, Factorization, Tucker
+from .network.contraction import Plan, check_optimizer, execute, get_plan
+from .network.factorizations import CP, TR, TT, Factorization, Tucker
 from .frameworks import Ops, get_ops
 from .validation import check_positive_int
 

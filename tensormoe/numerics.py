@@ -38,7 +38,7 @@ import opt_einsum
 
 from ._array import backend_of, to_numpy
 from .backend import get_backend
-from .contraction import get_plan
+from .network.contraction import get_plan
 from .validation import check_dtype, check_params, describe
 
 __all__ = ["UNIT_ROUNDOFF", "forward_error_bound", "rounding_count", "unit_roundoff"]

@@ -36,7 +36,7 @@ well), that also carries the auxiliary outputs used to train routers:
 Padding tokens given by a ``mask`` (true or one for real tokens) get zero weights
 and are left out of all losses and statistics.
 
-All routers are written once against :mod:`tensormoe.ops`, so every backend
+All routers are written once against :mod:`tensormoe.frameworks`, so every backend
 selects the same experts (ties go to the lower index everywhere).
 """
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._array import dtype_name, to_numpy
 from . import _kernels
-from ..contraction import execute
+from ..network.contraction import execute
 
 __all__ = ["Ops", "namespace"]
 
@@ -263,7 +263,7 @@ class Ops:
     def sparse_gate(self, z: Any, gate: str) -> Any:
         """``gate`` (``"entmax15"`` or ``"sparsemax"``) of float32 or float64 CPU logits by the fused C kernel.
 
-        Where :attr:`fused_gates` holds and the extension is built (see
+        Where ``fused_gates`` holds and the extension is built (see
         :data:`tensormoe.gates.KERNEL_AVAILABLE`); :mod:`tensormoe.gates` decides when.
 
         Examples
@@ -346,7 +346,7 @@ class Ops:
         return fn
 
     def contract(self, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
-        """Contract ``operands`` along ``equation`` with the cached plan of their shapes (:func:`tensormoe.contraction.execute`).
+        """Contract ``operands`` along ``equation`` with the cached plan of their shapes (:func:`tensormoe.network.contraction.execute`).
 
         Examples
         --------
