@@ -134,10 +134,10 @@ _NEWTON_FROM = {"entmax15": 2**16, "sparsemax": 2**18}
 
 def _kernel_misfit(ops: Ops, z: Any) -> str | None:
     """Why the fused kernel cannot run on ``z`` (``None`` when it can)."""
-    if _kernels.KERNEL is None:
-        return "the extension tensormoe._sparse_gates is not built (reinstall tensormoe where a C compiler is found)"
     if ops.name not in ("numpy", "pytorch"):
         return f"it runs on NumPy and PyTorch arrays, not on the {ops.name} backend"
+    if _kernels.KERNEL is None:
+        return "the extension tensormoe._sparse_gates is not built (reinstall tensormoe where a C compiler is found)"
     if getattr(ops.device(z), "type", "cpu") != "cpu":
         return f"it runs on the CPU; z is on {ops.device(z)}"
     dtype = ops.dtype_name(z)
