@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import tensormoe
-from tensormoe.ops import get_ops
+from harness import Backend
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'backend':8} {'CP N=1024':>10} {'CP N=128':>10} {'dense N=128':>12} {'dense/CP(128)':>14} {'dense(128)/CP(1024)':>20}")
     for backend in tensormoe.available_backends():
         with tensormoe.backend_context(backend):
-            ops = get_ops()
-            x = ops.asarray(x_np, "float32")
+            x = Backend(backend).array(x_np.astype("float32"))
             big = tensormoe.CPMMoE(768, 768, [1024], rank=256)
             small = tensormoe.CPMMoE(768, 768, [128], rank=256)
             t_big = median_ms(lambda: big(x), args.repeats)

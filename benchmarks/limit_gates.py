@@ -44,19 +44,19 @@ def _shift(z: np.ndarray, gate: str) -> np.ndarray:
     return z / 2 if gate == "entmax15" else z
 
 
-def _tau_sorted(zs: np.ndarray, gate: str) -> np.ndarray:
-    """Threshold from the shifted logits ``zs`` sorted in descending order (a prefix of them suffices when
-    the support lies inside it); also returns the support size."""
-    k = np.arange(1, zs.shape[-1] + 1, dtype=zs.dtype)
-    cs = np.cumsum(zs, -1)
+def _tau_sorted(zs: Any, gate: str, xp: Any = np) -> tuple[Any, Any]:
+    """Threshold and support size from the shifted logits ``zs`` sorted in descending order (a prefix of them
+    suffices when the support lies inside it); ``xp`` is ``numpy`` or ``jax.numpy``."""
+    k = xp.arange(1, zs.shape[-1] + 1, dtype=zs.dtype)
+    cs = xp.cumsum(zs, -1)
     if gate == "sparsemax":
-        size = np.maximum((1 + k * zs > cs).sum(-1, keepdims=True), 1)
-        return (np.take_along_axis(cs, size - 1, -1) - 1) / size.astype(zs.dtype), size
+        size = xp.maximum((1 + k * zs > cs).sum(-1, keepdims=True), 1)
+        return (xp.take_along_axis(cs, size - 1, -1) - 1) / size.astype(zs.dtype), size
     mean = cs / k
-    ss = k * (np.cumsum(zs * zs, -1) / k - mean * mean)
-    tau = mean - np.sqrt(np.maximum((1 - ss) / k, 0))
-    size = np.maximum((tau <= zs).sum(-1, keepdims=True), 1)
-    return np.take_along_axis(tau, size - 1, -1), size
+    ss = k * (xp.cumsum(zs * zs, -1) / k - mean * mean)
+    tau = mean - xp.sqrt(xp.maximum((1 - ss) / k, 0))
+    size = xp.maximum((tau <= zs).sum(-1, keepdims=True), 1)
+    return xp.take_along_axis(tau, size - 1, -1), size
 
 
 def _activate(z: np.ndarray, tau: np.ndarray, gate: str) -> np.ndarray:
@@ -215,7 +215,7 @@ def _jax_candidates() -> dict[str, Callable]:
     def sort(z: Any, gate: str) -> Any:
         z = shift(z, gate)
         zs = -jnp.sort(-jax.lax.stop_gradient(z), -1)
-        _, size = _jax_tau_sorted(zs, gate)
+        _, size = _tau_sorted(zs, gate, jnp)
         member = z >= jnp.take_along_axis(zs, size - 1, -1)
         return activate(z, on_support(z, member, gate), gate)
 
@@ -243,21 +243,6 @@ def _jax_candidates() -> dict[str, Callable]:
         "sort": jax.jit(sort, static_argnums=1),
         "newton": jax.jit(newton, static_argnums=1),
     }
-
-
-def _jax_tau_sorted(zs: Any, gate: str) -> tuple[Any, Any]:
-    import jax.numpy as jnp
-
-    k = jnp.arange(1, zs.shape[-1] + 1, dtype=zs.dtype)
-    cs = jnp.cumsum(zs, -1)
-    if gate == "sparsemax":
-        size = jnp.maximum((1 + k * zs > cs).sum(-1, keepdims=True), 1)
-        return (jnp.take_along_axis(cs, size - 1, -1) - 1) / size, size
-    mean = cs / k
-    ss = k * (jnp.cumsum(zs * zs, -1) / k - mean * mean)
-    tau = mean - jnp.sqrt(jnp.maximum((1 - ss) / k, 0))
-    size = jnp.maximum((tau <= zs).sum(-1, keepdims=True), 1)
-    return jnp.take_along_axis(tau, size - 1, -1), size
 
 
 # -- choosing the limit's gate ------------------------------------------------------------------------
@@ -298,10 +283,4 @@ def fastest(backend: str, gate: str, z: Any, to_numpy: Callable, timer: Callable
         record[name]["min_ms"] = t["min_ms"]
     best = min(times, key=lambda k: times[k]["min_ms"])
     return best, (lambda z, f=exact[best]: f(z, gate)), record
-
-
-def softmax_rows(z: np.ndarray) -> np.ndarray:
-    """Softmax in NumPy (the gates table's unit)."""
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 

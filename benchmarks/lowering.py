@@ -15,7 +15,8 @@ import numpy as np
 import opt_einsum as oe
 
 import tensormoe as tm
-from tensormoe.ops import get_ops
+from cases import with_ones
+from harness import EINSUM_NAMES, Backend
 
 
 def side_by_side(f, g, n=200):
@@ -47,19 +48,19 @@ def main() -> None:
         if be == "jax":
             continue  # under jax.jit XLA compiles either into one program
         tm.set_backend(be)
-        ops = get_ops(be)
+        backend = Backend(be)
         for name, make in LAYERS.items():
             layer = make()
             p = layer.params
             for batch in (1, 64):
-                x = ops.asarray(rng.standard_normal((batch, 768)).astype("float32"))
-                operands = [*layer.coefficients(p, x), ops.concat_ones(x), *(p[k] for k in layer.factorization.network())]
+                x = backend.array(rng.standard_normal((batch, 768)).astype("float32"))
+                operands = [*layer.coefficients(p, x), with_ones(x), *(p[k] for k in layer.factorization.network())]
                 eq = layer.factorization.forward_equation()
                 shapes = [tuple(o.shape) for o in operands]
-                ops.contract(eq, operands)  # plan, lower and time the candidates once
                 plan = tm.get_plan(eq, *shapes, backend=be)
+                backend.tune(plan, operands)  # time the lowered candidates once, as a layer does
                 expression = oe.contract_expression(eq, *shapes, optimize=oe.contract_path(eq, *shapes, shapes=True)[0])
-                old, new = side_by_side(lambda: expression(*operands, backend=ops.einsum_backend),
+                old, new = side_by_side(lambda: expression(*operands, backend=EINSUM_NAMES[be]),
                                         lambda: plan(*operands, backend=be))
                 print(f"| {be} | {name} | {batch} | {old:.3f} | {new:.3f} | {old / new:.1f}x |")
 

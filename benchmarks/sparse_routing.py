@@ -19,8 +19,7 @@ import time
 import numpy as np
 
 import tensormoe
-from tensormoe.routers import Routing
-from tensormoe.ops import get_ops
+from harness import Backend
 
 CONFIGS = [[1024], [16384], [65536], [1024, 1024]]
 
@@ -59,18 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     with tensormoe.backend_context(args.backend):
-        ops = get_ops()
+        be = Backend(tensormoe.get_backend())
         for dims in CONFIGS:
             layer = tensormoe.CPMMoE(args.dim, args.dim, dims, rank=args.rank)
-            x = ops.asarray(rng.normal(size=(args.batch, args.dim)), "float32")
+            x = be.array(rng.normal(size=(args.batch, args.dim)).astype("float32"))
             routing, dense = [], []
             for n in dims:
                 index = np.argsort(rng.random((args.batch, n)), axis=-1)[:, : args.k]
                 weights = rng.dirichlet(np.ones(args.k), size=args.batch)
                 full = np.zeros((args.batch, n))
                 np.put_along_axis(full, index, weights, axis=-1)
-                routing.append(Routing(ops.asarray(weights, "float32"), ops.asarray(index)))
-                dense.append(ops.asarray(full, "float32"))
+                routing.append(tensormoe.Routing(be.array(weights.astype("float32")), be.array(index)))
+                dense.append(be.array(full.astype("float32")))
             f = layer.factorization
             operand_shapes = [(args.batch, args.dim + 1), *f.param_shapes().values()]
             dense_plan = layer.plan(args.batch)
@@ -82,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             t_dense = timed(lambda: layer.apply(None, x, coefficients=dense), args.repeat)
             t_sparse = timed(lambda: layer.apply(None, x, routing=routing), args.repeat)
-            diff = np.abs(ops.to_numpy(layer.apply(None, x, coefficients=dense))
-                          - ops.to_numpy(layer.apply(None, x, routing=routing))).max()
+            diff = np.abs(be.numpy(layer.apply(None, x, coefficients=dense))
+                          - be.numpy(layer.apply(None, x, routing=routing))).max()
             label = " x ".join(map(str, dims)) + f" = {np.prod(dims):,}"
             print(f"| {label} | {dense_plan.flops / 1e9:.3f} | {t_dense * 1e3:.2f} "
                   f"| {sparse_plan.flops / 1e9:.3f} | {t_sparse * 1e3:.2f} | {diff:.1e} |")

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 import tensormoe
-from helpers import BACKENDS, to_numpy
-from tensormoe.layer import make_layer
-from tensormoe.ops import get_ops
+from helpers import BACKENDS
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -33,6 +31,9 @@ def _load(name: str):
 
 chains = _load("chains")
 limit_gates = _load("limit_gates")
+harness = _load("harness")
+cases = _load("cases")
+to_numpy = harness.to_numpy
 
 # (kind, expert_dims, ranks, bias): hierarchy 1 and 2 for every format, bias on and off, ranks not all equal
 CONFIGS = [
@@ -51,17 +52,17 @@ CONFIGS = [
 def test_hand_chain_equals_layer_and_dense_reference(backend, kind, dims, ranks, bias):
     """The limit (a gate candidate of limit_gates, the framework's LayerNorm, the hand chain; no tensormoe code)
     computes what the layer computes."""
-    ops = get_ops()
+    be = harness.Backend(backend)
     rng = np.random.default_rng(len(dims) * 10 + bias)
-    layer = make_layer(kind, 6, 5, dims, ranks, bias=bias, gate="sparsemax", seed=3)
+    layer = cases.make_layer(kind, 6, 5, dims, ranks, bias=bias, gate="sparsemax", seed=3)
     params = dict(layer.params)
     for h, n in enumerate(dims):  # random gates: the sparse coefficients are not uniform
-        params[f"gate_{h}"] = ops.asarray(rng.normal(size=(6, n)), "float32")
-    x = ops.asarray(rng.normal(size=(7, 6)), "float32")
+        params[f"gate_{h}"] = be.array(rng.normal(size=(6, n)).astype("float32"))
+    x = be.array(rng.normal(size=(7, 6)).astype("float32"))
     gate = limit_gates.candidates(backend)["numpy-sort" if backend == "pytorch" else "sort"]  # a full sort
     # one compiled program on JAX (the layer's own jit inlines), plain calls elsewhere
-    run = ops.compile(lambda p, x: (chains.limit_forward(layer, p, x, lambda z: gate(z, "sparsemax")),
-                                    layer.apply(p, x), layer.dense_forward(p, x)))
+    run = be.compile(lambda p, x: (chains.limit_forward(layer, p, x, lambda z: gate(z, "sparsemax")),
+                                   layer.apply(p, x), layer.dense_forward(p, x)))
     limit, planned, dense = (to_numpy(y) for y in run(params, x))
     assert np.abs(planned).max() > 1e-3  # a non-trivial output
     np.testing.assert_allclose(limit, planned, rtol=1e-4, atol=1e-5)
@@ -72,7 +73,7 @@ def test_hand_chain_equals_layer_and_dense_reference(backend, kind, dims, ranks,
 def test_limit_gate_candidates_are_exact_and_differentiable(backend, gate):
     """Each candidate of the limit's gate equals the float64 reference (rows up to 300 experts, ties, scales),
     and on PyTorch and JAX its gradient is the closed-form Jacobian-vector product."""
-    ops = get_ops()
+    be = harness.Backend(backend)
     rng = np.random.default_rng(8)
     z = rng.normal(size=(6, 300)) * np.array([[0.01], [0.3], [1.0], [3.0], [30.0], [1.0]])
     z[5] = np.round(z[5])  # ties
@@ -82,7 +83,7 @@ def test_limit_gate_candidates_are_exact_and_differentiable(backend, gate):
     s = np.sqrt(ref) if gate == "entmax15" else (ref > 0).astype(float)
     grad_ref = s * w - s * (s * w).sum(-1, keepdims=True) / s.sum(-1, keepdims=True)
     for name, f in limit_gates.candidates(backend).items():
-        np.testing.assert_allclose(to_numpy(f(ops.asarray(z32), gate)), ref, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(to_numpy(f(be.array(z32), gate)), ref, atol=2e-6, err_msg=name)
         if backend == "pytorch":
             import torch
 
@@ -98,16 +99,16 @@ def test_limit_gate_candidates_are_exact_and_differentiable(backend, gate):
 
 
 def test_the_limit_calls_no_tensormoe_code():
-    """benchmarks/chains.py and limit_gates.py import nothing of tensormoe (the limit is independent of it)."""
-    for name in ("chains", "limit_gates"):
+    """benchmarks/chains.py and limit_gates.py import nothing of tensormoe (the limit is independent of it),
+    nor does the harness that times it."""
+    for name in ("chains", "limit_gates", "harness"):
         source = (BENCH / f"{name}.py").read_text()
         assert "tensormoe" not in "".join(line for line in source.splitlines() if "import" in line), name
 
 
 def test_hand_chain_with_given_coefficients_matches_dense_einsum():
     # independent of the layer's forward: the CP chain against an explicit einsum through W
-    layer = make_layer("cp", 4, 3, [5, 2], 3, seed=1)
-    ops = get_ops("numpy")
+    layer = cases.make_layer("cp", 4, 3, [5, 2], 3, seed=1)
     rng = np.random.default_rng(0)
     p = {k: np.asarray(v, np.float64) for k, v in layer.params.items()}
     a = [rng.random((6, 5)), rng.random((6, 2))]
@@ -118,8 +119,7 @@ def test_hand_chain_with_given_coefficients_matches_dense_einsum():
 
 
 def test_million_rank_makes_about_four_linear_layers():
-    run = _load("run")
-    r = run.million_rank(768, 768, [1024, 1024])
+    r = cases.million_rank(768, 768, [1024, 1024])
     layer = tensormoe.CPMMoE(768, 768, [1024, 1024], rank=r)
     c = layer.cost(64)
     assert 3.5 <= c.flops / c.linear_flops <= 4.5

@@ -248,11 +248,11 @@ class Ops:
         >>> get_ops("numpy").kernel_misfit(np.zeros((2, 3), dtype="float16"))
         'it computes in float32 or float64 (half precision is cast to float32 first); z is float16'
         """
+        if not self.fused_gates:
+            return f"it runs on NumPy and PyTorch arrays, not on the {self.name} backend"
         if _kernels.KERNEL is None:
             return ("the extension tensormoe.frameworks._sparse_gates is not built (reinstall tensormoe where a C "
                     "compiler is found)")
-        if not self.fused_gates:
-            return f"it runs on NumPy and PyTorch arrays, not on the {self.name} backend"
         if getattr(self.device(z), "type", "cpu") != "cpu":
             return f"it runs on the CPU; z is on {self.device(z)}"
         dtype = dtype_name(z)
