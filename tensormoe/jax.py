@@ -6,7 +6,7 @@ core, gates) and whose static part is the functional layer
 straight through ``jax.jit`` and differentiated with ``jax.grad``; gradients
 come back as a layer of the same structure, and an optimizer step is a
 ``jax.tree_util.tree_map``.  The forward is the functional layer's own
-(:meth:`tensormoe.layer.MMoE.apply` with ``backend="jax"``), whatever the global
+(:meth:`tensormoe.layers.MMoE.apply` with ``backend="jax"``), whatever the global
 backend flag says.
 
 The static part compares equal between layers of the same configuration (seed
@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 
-from . import layer as _layer
+from . import layers as _layer
 from ._array import dtype_name
 from .backend import backend_context, load
 
@@ -197,7 +197,7 @@ class MMoE:
 
     # -- forward ---------------------------------------------------------------------
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
-        """The factorized forward pass with this layer's parameters (see :meth:`tensormoe.layer.MMoE.apply`)."""
+        """The factorized forward pass with this layer's parameters (see :meth:`tensormoe.layers.MMoE.apply`)."""
         return self.apply(self.params, x, coefficients)
 
     def apply(self, params: Mapping[str, Any], x: Any, coefficients: Sequence[Any] | None = None) -> Any:

@@ -3,7 +3,7 @@
 Each module holds its factors and gates as :class:`torch.nn.Parameter` in a
 :class:`torch.nn.ParameterDict` keyed like the functional layer's parameters
 (``params.factor_0``, ..., ``params.gate_0`` in the ``state_dict``), and its
-forward is the functional layer's own forward (:meth:`tensormoe.layer.MMoE.apply`),
+forward is the functional layer's own forward (:meth:`tensormoe.layers.MMoE.apply`),
 called with ``backend="pytorch"``: one planned contraction, autograd flowing
 through it, whatever the global backend flag says.  Nothing here re-implements
 the math.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layer as _layer
+from . import layers as _layer
 from ._array import dtype_name
 from .backend import backend_context
 
@@ -115,7 +115,7 @@ class MMoE(nn.Module):
         return dict(self.params._parameters)
 
     def forward(self, x: torch.Tensor, coefficients: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """The factorized forward pass ``y[..., out_dim]`` (see :meth:`tensormoe.layer.MMoE.apply`).
+        """The factorized forward pass ``y[..., out_dim]`` (see :meth:`tensormoe.layers.MMoE.apply`).
 
         Parameters
         ----------
@@ -172,7 +172,7 @@ class MMoE(nn.Module):
         return self.layer.factorization.to_dense(self._params(), backend=_BACKEND)
 
     def expert_weight(self, index: int | Sequence[int]) -> torch.Tensor:
-        """One expert's ``[I(+1), O]`` matrix without building ``W`` (see :meth:`tensormoe.layer.MMoE.expert_weight`).
+        """One expert's ``[I(+1), O]`` matrix without building ``W`` (see :meth:`tensormoe.layers.MMoE.expert_weight`).
 
         Examples
         --------
@@ -183,7 +183,7 @@ class MMoE(nn.Module):
 
     # -- description -----------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The functional layer's configuration (:meth:`tensormoe.layer.MMoE.config`), dtype as the parameters are now.
+        """The functional layer's configuration (:meth:`tensormoe.layers.MMoE.config`), dtype as the parameters are now.
 
         Examples
         --------
