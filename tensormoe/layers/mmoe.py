@@ -218,6 +218,7 @@ class MMoE:
         # the caches hold framework handles and compiled functions; they refill on use
         state = self.__dict__.copy()
         state["_compiled"] = {}
+        state["_store"] = self._store.copy()  # a copy's parameters are its own (a shell assigns its tensors)
         return state
 
     # -- parameters ---------------------------------------------------------------

@@ -108,6 +108,12 @@ class ParamStore:
         # copy.deepcopy / pickle: the converted copies hold framework arrays; they refill on use
         return {**self.__dict__, "_converted": {}}
 
+    def copy(self) -> ParamStore:
+        """A store of the same parameters whose later assignments do not reach this one."""
+        out = ParamStore(self.shapes, self.dtype)
+        out.params, out.backend = dict(self.params), self.backend
+        return out
+
     def check(self, params: Any, *, dtype: str | None = None, backend: str | None = None) -> Mapping[str, Any]:
         """``params`` after checking names, shapes, dtype (default: the store's) and backend."""
         return _v.check_params(params, self.shapes, dtype=dtype, backend=backend)
