@@ -31,6 +31,7 @@ from ..network.contraction import Plan, check_optimizer, get_plan
 from ..network.factorizations import CP, TR, TT, Factorization, Tucker
 from ..validation import check_positive_int
 from . import forward as _forward
+from .accounting import factorization_cost
 from .config import LayerSpec, parse_expert_dims
 from .params import ParamStore, convert_params, init_params, param_shapes
 
@@ -702,7 +703,7 @@ class MMoE:
     def cost(self, batch_size: int = 1) -> Any:
         """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
 
-        Returns a frozen :class:`tensormoe.tools.accounting.Cost`; its FLOPs come from
+        Returns a frozen :class:`tensormoe.layers.accounting.Cost`; its FLOPs come from
         the same plan as :meth:`plan`, and the gates are counted separately.
 
         Examples
@@ -712,7 +713,6 @@ class MMoE:
         >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
         (True, True)
         """
-        from ..tools.accounting import factorization_cost  # the tools sit above the layers
 
         return factorization_cost(
             self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,
