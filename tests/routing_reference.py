@@ -10,6 +10,8 @@ on paper.
 * :func:`top_k` -- token-choice top-k with renormalisation, the second-expert policy (``k = 2``),
   capacity in position order with every token's first choice placed before any second choice, and
   the dropped-token counts.
+* :func:`capacity_keep_sorted` -- the same capacity as a stable sort (the jit-friendly form the spec
+  proposes), for comparison with the loop;
 * :func:`combine` -- a layer's output from per-expert outputs and a top-k routing, ``zero`` or
   ``pass-through`` for the tokens no expert processes.
 * :func:`product_key_brute_force` -- PEER's product-key retrieval as a joint top-k over all ``N``
@@ -126,6 +128,22 @@ def top_k(
         "dropped_tokens": int(sum(1 for t in range(n_tokens) if valid[t] and not kept[t].any())),
         "load": load,
     }
+
+
+def capacity_keep_sorted(indices: np.ndarray, asked: np.ndarray, cap: int, n_experts: int) -> np.ndarray:
+    """The spec's vectorised capacity (no loop over tokens): which asked slots ``[T, k]`` get a place.
+
+    Slots laid out slot-major, keyed by their expert (``n_experts`` for a slot not asked for), stably
+    sorted; a slot's place is its rank minus the start of its expert's run.  Equals the loop in
+    :func:`top_k`.
+    """
+    keys = np.where(asked, indices, n_experts).T.ravel()  # slot-major: every slot 0, then every slot 1, ...
+    order = np.argsort(keys, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=n_experts + 1))[:-1]])
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order)) - starts[keys[order]]
+    kept = (keys < n_experts) & (place < cap)
+    return kept.reshape(indices.shape[1], indices.shape[0]).T
 
 
 def combine(

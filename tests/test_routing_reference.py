@@ -108,6 +108,21 @@ def test_ties_go_to_the_lower_expert():
     np.testing.assert_allclose(r["weights"], [[0.5, 0.5]])
 
 
+def test_sorted_capacity_equals_the_loop():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        tokens, experts = int(rng.integers(1, 12)), int(rng.integers(2, 6))
+        k = int(rng.integers(1, 3))
+        policy = "threshold" if k == 2 and rng.random() < 0.5 else "all"
+        valid = rng.random(tokens) < 0.8
+        cap = int(rng.integers(0, tokens + 1))
+        logits = rng.normal(size=(tokens, experts))
+        loop = ref.top_k(logits, k, policy=policy, threshold=0.3, cap=cap, valid=valid)
+        free = ref.top_k(logits, k, policy=policy, threshold=0.3, valid=valid)  # asked: policy and padding only
+        got = ref.capacity_keep_sorted(free["indices"], free["kept"] > 0, cap, experts)
+        assert got.tolist() == (loop["kept"] > 0).tolist()
+
+
 def test_combine_zero_and_pass_through():
     routing = ref.top_k(LOGITS, 2, cap=2)  # token 2 dropped altogether (see above)
     # expert e gives token t the output [t + 1, 10 e]
