@@ -191,8 +191,9 @@ def tensormoe_models(cfg: dict, dim: int) -> dict[str, Any]:
     For ``dim == cfg["dim"]``: the product-key CP layer on ``expert_dims=[n, n]`` with ``heads``, ``k``,
     ``dim_key`` as PEER and ``rank=matched_active_rank(...)`` (85 by default); for ``dim ==
     cfg["moe_dim"]``: the top-2 CP layer with the package's policies and capacities at the two ranks of
-    :func:`cp_top2_ranks`.  Each module takes ``[B, d]`` and returns ``[B, d]``; add the check that its
-    parameter count equals :func:`pk_cp_params` (or the top-2 formula) as the peers' builders do.
+    :func:`cp_top2_ranks`.  Modules get the peers' input ``x[1, B, d]`` (one group of ``B`` tokens), or
+    ``x[B, d]`` if they set ``takes_matrix = True``; add the check that the parameter count equals
+    :func:`pk_cp_params` (or the top-2 formula), as the peers' builders do.
     """
     return {}
 
