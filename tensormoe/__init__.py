@@ -31,6 +31,7 @@ from .ranks import Match, match_rank, match_ranks
 from .routing import (
     DenseRouter,
     ExpertChoiceRouter,
+    ProductKeyRouter,
     Router,
     Routing,
     SoftRouter,
@@ -87,6 +88,7 @@ __all__ = [
     "MMoE",
     "Match",
     "Plan",
+    "ProductKeyRouter",
     "Router",
     "Routing",
     "SoftRouter",

@@ -4,6 +4,7 @@ from .routing.routers import ROUTERS
 from .routing import (
     DenseRouter,
     ExpertChoiceRouter,
+    ProductKeyRouter,
     Router,
     Routing,
     SoftRouter,
@@ -18,6 +19,7 @@ __all__ = [
     "ROUTERS",
     "DenseRouter",
     "ExpertChoiceRouter",
+    "ProductKeyRouter",
     "Router",
     "Routing",
     "SoftRouter",

@@ -164,6 +164,12 @@ class TorchOps(Ops):
             return draw.to(like.device), rng
         return super().normal(rng, shape, like)
 
+    def uniform(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, torch.Generator):
+            draw = torch.rand(shape, generator=rng, dtype=like.dtype, device=rng.device)
+            return draw.to(like.device), rng
+        return super().uniform(rng, shape, like)
+
     def sparse_gate(self, z: Any, gate: str) -> Any:
         code = _kernels.GATES[gate]
         if torch.compiler.is_compiling():
