@@ -259,6 +259,21 @@ def test_uniform_draws_are_the_same_on_every_backend_from_a_seed(backend):
     assert values.min() >= 0 and values.max() < 1 and 0.4 < values.mean() < 0.6
 
 
+def test_ops_top_k_is_a_stable_sort_on_every_backend(backend):
+    # PyTorch selects few-of-many with torch.topk and then settles ties at the k-th value by index
+    ops = get_ops()
+    rng = np.random.default_rng(9)
+    for trial in range(60):
+        n = int(rng.integers(1, 70))
+        k = int(rng.integers(1, n + 1)) if trial % 2 else int(rng.integers(1, max(2, n // 4 + 1)))
+        x = rng.integers(-3, 4, size=(4, n)).astype(np.float32) if trial % 3 else rng.normal(size=(4, n))
+        x[0, ::2] = np.inf if trial % 4 else -np.inf
+        values, index = ops.top_k(ops.asarray(x, _dtype(backend)), k)
+        want = np.argsort(-x, axis=-1, kind="stable")[:, :k]
+        assert to_numpy(index).tolist() == want.tolist()
+        np.testing.assert_array_equal(to_numpy(values), np.take_along_axis(x.astype(_dtype(backend)), want, -1))
+
+
 # -- the layer with capacity: dropped tokens output zero, unselected experts are never read ---------
 
 

@@ -1,9 +1,8 @@
-"""Product keys and capacity (issue 19), the peers' side: PEER-pytorch at 1024 x 1024 experts and the
-``mixture-of-experts`` package's top-2 with capacity, forward and forward+backward time and peak memory.
+"""Product keys and capacity (issue 19): tensormoe's product-key CP layer against PEER-pytorch at 1024 x 1024
+experts, and its top-2 layer with capacity against the ``mixture-of-experts`` package, forward and
+forward+backward time and peak memory.
 
-Not wired into ``run.py`` yet: phase 2 plugs tensormoe's product-key CP layer and its top-2 router with
-capacity into :func:`tensormoe_models` (the one marked hook) and adds the section to ``SECTIONS``.  Until
-then it runs alone::
+It runs alone (not part of ``run.py``'s sections: the peers' million-expert layer alone takes gigabytes)::
 
     nice -n 19 timeout 1500 python benchmarks/sections/product_keys.py --threads 1 --batches 64,1024
 
@@ -185,17 +184,68 @@ def moe_layer(cfg: dict) -> Any:
     return layer
 
 
+def cp_top2_params(d: int, experts: int, rank: int) -> int:
+    """tensormoe's top-2 CP layer ``d -> d`` with bias and a gate ``[d, N]`` (no learned noise)."""
+    return rank * (experts + 2 * d + 1) + d * experts
+
+
+class _Routed:
+    """Builds a ``torch.nn.Module`` that calls a tensormoe module as the peers are called: ``m(x)``.
+
+    ``train()`` / ``eval()`` set ``training=``; a ``torch.Generator`` held by the module draws the routers'
+    random numbers (the random second-expert policy draws in eval too).  Defined lazily: torch is imported
+    only when the section runs.
+    """
+
+    @staticmethod
+    def wrap(module: Any, label: str) -> Any:
+        import torch
+
+        class Routed(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+                self.generator = torch.Generator().manual_seed(0)
+
+            def forward(self, x: Any) -> Any:
+                return self.inner(x, training=self.training, rng=self.generator)
+
+            def extra_repr(self) -> str:
+                return label
+
+        return Routed()
+
+
 def tensormoe_models(cfg: dict, dim: int) -> dict[str, Any]:
-    """PHASE 2 HOOK: tensormoe's layers for the row group of width ``dim``, as ``torch.nn.Module``s.
+    """tensormoe's layers for the row group of width ``dim``, as ``torch.nn.Module``s called ``m(x[1, B, d])``.
 
     For ``dim == cfg["dim"]``: the product-key CP layer on ``expert_dims=[n, n]`` with ``heads``, ``k``,
     ``dim_key`` as PEER and ``rank=matched_active_rank(...)`` (85 by default); for ``dim ==
-    cfg["moe_dim"]``: the top-2 CP layer with the package's policies and capacities at the two ranks of
-    :func:`cp_top2_ranks`.  Modules get the peers' input ``x[1, B, d]`` (one group of ``B`` tokens), or
-    ``x[B, d]`` if they set ``takes_matrix = True``; add the check that the parameter count equals
-    :func:`pk_cp_params` (or the top-2 formula), as the peers' builders do.
+    cfg["moe_dim"]``: the top-2 CP layer with the package's policies and capacities (``router="gshard"``)
+    at the two ranks of :func:`cp_top2_ranks`.  Each count is checked against the arithmetic above.
     """
-    return {}
+    from tensormoe.routing import ProductKeyRouter
+    from tensormoe.torch import CPMMoE
+
+    out = {}
+    if dim == cfg["dim"]:
+        d, n, h, k, dk = cfg["dim"], cfg["n"], cfg["heads"], cfg["k"], cfg["dim_key"]
+        rank = matched_active_rank(d, h, k)
+        layer = CPMMoE(d, d, [n, n], rank=rank, router=ProductKeyRouter(k=k, heads=h, key_dim=dk), seed=0)
+        count = sum(p.numel() for p in layer.parameters())
+        if count != pk_cp_params(d, n, rank, h, dk):
+            raise AssertionError(f"product-key CP: {count} parameters, the arithmetic says "
+                                 f"{pk_cp_params(d, n, rank, h, dk)}")
+        out[f"tensormoe product-key CP {n}^2, R={rank} (matched active)"] = _Routed.wrap(layer, "product keys")
+    if dim == cfg["moe_dim"]:
+        d, e, hidden = cfg["moe_dim"], cfg["moe_experts"], cfg["moe_hidden"]
+        for label, rank in cp_top2_ranks(d, e, hidden).items():
+            layer = CPMMoE(d, d, [e], rank=rank, router="gshard", seed=0)
+            count = sum(p.numel() for p in layer.parameters())
+            if count != cp_top2_params(d, e, rank):
+                raise AssertionError(f"top-2 CP: {count} parameters, the arithmetic says {cp_top2_params(d, e, rank)}")
+            out[f"tensormoe top-2 CP gshard, R={rank} ({label})"] = _Routed.wrap(layer, "gshard")
+    return out
 
 
 # -- timing ----------------------------------------------------------------------------------------------
@@ -255,7 +305,7 @@ def time_group(models: dict[str, Any], baseline: str, batch: int, dim: int, be: 
 
 
 def section_product_keys(be: Backend, cfg: dict, out: dict) -> None:
-    """Rows ``out["product_keys"]``: PEER and the mixture-of-experts package (and, from phase 2, tensormoe)."""
+    """Rows ``out["product_keys"]``: tensormoe's layers beside PEER and the mixture-of-experts package."""
     if be.name != "pytorch":
         return
     import torch
@@ -272,6 +322,9 @@ def section_product_keys(be: Backend, cfg: dict, out: dict) -> None:
         groups.append((cfg["moe_dim"], {"mixture-of-experts README (top-2, capacity)": moe_layer(cfg)}))
     except ImportError:
         pass
+    for dim in (cfg["dim"], cfg["moe_dim"]):  # tensormoe's rows even where a peer is not installed
+        if all(d != dim for d, _ in groups):
+            groups.append((dim, {}))
     for dim, peer in groups:
         base = f"nn.Linear({dim}, {dim})"
         torch.manual_seed(0)

@@ -147,9 +147,21 @@ class TorchOps(Ops):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
 
     def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
-        # a stable sort, not torch.topk, whose order among ties is unspecified
-        values, index = torch.sort(x, dim=-1, descending=True, stable=True)
-        return values[..., :k], index[..., :k]
+        n = x.shape[-1]
+        if 4 * k > n:
+            # a stable sort, not torch.topk, whose order among ties is unspecified
+            values, index = torch.sort(x, dim=-1, descending=True, stable=True)
+            return values[..., :k], index[..., :k]
+        # few of many: torch.topk finds the k-th largest value, then the ties at it go to the lower indices
+        # (a full sort of every row costs far more: PyTorch's CPU sort is slow)
+        kth = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        above, tied = x > kth, x == kth
+        room = k - above.sum(dim=-1, keepdim=True)
+        chosen = above | (tied & (torch.cumsum(tied, dim=-1, dtype=torch.int32) <= room))  # k per row of numbers
+        position = torch.arange(n, 0, -1, dtype=torch.int32, device=x.device)  # n - index: largest at the lowest index
+        index = torch.topk(torch.where(chosen, position, 0), k, dim=-1).indices  # ascending index
+        values, order = torch.sort(torch.gather(x, -1, index), dim=-1, descending=True, stable=True)
+        return values, torch.gather(index, -1, order)
 
     def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
         return x[tuple(i.long() for i in index)]
