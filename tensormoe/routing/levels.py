@@ -313,7 +313,7 @@ def dispatch(
 
 
 def joint_levels(routers: Sequence[Any]) -> tuple[int, ...]:
-    """The levels whose routers select together (:attr:`Router.joint`); empty when none do.
+    """The levels whose routers select together (a router whose ``joint`` is true); empty when none do.
 
     Examples
     --------
