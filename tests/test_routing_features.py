@@ -503,3 +503,141 @@ def test_joint_equations():
         f.routed_equation([True, False], joint=(0, 1))
     with pytest.raises(ValueError, match=r"two or more distinct expert levels in \[0, 2\); got \(0, 2\)"):
         f.routed_equation([True, True], joint=(0, 2))
+
+
+# -- the layers (phase 2b): product keys through the joint contraction, capacity per mode, pass-through ---
+
+LAYER_CLASSES = {
+    "cp": lambda i, o, dims, r, **kw: tensormoe.CPMMoE(i, o, dims, rank=r, **kw),
+    "tucker": lambda i, o, dims, r, **kw: tensormoe.TuckerMMoE(i, o, dims, ranks=r, **kw),
+    "tt": lambda i, o, dims, r, **kw: tensormoe.TTMMoE(i, o, dims, ranks=r, **kw),
+    "tr": lambda i, o, dims, r, **kw: tensormoe.TRMMoE(i, o, dims, ranks=r, **kw),
+}
+
+
+@st.composite
+def product_key_layers(draw):
+    n = draw(st.integers(1, 4))
+    k = draw(st.integers(1, n))
+    return {"kind": draw(st.sampled_from(sorted(LAYER_CLASSES))), "n": n, "k": k, "k_half": draw(st.integers(k, n)),
+            "heads": draw(st.integers(1, 2)), "key_dim": draw(st.integers(1, 2)), "in_dim": draw(st.integers(1, 4)),
+            "out_dim": draw(st.integers(1, 3)), "rank": draw(st.integers(1, 3)), "bias": draw(st.booleans()),
+            "rows": draw(st.integers(1, 4)), "score": draw(st.sampled_from(["softmax", "relu"])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+def _check_product_key_layer(case, backend):
+    rng = np.random.default_rng(case["seed"])
+    dtype = _dtype(backend)
+    router = R.ProductKeyRouter(k=case["k"], heads=case["heads"], key_dim=case["key_dim"], k_half=case["k_half"],
+                                score=case["score"])
+    with tensormoe.backend_context("numpy"):
+        layer = LAYER_CLASSES[case["kind"]](case["in_dim"], case["out_dim"], [case["n"], case["n"]], case["rank"],
+                                            router=router, bias=case["bias"], dtype=dtype)
+    # every parameter random; the router's in small dyadic steps, so float32 scores are exact (ties included)
+    params = {}
+    for name, shape in layer.param_shapes().items():
+        routing_param = name.startswith(("query", "keys"))
+        params[name] = rng.integers(-4, 5, size=shape) / 8.0 if routing_param else rng.normal(size=shape)
+    x = rng.integers(-8, 9, size=(case["rows"], case["in_dim"])) / 4.0
+    want_routing = ref.product_key_brute_force(x, params["query_0"], params["query_1"], params["keys_0"],
+                                               params["keys_1"], case["k"], score=case["score"])
+    with tensormoe.backend_context("numpy"):
+        weight = layer.factorization.to_dense(params)  # float64, through TensorLy
+    xin = np.concatenate([x, np.ones((len(x), 1))], axis=1) if case["bias"] else x
+    want = ref.paired_output(weight, xin, want_routing["level0"], want_routing["level1"], want_routing["weights"])
+    ops = get_ops()
+    p = {name: ops.asarray(value, dtype) for name, value in params.items()}
+    y, (first, second) = layer.apply(p, ops.asarray(x, dtype), return_routing=True, backend=backend)
+    assert to_numpy(first.indices).tolist() == want_routing["level0"].tolist()
+    assert to_numpy(second.indices).tolist() == want_routing["level1"].tolist()
+    tol = (1e-4 if dtype == "float32" else 1e-9) * (1 + np.abs(want).max())
+    np.testing.assert_allclose(to_numpy(y), want, rtol=0, atol=tol)
+    np.testing.assert_allclose(to_numpy(layer.dense_forward(p, ops.asarray(x, dtype), backend=backend)), want,
+                               rtol=0, atol=tol)
+
+
+def test_product_key_layer_equals_the_loop_over_the_brute_force_pairs(backend):
+    @settings(max_examples={"numpy": 12, "pytorch": 8, "jax": 3}[backend])
+    @given(case=product_key_layers())
+    def check(case):
+        _check_product_key_layer(case, backend)
+
+    check()
+
+
+def test_product_key_layer_checks(backend):
+    router = R.ProductKeyRouter(k=2, key_dim=2)
+    with pytest.raises(ValueError, match=r"equal size \[n, n\]; got expert_dims=\[4, 3\]"):
+        tensormoe.CPMMoE(4, 4, [4, 3], rank=2, router=router)
+    layer = tensormoe.CPMMoE(4, 3, [4, 4], rank=2, router=router)
+    ops = get_ops()
+    x = ops.asarray(np.ones((5, 4)), "float32")
+    with pytest.raises(ValueError, match=r"selects pairs of experts"):
+        layer.coefficients(None, x)
+    first, second = layer.route(None, x)
+    bad = second._replace(indices=second.indices[:, :1], weights=second.weights[:, :1])
+    with pytest.raises(ValueError, match=r"selected together \(product keys\)"):
+        layer.apply(None, x, routing=[first, bad])
+    np.testing.assert_allclose(to_numpy(layer.apply(None, x, routing=[first, second])), to_numpy(layer(x)), atol=1e-6)
+
+
+def test_layer_capacity_and_policy_follow_the_mode(backend):
+    # the gshard defaults: factor 1.25 in training, 2.0 in eval, random second expert drawn from rng
+    rng = np.random.default_rng(2)
+    tokens, n = 24, 4
+    ops = get_ops()
+    dtype = _dtype(backend)
+    with tensormoe.backend_context("numpy"):
+        layer = tensormoe.CPMMoE(n, 3, [n], rank=2, router="gshard", dtype=dtype)
+    params = {k: ops.asarray(v, dtype) for k, v in layer.params.items()}
+    params["gate_0"] = ops.asarray(np.eye(n), dtype)
+    logits = rng.integers(-16, 17, size=(tokens, n)) / 8.0 + np.array([1.5, 0.5, 0.0, -0.5])  # expert 0 popular
+    x = ops.asarray(logits, dtype)
+    for training, factor in ((True, 1.25), (False, 2.0)):
+        _, (r,) = layer.apply(params, x, training=training, rng=11, return_routing=True, backend=backend)
+        uniform = np.random.default_rng(11).random((1, tokens))[0]
+        want = ref.top_k(logits, 2, policy="random", threshold=0.2, uniform=uniform,
+                         cap=ref.capacity(tokens, n, factor))
+        assert to_numpy(r.kept).tolist() == want["kept"].tolist(), training
+        assert float(r.dropped_tokens) == want["dropped_tokens"]
+    with pytest.raises(ValueError, match=r"second_policy='random'.*needs rng="):
+        layer.apply(params, x, backend=backend)
+
+
+def test_pass_through_layer_outputs_the_input_of_tokens_no_expert_processes(backend):
+    router = R.TopKRouter(k=2, noise=None, second_policy="threshold", second_threshold=0.3, capacity_factor=0.75,
+                          min_capacity=1, overflow="pass-through")
+    dtype = _dtype(backend)
+    with tensormoe.backend_context("numpy"):
+        layer = tensormoe.CPMMoE(3, 3, [3], rank=2, router=router, dtype=dtype)
+        params = {k: np.random.default_rng(4).normal(size=v.shape) for k, v in layer.params.items()}
+    params["gate_0"] = np.eye(3)
+    weight = np.einsum("nr,ir,or->nio", params["factor_0"], params["factor_1"], params["factor_2"])
+    xin = np.concatenate([LOGITS, np.ones((4, 1))], axis=1)
+    want = ref.combine(ref.top_k(LOGITS, 2, policy="threshold", threshold=0.3, cap=1),
+                       np.einsum("ti,nio->tno", xin, weight), LOGITS, "pass-through")
+    ops = get_ops()
+    p = {k: ops.asarray(v, dtype) for k, v in params.items()}
+    y = to_numpy(layer.apply(p, ops.asarray(LOGITS, dtype), backend=backend))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y[2], to_numpy(ops.asarray(LOGITS, dtype))[2])  # token 2: its input, exactly
+    np.testing.assert_allclose(to_numpy(layer.dense_forward(p, ops.asarray(LOGITS, dtype), backend=backend)), want,
+                               rtol=1e-5, atol=1e-5)
+    masked = to_numpy(layer.apply(p, ops.asarray(LOGITS, dtype), mask=ops.asarray(np.array([1, 1, 0, 1]) > 0),
+                                  backend=backend))
+    assert np.all(masked[2] == 0)  # padding is never passed through
+
+
+def test_layer_with_capacity_under_jax_jit_and_grad():
+    jax = pytest.importorskip("jax")
+    with tensormoe.backend_context("jax"):
+        layer = tensormoe.CPMMoE(4, 4, [4], rank=2, router="gshard")
+        x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(2, 12, 4)), "float32")
+
+        def loss(params, key):
+            y, routing = layer.apply(params, x, training=True, rng=key, return_routing=True)
+            return (y ** 2).mean() + tensormoe.aux_loss(routing)
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(layer.params, jax.random.key(0))
+        assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in grads.values())

@@ -188,7 +188,8 @@ class MMoE:
         self.gate = _v.check_choice(gate, "gate", sorted(_routing.gates.ACTIVATIONS), what="a gate activation")
         self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_routing.gates.NORMS))
         self.gate_rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
-        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank)
+        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank,
+                                                in_dim=self.in_dim, out_dim=self.out_dim)
         self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         self.init_std = (
             1.0 / math.sqrt(self.in_dim) if init_std is None else _v.check_positive_real(init_std, "init_std")
@@ -377,12 +378,15 @@ class MMoE:
         )
 
     # -- forward ------------------------------------------------------------------
-    def _run(self, function: Any, ops: Ops, *args: Any) -> Any:
-        """Call the forward ``function`` through the backend's compiler (``jax.jit`` on JAX), cached per layer."""
-        key = (function.__name__, ops.name)
+    def _run(self, function: Any, ops: Ops, *args: Any, training: bool = False) -> Any:
+        """Call the forward ``function`` through the backend's compiler (``jax.jit`` on JAX), cached per layer.
+
+        ``training`` is fixed in the compiled function (it picks the routers' settings, e.g. capacities).
+        """
+        key = (function.__name__, ops.name, training)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[key] = ops.compile(functools.partial(function, ops, self.spec))
+            compiled = self._compiled[key] = ops.compile(functools.partial(function, ops, self.spec, training=training))
         return compiled(*args)
 
     def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> tuple:
@@ -432,7 +436,8 @@ class MMoE:
         if routing is not None:
             if coefficients is not None:
                 raise ValueError("give either coefficients= or routing=, not both")
-            routing = _routing.check_routing(routing, self.expert_dims, lead, ops, dtype=self.dtype)
+            routing = _routing.check_routing(routing, self.expert_dims, lead, ops, dtype=self.dtype,
+                                             joint=_routing.joint_levels(self.routers))
         if mask is not None:
             if coefficients is not None or routing is not None:
                 raise ValueError(
@@ -441,8 +446,8 @@ class MMoE:
                 )
             mask = _v.check_mask(mask, ops, lead, x)
         noise = None
-        if training and coefficients is None and routing is None:
-            noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x)
+        if coefficients is None and routing is None:
+            noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x, training=training)
         return ops, params, x, coefficients, routing, mask, noise
 
     def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
@@ -472,6 +477,9 @@ class MMoE:
         if any(r.soft for r in self.routers):
             raise ValueError("Soft MoE routing weighs slots, not experts: per-token coefficients are not defined; "
                              "use layer.route(params, x)")
+        if any(r.joint for r in self.routers):
+            raise ValueError("a ProductKeyRouter selects pairs of experts: per-level coefficients do not describe them; "
+                             "use layer.route(params, x) and tensormoe.routing.pair_to_dense")
         ops, params, x, _ = self._checked(params, x, backend=backend)
         return self._finite_result(ops, self._run(_forward.coefficients, ops, params, x), "coefficients")
 
@@ -520,7 +528,7 @@ class MMoE:
         ((5, 2), (5, 4), 1.0)
         """
         ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng, backend)
-        return self._run(_forward.route, ops, params, x, mask, noise)
+        return self._run(_forward.route, ops, params, x, mask, noise, training=training)
 
     def apply(
         self,
@@ -587,9 +595,11 @@ class MMoE:
         if return_routing:
             if coefficients is not None:
                 raise ValueError("return_routing=True needs the routers: it cannot be used with coefficients=")
-            y, routing = self._run(_forward.forward_with_routing, ops, params, x, coefficients, routing, mask, noise)
+            y, routing = self._run(_forward.forward_with_routing, ops, params, x, coefficients, routing, mask, noise,
+                                   training=training)
             return self._finite_result(ops, y, "apply"), routing
-        return self._finite_result(ops, self._run(_forward.forward, ops, params, x, coefficients, routing, mask, noise), "apply")
+        y = self._run(_forward.forward, ops, params, x, coefficients, routing, mask, noise, training=training)
+        return self._finite_result(ops, y, "apply")
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
         """:meth:`apply` with the layer's own parameters, on the current backend.
@@ -652,7 +662,8 @@ class MMoE:
             params, x, coefficients, routing, mask, training, rng, backend
         )
         return self._finite_result(
-            ops, self._run(_forward.dense_forward, ops, params, x, coefficients, routing, mask, noise), "dense_forward"
+            ops, self._run(_forward.dense_forward, ops, params, x, coefficients, routing, mask, noise, training=training),
+            "dense_forward",
         )
 
     def expert_weight(
