@@ -79,10 +79,13 @@ class MMoE:
     router : str, Router or sequence of them, optional
         How each level routes (:mod:`tensormoe.routing`): a name
         (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
-        ``"top<k>"``, ``"expert_choice"``, ``"soft"``) or a :class:`~tensormoe.routing.Router`,
-        for every level, or a list with one per level.  Default: a dense router
-        with ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).
-        Top-k levels contract only the selected experts' factor rows.
+        ``"top<k>"``, ``"gshard"``, ``"expert_choice"``, ``"soft"``,
+        ``"product_keys"``) or a :class:`~tensormoe.routing.Router`, for every
+        level, or a list with one per level.  Default: a dense router with
+        ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).  Top-k
+        levels contract only the selected experts' factor rows.  A
+        :class:`~tensormoe.routing.ProductKeyRouter` routes two levels ``[n, n]``
+        together (given once, not in a list).
     gate_rank : int, optional
         Low-rank gates: each level's logits are ``(x @ gate_down_h) @ gate_up_h``
         with ``gate_down_h[I, r]`` and ``gate_up_h[r, N_h]`` instead of
@@ -507,9 +510,12 @@ class MMoE:
             True (one) for real tokens, false (zero) for padding: padding is routed
             to no expert and left out of the losses and statistics.
         training : bool
-            Draw the routers' training noise (noisy top-k); needs ``rng``.
+            Training mode: draw the routers' training noise (noisy top-k; needs
+            ``rng``) and use the training values of the routers' settings
+            (capacity factor, second-expert policy).
         rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
-            Source of the noise; an integer seed gives the same noise on every backend.
+            Source of the noise and of the ``"random"`` second-expert policy's
+            draws (in either mode); an integer seed gives the same numbers on every backend.
         backend : str, optional
             Compute on this backend instead of the current one (see :meth:`apply`).
 
@@ -546,9 +552,11 @@ class MMoE:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
         One planned contraction of the coefficients, the input and the factors;
-        the weight tensor is never built.  Levels routed sparsely (top-k) gather
-        only their selected experts' factor rows.  On JAX the whole forward
-        (routing included) runs as one ``jax.jit``-compiled function.
+        the weight tensor is never built.  Levels routed sparsely (top-k,
+        product keys) gather only their selected experts' factor rows.  Tokens
+        that a capacity or a second-expert policy leaves without an expert
+        output zero, or their input with ``overflow="pass-through"``.  On JAX
+        the whole forward (routing included) runs as one ``jax.jit``-compiled function.
 
         Parameters
         ----------
@@ -566,9 +574,12 @@ class MMoE:
         mask : array of shape [...], optional
             Padding mask (true for tokens): padding gets no expert, so a zero output.
         training : bool
-            Draw the routers' training noise; needs ``rng``.
+            Training mode: draw the routers' training noise (needs ``rng``) and
+            use the training values of the routers' settings (capacity factor,
+            second-expert policy).
         rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
-            Source of the training noise.
+            Source of the training noise and of the ``"random"`` second-expert
+            policy's draws (in either mode).
         return_routing : bool
             Also return the routing (with its auxiliary losses): ``(y, routing)``.
         backend : str, optional
