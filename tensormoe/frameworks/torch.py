@@ -152,9 +152,17 @@ class TorchOps(Ops):
             # a stable sort, not torch.topk, whose order among ties is unspecified
             values, index = torch.sort(x, dim=-1, descending=True, stable=True)
             return values[..., :k], index[..., :k]
-        # few of many: torch.topk finds the k-th largest value, then the ties at it go to the lower indices
-        # (a full sort of every row costs far more: PyTorch's CPU sort is slow)
-        kth = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        # few of many: torch.topk finds the k largest (a full sort of every row costs far more: PyTorch's CPU
+        # sort is slow); its choice among values tied at the k-th is unspecified, so ties there go to the
+        # lower indices below
+        top, index = torch.topk(x, k + 1, dim=-1)
+        kth = top[..., k - 1:k]
+        if not torch.compiler.is_compiling() and bool((top[..., k] < top[..., k - 1]).all()):
+            # eager, and every row's k-th value beats the rest: topk's set is the right one, and only the
+            # order among equal values in it needs settling (by index)
+            index = torch.sort(index[..., :k], dim=-1).values
+            values, order = torch.sort(torch.gather(x, -1, index), dim=-1, descending=True, stable=True)
+            return values, torch.gather(index, -1, order)
         above, tied = x > kth, x == kth
         room = k - above.sum(dim=-1, keepdim=True)
         chosen = above | (tied & (torch.cumsum(tied, dim=-1, dtype=torch.int32) <= room))  # k per row of numbers

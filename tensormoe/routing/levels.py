@@ -130,7 +130,7 @@ def route_levels(
         if routings[h] is not None:
             continue
         if router.joint:  # one selection for this level and the next
-            pair = router.route_joint(ops, params[h:h + 2], rows, row_mask, training=training)
+            pair = router.route_joint(ops, params[h:h + 2], rows, row_mask, training=training, statistics=statistics)
         else:
             pair = (router.route(ops, params[h], rows, row_mask, draws[h].normal, uniform=draws[h].uniform,
                                  training=training),)

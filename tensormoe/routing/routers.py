@@ -911,18 +911,24 @@ class ProductKeyRouter(Router):
         [[[3.0, 6.0], [0.0, -5.0]]]
         """
         xp = ops.xp
+        s = self._head_scores(ops, params, x)  # [h, R, n]
+        return xp.reshape(xp.permute_dims(s, (1, 0, 2)), (*x.shape[:-1], *s.shape[::2]))
+
+    def _head_scores(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
+        """Scores ``[heads, R, n]`` of the rows of ``x`` (heads first: the batched product's own layout)."""
+        xp = ops.xp
         keys = params["keys"]
         heads, _, width = keys.shape
-        lead = tuple(x.shape[:-1])
         q = xp.reshape(self.project(params, "query", x), (-1, heads, width))  # [R, h, d]
-        s = xp.matmul(xp.permute_dims(q, (1, 0, 2)), xp.matrix_transpose(keys))  # [h, R, n]
-        return xp.reshape(xp.permute_dims(s, (1, 0, 2)), (*lead, heads, keys.shape[1]))
+        return xp.matmul(xp.permute_dims(q, (1, 0, 2)), xp.matrix_transpose(keys))
 
     def route_joint(self, ops: Ops, params: Sequence[Mapping[str, Any]], x: Any, mask: Any = None, *,
-                    training: bool = False) -> tuple[Routing, Routing]:
+                    training: bool = False, statistics: bool = True) -> tuple[Routing, Routing]:
         """Route a grouped input ``x[G, T, I]`` over both levels: ``(level 0, level 1)`` without statistics.
 
         ``params`` holds each level's parameters; ``mask`` is as in :meth:`Router.route`.
+        ``statistics=False`` leaves out ``probs`` and ``logits`` (a softmax over
+        every sub-key, and the scores, which only the statistics read).
 
         Examples
         --------
@@ -935,7 +941,8 @@ class ProductKeyRouter(Router):
         ([[[1]]], [[[1]]], [[[1.0]]])
         """
         xp = ops.xp
-        s0, s1 = (self.scores(ops, p, x) for p in params)  # [G, T, h, n]
+        lead = tuple(x.shape[:-1])
+        s0, s1 = (self._head_scores(ops, p, x) for p in params)  # [h, R, n]: top-k along the last axis
         kh = self.k_half
 
         def best(s: Any) -> tuple[Any, Any]:
@@ -945,24 +952,26 @@ class ProductKeyRouter(Router):
 
         i, c0 = best(s0)
         j, c1 = best(s1)
-        *lead, heads, _ = c0.shape
-        sums = xp.reshape(c0[..., :, None] + c1[..., None, :], (*lead, heads, kh * kh))
+        heads, rows = c0.shape[:2]
+        sums = xp.reshape(c0[..., :, None] + c1[..., None, :], (heads, rows, kh * kh))
         top, pick = ops.top_k(sums, self.k)
         first = xp.take_along_axis(i, pick // kh, axis=-1)
         second = xp.take_along_axis(j, pick % kh, axis=-1)
-        if self.score == "softmax":
-            weights = _gates.softmax(top, ops=ops)
-        else:
-            weights = xp.clip(top, min=0.0)
-        slots = (*lead, heads * self.k)
-        weights = xp.reshape(weights, slots)
+        weights = _gates.softmax(top, ops=ops) if self.score == "softmax" else xp.clip(top, min=0.0)
+
+        def slots(a: Any) -> Any:  # [h, R, k] -> [*lead, h * k], head-major
+            return xp.reshape(xp.permute_dims(a, (1, 0, 2)), (*lead, heads * self.k))
+
+        weights = slots(weights)
         if mask is not None:
             weights = weights * mask[..., None]
         out = []
         for s, index in ((s0, first), (s1, second)):
-            probs = xp.mean(_gates.softmax(s, ops=ops), axis=-2)
-            out.append(Routing(weights=weights, indices=xp.reshape(index, slots), probs=probs,
-                               logits=xp.reshape(s, (*lead, heads * s.shape[-1]))))
+            probs = logits = None
+            if statistics:
+                probs = xp.reshape(xp.mean(_gates.softmax(s, ops=ops), axis=0), (*lead, s.shape[-1]))
+                logits = xp.reshape(xp.permute_dims(s, (1, 0, 2)), (*lead, heads * s.shape[-1]))
+            out.append(Routing(weights=weights, indices=slots(index), probs=probs, logits=logits))
         return out[0], out[1]
 
     def __call__(  # type: ignore[override]
