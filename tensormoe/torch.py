@@ -288,7 +288,7 @@ class MMoE(nn.Module):
         """
         return repr(self.layer).split("(", 1)[1][:-1]
 
-    # -- io protocol (tensormoe.io) ------------------------------------------------
+    # -- io protocol (tensormoe.tools.io) ------------------------------------------------
     def _assign_params(self, arrays: dict[str, Any]) -> None:
         with torch.no_grad():
             for name, value in arrays.items():
@@ -386,7 +386,7 @@ class MMoEMLP(nn.Module):
     second layer's own gates (every router parameter: ``gate_h``, or
     ``gate_down_h`` and ``gate_up_h`` with ``gate_rank``, ``gate_noise_h``) are
     unused: they stay in its parameters (so each layer remains complete, e.g. for
-    :mod:`tensormoe.io`) but are frozen (``requires_grad=False``).
+    :mod:`tensormoe.tools.io`) but are frozen (``requires_grad=False``).
 
     Parameters
     ----------
@@ -439,7 +439,7 @@ class MMoEMLP(nn.Module):
         ``return_routing=True``) the first layer routes once
         (:meth:`MMoE.route`, with ``mask``, ``training`` and ``rng``) and both
         layers run the routed forward with that routing; ``return_routing=True``
-        returns ``(y, routing)``.  While :func:`tensormoe.analysis.intervene`
+        returns ``(y, routing)``.  While :func:`tensormoe.tools.analysis.intervene`
         acts on the block, the coefficients it gives are used (as with dense routers).
 
         Examples
@@ -455,7 +455,7 @@ class MMoEMLP(nn.Module):
         >>> y.shape, r.indices.shape
         (torch.Size([3, 8]), torch.Size([3, 1]))
         """
-        # an intervention (tensormoe.analysis.intervene) replaces the first layer's coefficients: they are used then
+        # an intervention (tensormoe.tools.analysis.intervene) replaces the first layer's coefficients: they are used then
         replaced = "coefficients" in vars(self.first)
         if (self.first.layer.spec.dense_routing or replaced) and mask is None and not return_routing:
             a = self.first.coefficients(x)
