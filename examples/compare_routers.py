@@ -4,10 +4,14 @@ Every 8x8 digit becomes 8 tokens (one per pixel row, with a one-hot row position
 a CP multilinear MoE layer maps each token to a hidden vector, a GELU and a linear
 head classify the image.  Only the router changes between rows of the table: the
 MMoE's dense entmax-1.5 / softmax / sparsemax gates, top-1 and top-2 token choice
-with Shazeer et al.'s learned training noise and without noise, expert choice
-(capacity factor 2) and Soft MoE (one slot per expert).  Every model has the same parameter budget for
+with Shazeer et al.'s learned training noise and without noise, top-2 with a
+per-expert capacity (``top2-capacity``: factor 2, one place per slot on average;
+``gshard``: the mixture-of-experts package's defaults, factor 1.25 in training and
+2 in eval shared by both slots, second expert by the random policy), expert choice
+(capacity factor 2), Soft MoE (one slot per expert) and product keys (the same
+experts as a 4 x 4 grid of sub-key pairs, two per token).  Every model has the same parameter budget for
 the MoE layer (the CP rank absorbs what a router needs: the noisy top-k routers'
-noise weights cost ``I * N`` parameters).
+noise weights cost ``I * N`` parameters, the product-key router its queries and sub-keys).
 
 Training uses PyTorch autograd (Adam, cross-entropy plus ``tensormoe.routing.aux_loss``:
 by default ``1e-2`` load balancing as in Switch and ``1e-3`` z-loss as in ST-MoE); the layer
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -39,7 +44,8 @@ _DEFAULT_PLOT_SHOWN = "examples/results/compare_routers.png"  # how --help names
 
 #: The routers compared, in table order.  A label is either a name that
 #: :func:`tensormoe.routing.get_router` knows, or a key of ``BUILDERS``.
-ROUTERS = ["entmax15", "softmax", "sparsemax", "top1", "top2", "top1-nonoise", "top2-nonoise", "expert_choice", "soft"]
+ROUTERS = ["entmax15", "softmax", "sparsemax", "top1", "top2", "top1-nonoise", "top2-nonoise", "top2-capacity",
+           "gshard", "expert_choice", "soft", "product_keys"]
 
 
 def _top_k_without_noise(k: int) -> Callable[[int], object]:
@@ -56,19 +62,53 @@ def _soft(levels: int) -> object:
     return "soft" if levels == 1 else ["soft"] + ["entmax15"] * (levels - 1)
 
 
+def _top2_capacity(levels: int) -> object:
+    from tensormoe.routing import TopKRouter
+
+    # the places are shared by both slots: factor 2 gives every token two places on average
+    return TopKRouter(k=2, noise=None, capacity_factor=2.0)
+
+
+def _product_keys(levels: int) -> object:
+    from tensormoe.routing import ProductKeyRouter
+
+    return ProductKeyRouter(k=2, key_dim=4)
+
+
 #: Labels that need more than a name: ``label -> build(levels)`` returns the layer's ``router=``.
 #: To compare a new router, add its label to ``ROUTERS`` and, unless get_router knows the
 #: label, a builder here.
 BUILDERS: dict[str, Callable[[int], object]] = {
     "top1-nonoise": _top_k_without_noise(1),
     "top2-nonoise": _top_k_without_noise(2),
+    "top2-capacity": _top2_capacity,
     "soft": _soft,
+    "product_keys": _product_keys,
 }
+
+#: Routers of two equal expert levels ``[n, n]``: they get ``--experts N`` (a square) as ``[sqrt(N), sqrt(N)]``
+JOINT = ("product_keys",)
 
 
 def make_router(label: str, levels: int) -> object:
     """The ``router=`` argument for ``label`` on a layer of ``levels`` expert levels."""
     return BUILDERS[label](levels) if label in BUILDERS else label
+
+
+def experts_for(label: str, experts: list[int]) -> list[int]:
+    """The layer's ``expert_dims`` for ``label``: ``experts``, or ``[n, n]`` with ``n * n`` experts for product keys.
+
+    Raises ``ValueError`` when product keys cannot hold ``experts``.
+    """
+    if label not in JOINT:
+        return list(experts)
+    if len(experts) == 2 and experts[0] == experts[1]:
+        return list(experts)
+    side = math.isqrt(experts[0]) if len(experts) == 1 else 0
+    if side < 2 or side * side != experts[0]:
+        raise ValueError(f"{label} needs a square number of experts (--experts 16 is a 4 x 4 grid) or two equal "
+                         f"levels (--experts 4 4); got {experts}")
+    return [side, side]
 
 
 def load_tokens(n_samples: int | None, seed: int) -> tuple:
@@ -102,18 +142,26 @@ def rank_for_budget(router: object, budget: int, in_dim: int, out_dim: int, expe
     return rank
 
 
-def usage(routing, experts: list[int]) -> tuple[float, float]:
+def usage(routing, experts: list[int], joint: bool = False) -> tuple[float, float]:
     """Usage entropy / log N and experts per token, over the flat expert index of all levels.
 
     The weight of expert ``(n_1, ..., n_H)`` is the product of the levels' weights
-    (Soft MoE: the combine weight of the expert's slots).  When the levels route
+    (Soft MoE: the combine weight of the expert's slots); with ``joint`` levels
+    (product keys) it is the weight of the selected pair.  When the levels route
     different rows (a Soft MoE level with others routing its slots), the levels
     are scored one by one and averaged.
     """
     import torch
 
-    per_level = []
-    for r, n in zip(routing, experts):
+    from tensormoe.routing import pair_to_dense
+
+    if joint:
+        pairs = pair_to_dense(routing[0], routing[1], experts[0], experts[1]).detach()
+        per_level = [pairs.reshape(-1, experts[0] * experts[1]).double()]
+        experts = [experts[0] * experts[1]]
+    else:
+        per_level = []
+    for r, n in zip(routing if not joint else (), experts):
         w = r.probs if r.is_soft else r.to_dense(n)
         per_level.append(w.detach().reshape(-1, n).double())
 
@@ -143,18 +191,19 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
 
     x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in data)
     in_dim, tokens = x_train.shape[-1], x_train.shape[-2]
-    router = make_router(router_name, len(args.experts))
-    rank = rank_for_budget(router, args.budget, in_dim, args.hidden, args.experts)
+    experts = experts_for(router_name, args.experts)
+    router = make_router(router_name, len(experts))
+    rank = rank_for_budget(router, args.budget, in_dim, args.hidden, experts)
     torch.manual_seed(seed)
     with tensormoe.backend_context("pytorch"):
-        layer = tensormoe.CPMMoE(in_dim, args.hidden, args.experts, rank=rank, router=router, seed=seed)
+        layer = tensormoe.CPMMoE(in_dim, args.hidden, experts, rank=rank, router=router, seed=seed)
         params = {k: v.clone().requires_grad_(True) for k, v in layer.params.items()}
         head = torch.nn.Linear(tokens * args.hidden, 10)
         optimizer = torch.optim.Adam([*params.values(), *head.parameters()], lr=args.lr)
         generator = np.random.default_rng(seed)
 
         def forward(x, training):
-            rng = int(generator.integers(2**31)) if training else None
+            rng = int(generator.integers(2**31))  # training noise; the random second-expert policy draws in eval too
             h, routing = layer.apply(params, x, training=training, rng=rng, return_routing=True)
             return head(torch.nn.functional.gelu(h).flatten(1)), routing
 
@@ -178,7 +227,7 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
             logits, routing = forward(x_test, training=False)
             infer = time.perf_counter() - start
         accuracy = float((logits.argmax(-1) == y_test).double().mean())
-        entropy, active = usage(routing, args.experts)
+        entropy, active = usage(routing, experts, joint=router_name in JOINT)
     return {
         "router": router_name,
         "rank": rank,
@@ -267,6 +316,8 @@ examples:
 outputs: the table (Markdown) goes to standard output; the plot to --plot
 (default {_DEFAULT_PLOT_SHOWN}, its folder is created); a progress bar
 (one step per epoch) to standard error when it is a terminal, unless --quiet.
+product_keys routes a grid of experts: --experts 16 becomes 4 x 4 (a number
+that is not a square leaves it out of the default routers).
 """
 
 
@@ -340,11 +391,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parse.error("this example trains with PyTorch: pip install -e '.[torch,examples]'")
     from tqdm.auto import tqdm
 
+    explicit = "--routers" in (argv if argv is not None else sys.argv[1:])
+    routers = []
+    for name in args.routers:  # product keys need a grid of experts
+        try:
+            experts_for(name, args.experts)
+            routers.append(name)
+        except ValueError as err:
+            if explicit:
+                parse.error(f"argument --experts: {err}")
+            print(f"note: {name} left out: {err}", file=sys.stderr)
+    args.routers = routers
     data = load_tokens(300 if args.quick else None, seed=0)
     in_dim = data[0].shape[-1]
     for name in args.routers:  # every budget problem before any training
+        experts = experts_for(name, args.experts)
         try:
-            rank_for_budget(make_router(name, len(args.experts)), args.budget, in_dim, args.hidden, args.experts)
+            rank_for_budget(make_router(name, len(experts)), args.budget, in_dim, args.hidden, experts)
         except ValueError as err:
             parse.error(f"argument --budget: {err}")
     threads = torch.get_num_threads()

@@ -32,6 +32,7 @@ from .network.factorizations import CP, TR, TT, Factorization, Tucker
 from .routing import (
     DenseRouter,
     ExpertChoiceRouter,
+    ProductKeyRouter,
     Router,
     Routing,
     SoftRouter,
@@ -75,6 +76,7 @@ __all__ = [
     "MMoE",
     "Match",
     "Plan",
+    "ProductKeyRouter",
     "Router",
     "Routing",
     "SoftRouter",

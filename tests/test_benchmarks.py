@@ -180,3 +180,27 @@ def test_quick_run(tmp_path):
         assert layers and all(r["kernel_in_graph"] == KERNEL_AVAILABLE and not r["einsum_in_graph"] for r in layers)
     # a new batch size reuses its layer's plan: no search
     assert res["firstcall"] and all(r["new_batch_searches"] == 0 for r in res["firstcall"])
+
+
+def test_product_keys_section_smoke(monkeypatch):
+    """benchmarks/sections/product_keys.py at toy sizes: tensormoe's layers are built, checked and timed."""
+    pytest.importorskip("torch")
+    section = _load("sections/product_keys")
+
+    def absent(cfg):
+        raise ImportError("left out of the smoke test")  # the peers' side is tests/test_routing_reference.py's
+
+    monkeypatch.setattr(section, "peer_layers", absent)
+    monkeypatch.setattr(section, "moe_layer", absent)
+    monkeypatch.setattr(harness, "MIN_SAMPLING_S", 0.0)
+    cfg = {**section.DEFAULTS, "dim": 8, "n": 4, "heads": 2, "k": 2, "dim_key": 4, "moe_dim": 8, "moe_experts": 4,
+           "moe_hidden": 8, "batches": [4], "repeats": 1, "row_budget_s": 0.05}
+    out = {}
+    section.section_product_keys(harness.Backend("pytorch"), cfg, out)
+    models = {r["model"] for r in out["product_keys"]}
+    assert any(m.startswith("tensormoe product-key CP 4^2") for m in models)
+    assert sum(m.startswith("tensormoe top-2 CP gshard") for m in models) == 2
+    for r in out["product_keys"]:
+        assert r["forward"]["median_ms"] > 0 and r["backward"]["median_ms"] > 0
+        if r["model"].startswith("tensormoe product-key"):
+            assert r["params"] == section.pk_cp_params(8, 4, section.matched_active_rank(8, 2, 2), 2, 4)

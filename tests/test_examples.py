@@ -90,6 +90,8 @@ def test_help_has_usage_examples_and_describes_every_option(name, capsys):
         ("compare_routers", ["--z-loss", "-1"], "argument --z-loss: expected a number >= 0; got '-1'"),
         ("compare_routers", ["--experts", "4", "x"], "argument --experts: expected a positive integer; got 'x'"),
         ("compare_routers", ["--budget", "10"], "argument --budget: 10 parameters are too few for router"),
+        ("compare_routers", ["--routers", "product_keys", "--experts", "8"],
+         "argument --experts: product_keys needs a square number of experts"),
         ("choose_factorization", ["--kinds", "cp,svd"], "argument --kinds: expected a comma-separated subset"),
         ("choose_factorization", ["--budget", "3"], "argument --budget:"),
     ],

@@ -237,6 +237,30 @@ class Ops:
             f"got {type(rng).__name__}"
         )
 
+    def uniform(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        """Uniform draws on ``[0, 1)`` of ``shape`` in the dtype of ``like``, and the generator to use next.
+
+        The twin of :meth:`normal`: an integer seed or a ``numpy.random.Generator``
+        draws in NumPy in float64 (the same numbers on every framework), a
+        ``torch.Generator`` or a JAX PRNG key draws natively.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.frameworks import get_ops
+        >>> draw, rng = get_ops("numpy").uniform(0, (3,), like=np.zeros(1))
+        >>> bool(np.array_equal(draw, np.random.default_rng(0).random(3))), bool(((0 <= draw) & (draw < 1)).all())
+        (True, True)
+        """
+        if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+            rng = np.random.default_rng(int(rng))
+        if isinstance(rng, np.random.Generator):
+            return self.asarray(rng.random(shape), dtype_name(like), like=like), rng
+        raise TypeError(
+            f"rng must be an integer seed or a numpy.random.Generator on the {self.name} backend; "
+            f"got {type(rng).__name__}"
+        )
+
     def kernel_misfit(self, z: Any) -> str | None:
         """Why the fused C kernel of the sparse gates cannot run on the logits ``z``; ``None`` when it can.
 

@@ -64,6 +64,12 @@ class JaxOps(Ops):
             return jax.random.normal(key, shape, dtype=like.dtype), rng
         return super().normal(rng, shape, like)
 
+    def uniform(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, jax.Array):
+            rng, key = jax.random.split(rng)
+            return jax.random.uniform(key, shape, dtype=like.dtype), rng
+        return super().uniform(rng, shape, like)
+
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
 

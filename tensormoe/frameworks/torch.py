@@ -147,9 +147,29 @@ class TorchOps(Ops):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
 
     def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
-        # a stable sort, not torch.topk, whose order among ties is unspecified
-        values, index = torch.sort(x, dim=-1, descending=True, stable=True)
-        return values[..., :k], index[..., :k]
+        n = x.shape[-1]
+        if 4 * k > n:
+            # a stable sort, not torch.topk, whose order among ties is unspecified
+            values, index = torch.sort(x, dim=-1, descending=True, stable=True)
+            return values[..., :k], index[..., :k]
+        # few of many: torch.topk finds the k largest (a full sort of every row costs far more: PyTorch's CPU
+        # sort is slow); its choice among values tied at the k-th is unspecified, so ties there go to the
+        # lower indices below
+        top, index = torch.topk(x, k + 1, dim=-1)
+        kth = top[..., k - 1:k]
+        if not torch.compiler.is_compiling() and bool((top[..., k] < top[..., k - 1]).all()):
+            # eager, and every row's k-th value beats the rest: topk's set is the right one, and only the
+            # order among equal values in it needs settling (by index)
+            index = torch.sort(index[..., :k], dim=-1).values
+            values, order = torch.sort(torch.gather(x, -1, index), dim=-1, descending=True, stable=True)
+            return values, torch.gather(index, -1, order)
+        above, tied = x > kth, x == kth
+        room = k - above.sum(dim=-1, keepdim=True)
+        chosen = above | (tied & (torch.cumsum(tied, dim=-1, dtype=torch.int32) <= room))  # k per row of numbers
+        position = torch.arange(n, 0, -1, dtype=torch.int32, device=x.device)  # n - index: largest at the lowest index
+        index = torch.topk(torch.where(chosen, position, 0), k, dim=-1).indices  # ascending index
+        values, order = torch.sort(torch.gather(x, -1, index), dim=-1, descending=True, stable=True)
+        return values, torch.gather(index, -1, order)
 
     def gather(self, x: Any, index: tuple[Any, ...]) -> Any:
         return x[tuple(i.long() for i in index)]
@@ -163,6 +183,12 @@ class TorchOps(Ops):
             draw = torch.randn(shape, generator=rng, dtype=like.dtype, device=rng.device)
             return draw.to(like.device), rng
         return super().normal(rng, shape, like)
+
+    def uniform(self, rng: Any, shape: tuple[int, ...], like: Any) -> tuple[Any, Any]:
+        if isinstance(rng, torch.Generator):
+            draw = torch.rand(shape, generator=rng, dtype=like.dtype, device=rng.device)
+            return draw.to(like.device), rng
+        return super().uniform(rng, shape, like)
 
     def sparse_gate(self, z: Any, gate: str) -> Any:
         code = _kernels.GATES[gate]

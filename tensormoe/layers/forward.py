@@ -35,24 +35,34 @@ def _with_bias(ops: Ops, spec: LayerSpec, rows: Any) -> Any:
 
 def _contract_levels(
     ops: Ops, spec: LayerSpec, params: Mapping[str, Any], inputs: Any, levels: Sequence[tuple[Any, Any]], *,
-    dense: bool,
+    dense: bool, joint: tuple[int, ...] = (),
 ) -> Any:
     """``y[B, O]`` from the rows ``inputs[B, I(+1)]`` and each level's ``(weights, indices or None)``.
 
     Sparse levels (indices given) contract only the gathered factor rows
     (:meth:`Factorization.gather_params`); ``dense=True`` is the reference
     through the reconstructed ``W`` with the sparse weights scattered to zeros.
+    ``joint`` levels (product keys) select pairs: slot ``m`` of each names one
+    expert of a pair, and their weights (the same on every joint level) count once.
     """
     factorization = spec.factorization
     if dense:
-        coeffs = [
-            w if idx is None else ops.scatter_add_last(idx, w, n) for (w, idx), n in zip(levels, spec.expert_dims)
-        ]
+        coeffs = []
+        for h, ((w, idx), n) in enumerate(zip(levels, spec.expert_dims)):
+            if h in joint[1:]:
+                continue
+            if h in joint:  # the pairs' weights scattered into [B, n_0, n_1]
+                first, second = (_routing.Routing(w, levels[j][1]) for j in joint)
+                coeffs.append(_routing.pair_to_dense(first, second, *(spec.expert_dims[j] for j in joint)))
+            else:
+                coeffs.append(w if idx is None else ops.scatter_add_last(idx, w, n))
         weight = factorization.to_dense(params, backend=ops.name)
-        return _contract(ops, spec, factorization.dense_equation(), [*coeffs, inputs, weight])
+        return _contract(ops, spec, factorization.dense_equation(joint=joint), [*coeffs, inputs, weight])
     indices = {h: idx for h, (_, idx) in enumerate(levels) if idx is not None}
-    operands = [*(w for w, _ in levels), inputs, *factorization.gather_params(params, indices, ops)]
-    return _contract(ops, spec, factorization.routed_equation([h in indices for h in range(len(levels))]), operands)
+    operands = [*(w for h, (w, _) in enumerate(levels) if h not in joint[1:]), inputs,
+                *factorization.gather_params(params, indices, ops, joint=joint)]
+    sparse = [h in indices for h in range(len(levels))]
+    return _contract(ops, spec, factorization.routed_equation(sparse, joint=joint), operands)
 
 
 def _given_coefficients(
@@ -69,13 +79,19 @@ def _given_coefficients(
 
 def _routed(
     ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, *, routing: Any = None, mask: Any = None,
-    noise: Any = None, statistics: bool = False, dense: bool = False,
+    noise: Any = None, statistics: bool = False, dense: bool = False, training: bool = False,
 ) -> tuple[Any, tuple]:
-    """The forward through the routers (or the given routing): ``(y, routing)``."""
+    """The forward through the routers (or the given routing): ``(y, routing)``.
+
+    Rows no expert processes output zero, or their input with ``overflow="pass-through"``.
+    """
     dispatched = _routing.dispatch(ops, spec.routers, params, spec.expert_dims, x, routing=routing, mask=mask,
-                                   noise=noise, statistics=statistics)
+                                   noise=noise, statistics=statistics, training=training)
     inputs = _with_bias(ops, spec, dispatched.rows)
-    y = _contract_levels(ops, spec, params, inputs, dispatched.levels, dense=dense)
+    y = _contract_levels(ops, spec, params, inputs, dispatched.levels, dense=dense, joint=dispatched.joint)
+    through = _routing.pass_through(ops, spec.routers, dispatched, mask)
+    if through is not None:
+        y = y + through * dispatched.rows
     return _routing.combine(ops, dispatched, y, tuple(x.shape[:-1]))
 
 
@@ -96,7 +112,7 @@ def _dense_gated(ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any) -
 
 def forward(
     ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
-    mask: Any = None, noise: Any = None,
+    mask: Any = None, noise: Any = None, *, training: bool = False,
 ) -> Any:
     """The factorized forward ``y[..., O]``: through the given coefficients or routing, or the routers.
 
@@ -113,12 +129,12 @@ def forward(
         return _given_coefficients(ops, spec, params, x, coefficients, dense=False)
     if routing is None and mask is None and spec.dense_routing:
         return _dense_gated(ops, spec, params, x)
-    return _routed(ops, spec, params, x, routing=routing, mask=mask, noise=noise)[0]
+    return _routed(ops, spec, params, x, routing=routing, mask=mask, noise=noise, training=training)[0]
 
 
 def forward_with_routing(
     ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
-    mask: Any = None, noise: Any = None,
+    mask: Any = None, noise: Any = None, *, training: bool = False,
 ) -> tuple[Any, tuple]:
     """``(y, routing)``: the forward and the routing it used (with its statistics when routed here).
 
@@ -131,12 +147,13 @@ def forward_with_routing(
     >>> y.shape, r.indices.shape, r.load is not None
     ((6, 3), (6, 1), True)
     """
-    return _routed(ops, spec, params, x, routing=routing, mask=mask, noise=noise, statistics=routing is None)
+    return _routed(ops, spec, params, x, routing=routing, mask=mask, noise=noise, statistics=routing is None,
+                   training=training)
 
 
 def dense_forward(
     ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
-    mask: Any = None, noise: Any = None,
+    mask: Any = None, noise: Any = None, *, training: bool = False,
 ) -> Any:
     """The reference forward through the reconstructed weight tensor ``W`` (sparse weights scattered to zeros).
 
@@ -151,11 +168,12 @@ def dense_forward(
     """
     if coefficients is not None:
         return _given_coefficients(ops, spec, params, x, coefficients, dense=True)
-    return _routed(ops, spec, params, x, routing=routing, mask=mask, noise=noise, dense=True)[0]
+    return _routed(ops, spec, params, x, routing=routing, mask=mask, noise=noise, dense=True, training=training)[0]
 
 
 def route(
-    ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None
+    ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+    training: bool = False,
 ) -> tuple:
     """The routing of every level, with statistics and auxiliary losses (:func:`tensormoe.routing.route`).
 
@@ -168,10 +186,10 @@ def route(
     >>> r.indices.shape
     (3, 2)
     """
-    return _routing.route(ops, spec.routers, params, spec.expert_dims, x, mask=mask, noise=noise)
+    return _routing.route(ops, spec.routers, params, spec.expert_dims, x, mask=mask, noise=noise, training=training)
 
 
-def coefficients(ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any) -> list[Any]:
+def coefficients(ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any, *, training: bool = False) -> list[Any]:
     """Dense coefficients ``[..., N_h]`` of every level (zeros for unselected experts).
 
     Examples
@@ -183,5 +201,5 @@ def coefficients(ops: Ops, spec: LayerSpec, params: Mapping[str, Any], x: Any) -
     >>> a.shape, bool(np.allclose(a.sum(-1), 1))
     ((3, 5), True)
     """
-    routing = _routing.route(ops, spec.routers, params, spec.expert_dims, x, statistics=False)
+    routing = _routing.route(ops, spec.routers, params, spec.expert_dims, x, statistics=False, training=training)
     return [r.to_dense(n) for r, n in zip(routing, spec.expert_dims)]

@@ -100,10 +100,13 @@ class MMoE:
     router : str, Router or sequence of them, optional
         How each level routes (:mod:`tensormoe.routing`): a name
         (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
-        ``"top<k>"``, ``"expert_choice"``, ``"soft"``) or a :class:`~tensormoe.routing.Router`,
-        for every level, or a list with one per level.  Default: a dense router
-        with ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).
-        Top-k levels contract only the selected experts' factor rows.
+        ``"top<k>"``, ``"gshard"``, ``"expert_choice"``, ``"soft"``,
+        ``"product_keys"``) or a :class:`~tensormoe.routing.Router`, for every
+        level, or a list with one per level.  Default: a dense router with
+        ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).  Top-k
+        levels contract only the selected experts' factor rows.  A
+        :class:`~tensormoe.routing.ProductKeyRouter` routes two levels ``[n, n]``
+        together (given once, not in a list).
     gate_rank : int, optional
         Low-rank gates: each level's logits are ``(x @ gate_down_h) @ gate_up_h``
         with ``gate_down_h[I, r]`` and ``gate_up_h[r, N_h]`` instead of
@@ -209,7 +212,8 @@ class MMoE:
         self.gate = _v.check_choice(gate, "gate", sorted(_routing.gates.ACTIVATIONS), what="a gate activation")
         self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_routing.gates.NORMS))
         self.gate_rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
-        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank)
+        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank,
+                                                in_dim=self.in_dim, out_dim=self.out_dim)
         self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         self.init_std = (
             1.0 / math.sqrt(self.in_dim) if init_std is None else _v.check_positive_real(init_std, "init_std")
@@ -398,12 +402,15 @@ class MMoE:
         )
 
     # -- forward ------------------------------------------------------------------
-    def _run(self, function: Any, ops: Ops, *args: Any) -> Any:
-        """Call the forward ``function`` through the backend's compiler (``jax.jit`` on JAX), cached per layer."""
-        key = (function.__name__, ops.name)
+    def _run(self, function: Any, ops: Ops, *args: Any, training: bool = False) -> Any:
+        """Call the forward ``function`` through the backend's compiler (``jax.jit`` on JAX), cached per layer.
+
+        ``training`` is fixed in the compiled function (it picks the routers' settings, e.g. capacities).
+        """
+        key = (function.__name__, ops.name, training)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[key] = ops.compile(functools.partial(function, ops, self.spec))
+            compiled = self._compiled[key] = ops.compile(functools.partial(function, ops, self.spec, training=training))
         return compiled(*args)
 
     def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> Checked:
@@ -453,7 +460,8 @@ class MMoE:
         if routing is not None:
             if coefficients is not None:
                 raise ValueError("give either coefficients= or routing=, not both")
-            routing = _routing.check_routing(routing, self.expert_dims, lead, ops, dtype=self.dtype)
+            routing = _routing.check_routing(routing, self.expert_dims, lead, ops, dtype=self.dtype,
+                                             joint=_routing.joint_levels(self.routers))
         if mask is not None:
             if coefficients is not None or routing is not None:
                 raise ValueError(
@@ -462,8 +470,8 @@ class MMoE:
                 )
             mask = _v.check_mask(mask, ops, lead, x)
         noise = None
-        if training and coefficients is None and routing is None:
-            noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x)
+        if coefficients is None and routing is None:
+            noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x, training=training)
         return Prepared(ops, params, x, coefficients, routing, mask, noise)
 
     def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
@@ -493,6 +501,9 @@ class MMoE:
         if any(r.soft for r in self.routers):
             raise ValueError("Soft MoE routing weighs slots, not experts: per-token coefficients are not defined; "
                              "use layer.route(params, x)")
+        if any(r.joint for r in self.routers):
+            raise ValueError("a ProductKeyRouter selects pairs of experts: per-level coefficients do not describe them; "
+                             "use layer.route(params, x) and tensormoe.routing.pair_to_dense")
         ops, params, x, _ = self._checked(params, x, backend=backend)
         return self._finite_result(ops, self._run(_forward.coefficients, ops, params, x), "coefficients")
 
@@ -520,9 +531,12 @@ class MMoE:
             True (one) for real tokens, false (zero) for padding: padding is routed
             to no expert and left out of the losses and statistics.
         training : bool
-            Draw the routers' training noise (noisy top-k); needs ``rng``.
+            Training mode: draw the routers' training noise (noisy top-k; needs
+            ``rng``) and use the training values of the routers' settings
+            (capacity factor, second-expert policy).
         rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
-            Source of the noise; an integer seed gives the same noise on every backend.
+            Source of the noise and of the ``"random"`` second-expert policy's
+            draws (in either mode); an integer seed gives the same numbers on every backend.
         backend : str, optional
             Compute on this backend instead of the current one (see :meth:`apply`).
 
@@ -543,7 +557,7 @@ class MMoE:
         ops, params, x, _, _, mask, noise = self._prepared(
             params, x, coefficients=None, routing=None, mask=mask, training=training, rng=rng, backend=backend
         )
-        return self._run(_forward.route, ops, params, x, mask, noise)
+        return self._run(_forward.route, ops, params, x, mask, noise, training=training)
 
     def apply(
         self,
@@ -561,9 +575,11 @@ class MMoE:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
 
         One planned contraction of the coefficients, the input and the factors;
-        the weight tensor is never built.  Levels routed sparsely (top-k) gather
-        only their selected experts' factor rows.  On JAX the whole forward
-        (routing included) runs as one ``jax.jit``-compiled function.
+        the weight tensor is never built.  Levels routed sparsely (top-k,
+        product keys) gather only their selected experts' factor rows.  Tokens
+        that a capacity or a second-expert policy leaves without an expert
+        output zero, or their input with ``overflow="pass-through"``.  On JAX
+        the whole forward (routing included) runs as one ``jax.jit``-compiled function.
 
         Parameters
         ----------
@@ -581,9 +597,12 @@ class MMoE:
         mask : array of shape [...], optional
             Padding mask (true for tokens): padding gets no expert, so a zero output.
         training : bool
-            Draw the routers' training noise; needs ``rng``.
+            Training mode: draw the routers' training noise (needs ``rng``) and
+            use the training values of the routers' settings (capacity factor,
+            second-expert policy).
         rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
-            Source of the training noise.
+            Source of the training noise and of the ``"random"`` second-expert
+            policy's draws (in either mode).
         return_routing : bool
             Also return the routing (with its auxiliary losses): ``(y, routing)``.
         backend : str, optional
@@ -610,9 +629,11 @@ class MMoE:
         if return_routing:
             if coefficients is not None:
                 raise ValueError("return_routing=True needs the routers: it cannot be used with coefficients=")
-            y, routing = self._run(_forward.forward_with_routing, ops, params, x, coefficients, routing, mask, noise)
+            y, routing = self._run(_forward.forward_with_routing, ops, params, x, coefficients, routing, mask, noise,
+                                   training=training)
             return self._finite_result(ops, y, "apply"), routing
-        return self._finite_result(ops, self._run(_forward.forward, ops, params, x, coefficients, routing, mask, noise), "apply")
+        y = self._run(_forward.forward, ops, params, x, coefficients, routing, mask, noise, training=training)
+        return self._finite_result(ops, y, "apply")
 
     def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
         """:meth:`apply` with the layer's own parameters, on the current backend.
@@ -675,7 +696,8 @@ class MMoE:
             params, x, coefficients=coefficients, routing=routing, mask=mask, training=training, rng=rng, backend=backend
         )
         return self._finite_result(
-            ops, self._run(_forward.dense_forward, ops, params, x, coefficients, routing, mask, noise), "dense_forward"
+            ops, self._run(_forward.dense_forward, ops, params, x, coefficients, routing, mask, noise, training=training),
+            "dense_forward",
         )
 
     def expert_weight(

@@ -259,12 +259,26 @@ class Factorization:
         """
         return opt_einsum.get_symbol(1 + 2 * self.order + level)
 
-    def _sparse_letters(self, sparse: Sequence[bool]) -> dict[str, str]:
+    def _sparse_letters(self, sparse: Sequence[bool], joint: Sequence[int] | None = None) -> dict[str, str]:
         if len(sparse) != self.n_expert_modes:
             raise ValueError(f"sparse must flag each of the {self.n_expert_modes} expert levels; got {list(sparse)!r}")
-        return {self.mode_symbol(h): self.selection_symbol(h) for h, s in enumerate(sparse) if s}
+        joint = self._check_joint(joint, sparse)
+        return {self.mode_symbol(h): self.selection_symbol(joint[0] if h in joint else h)
+                for h, s in enumerate(sparse) if s}
 
-    def routed_equation(self, sparse: Sequence[bool]) -> str:
+    def _check_joint(self, joint: Sequence[int] | None, sparse: Sequence[bool] | None = None) -> tuple[int, ...]:
+        levels = () if joint is None else tuple(joint)
+        if not levels:
+            return ()
+        if (len(levels) < 2 or len(set(levels)) != len(levels) or not all(is_int(h) for h in levels)
+                or not all(0 <= h < self.n_expert_modes for h in levels)):
+            raise ValueError(f"joint must name two or more distinct expert levels in [0, {self.n_expert_modes}); "
+                             f"got {joint!r}")
+        if sparse is not None and not all(sparse[h] for h in levels):
+            raise ValueError(f"joint={joint!r} joins sparse levels only; sparse={list(sparse)!r}")
+        return tuple(sorted(int(h) for h in levels))
+
+    def routed_equation(self, sparse: Sequence[bool], joint: Sequence[int] | None = None) -> str:
         """Einsum equation of the forward pass with some levels routed sparsely.
 
         A dense level ``h`` contributes its coefficients ``a_h[b, N_h]``; a sparse
@@ -274,30 +288,40 @@ class Factorization:
         place of the expert axis.  Derived from :meth:`network`, so it holds for
         every format; all sparse levels dense gives :meth:`forward_equation`.
 
+        ``joint`` names sparse levels selected together (product keys): slot ``m``
+        selects one expert of each joined level, so they share one selection axis,
+        and their weights ``w[b, m]`` appear once, as the operand of the first
+        joined level (the others have no operand).
+
         Examples
         --------
         >>> CP([8, 5, 6], rank=3, n_expert_modes=1).routed_equation([True])
         'ah,ac,ahe,ce,de->ad'
+        >>> CP([4, 4, 5, 6], rank=3, n_expert_modes=2).routed_equation([True, True], joint=(0, 1))
+        'aj,ad,ajf,ajf,df,ef->ae'
         """
-        key = tuple(bool(s) for s in sparse)
+        key = (tuple(bool(s) for s in sparse), self._check_joint(joint, sparse))
         cache = self.__dict__.setdefault("_equations", {})
         if key not in cache:
-            cache[key] = self._routed_equation(sparse)
+            cache[key] = self._routed_equation(sparse, key[1])
         return cache[key]
 
-    def _routed_equation(self, sparse: Sequence[bool]) -> str:
+    def _routed_equation(self, sparse: Sequence[bool], joint: tuple[int, ...] = ()) -> str:
         b = self.batch_symbol
-        selected = self._sparse_letters(sparse)
-        terms = [b + selected.get(self.mode_symbol(h), self.mode_symbol(h)) for h in range(self.n_expert_modes)]
+        selected = self._sparse_letters(sparse, joint)
+        terms = [b + selected.get(self.mode_symbol(h), self.mode_symbol(h))
+                 for h in range(self.n_expert_modes) if h not in joint[1:]]
         terms.append(b + self.mode_symbol(self.order - 2))
         for letters in self.network().values():
             experts = [c for c in letters if c in selected]
             if experts:
-                letters = b + "".join(selected[c] for c in experts) + "".join(c for c in letters if c not in selected)
+                axes = "".join(dict.fromkeys(selected[c] for c in experts))
+                letters = b + axes + "".join(c for c in letters if c not in selected)
             terms.append(letters)
         return ",".join(terms) + "->" + b + self.mode_symbol(self.order - 1)
 
-    def gather_params(self, params: Mapping[str, Any], indices: Mapping[int, Any], ops: Any) -> list[Any]:
+    def gather_params(self, params: Mapping[str, Any], indices: Mapping[int, Any], ops: Any,
+                      joint: Sequence[int] | None = None) -> list[Any]:
         """Parameters with the expert rows selected per input (operands of :meth:`routed_equation`).
 
         Parameters
@@ -308,13 +332,19 @@ class Factorization:
             The selected experts of each sparse level.
         ops : Ops
             The backend's array operations.
+        joint : sequence of int, optional
+            Sparse levels selected together (as in :meth:`routed_equation`): their
+            index arrays have the same shape ``[B, m]``, slot ``j`` of each naming
+            one expert of a selected tuple.
 
         Returns
         -------
         list of arrays
             In :meth:`network` order.  A parameter carrying the expert axes of sparse
             levels ``h1, h2, ...`` becomes ``[B, k_h1, k_h2, ..., rest]``: only the
-            ``B * k`` selected rows are read, never all ``N``.
+            ``B * k`` selected rows are read, never all ``N``.  Joined levels share
+            one axis: a parameter carrying two of them is read at the ``B * m``
+            selected tuples only (a diagonal gather).
 
         Examples
         --------
@@ -324,8 +354,15 @@ class Factorization:
         >>> p = f.init(np.random.default_rng(0), std=0.1)
         >>> [g.shape for g in f.gather_params(p, {0: np.array([[7, 9]])}, get_ops("numpy"))]
         [(1, 2, 3), (5, 3), (6, 3)]
+        >>> f2 = TR([4, 4, 5, 6], ranks=2, n_expert_modes=2)
+        >>> p2 = f2.init(np.random.default_rng(0), std=0.1)
+        >>> pairs = {0: np.array([[3, 0]]), 1: np.array([[1, 1]])}
+        >>> [g.shape for g in f2.gather_params(p2, pairs, get_ops("numpy"), joint=(0, 1))]
+        [(1, 2, 2, 2), (1, 2, 2, 2), (2, 5, 2), (2, 6, 2)]
         """
+        joint = self._check_joint(joint, [h in indices for h in range(self.n_expert_modes)])
         selected = {self.mode_symbol(h): h for h in indices}
+        axis_of = {h: joint[0] if h in joint else h for h in indices}  # the selection axis each level uses
         out = []
         for name, letters in self._network().items():
             levels = [selected[c] for c in letters if c in selected]
@@ -333,29 +370,41 @@ class Factorization:
             if levels:
                 axes = [letters.index(self.mode_symbol(h)) for h in levels]
                 value = ops.xp.moveaxis(value, tuple(axes), tuple(range(len(axes))))
+                shared = list(dict.fromkeys(axis_of[h] for h in levels))
                 index = []
-                for j, h in enumerate(levels):
+                for h in levels:
                     idx = indices[h]
-                    shape = [idx.shape[0]] + [1] * len(levels)
-                    shape[1 + j] = idx.shape[1]
+                    shape = [idx.shape[0]] + [1] * len(shared)
+                    shape[1 + shared.index(axis_of[h])] = idx.shape[1]
                     index.append(ops.xp.reshape(idx, tuple(shape)))
                 value = ops.gather(value, tuple(index))
             out.append(value)
         return out
 
-    def dense_equation(self) -> str:
+    def dense_equation(self, joint: Sequence[int] | None = None) -> str:
         """Einsum equation of the forward pass through the dense tensor ``W``.
 
-        Operands: the ``H`` coefficient matrices, the input and ``W``.
+        Operands: the ``H`` coefficient matrices, the input and ``W``.  With
+        ``joint`` levels (product keys), their coefficients are one tensor
+        ``a[b, N_h1, N_h2, ...]`` (:func:`tensormoe.routing.pair_to_dense`), the
+        operand of the first joined level.
 
         Examples
         --------
         >>> CP([8, 5, 6], rank=3, n_expert_modes=1).dense_equation()
         'ab,ac,bcd->ad'
+        >>> CP([4, 4, 5, 6], rank=3, n_expert_modes=2).dense_equation(joint=(0, 1))
+        'abc,ad,bcde->ae'
         """
+        joint = self._check_joint(joint)
         b = self.batch_symbol
         modes = "".join(self.mode_symbol(k) for k in range(self.order))
-        terms = [b + self.mode_symbol(k) for k in range(self.n_expert_modes + 1)] + [modes]
+        terms = []
+        for h in range(self.n_expert_modes):
+            if h in joint[1:]:
+                continue
+            terms.append(b + ("".join(self.mode_symbol(j) for j in joint) if h in joint else self.mode_symbol(h)))
+        terms += [b + self.mode_symbol(self.n_expert_modes), modes]
         return ",".join(terms) + "->" + b + self.mode_symbol(self.order - 1)
 
     def slice_equation(self) -> str:

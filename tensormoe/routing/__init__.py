@@ -3,7 +3,8 @@
 * :mod:`~tensormoe.routing.gates`: gate activations (softmax, 1.5-entmax,
   sparsemax) and the logit normalisation;
 * :mod:`~tensormoe.routing.routers`: the routers of one expert level (dense,
-  top-k, expert choice, Soft MoE) and the registry of router names;
+  top-k with capacity and second-expert policies, expert choice, Soft MoE), the
+  product-key router of two levels, and the registry of router names;
 * :mod:`~tensormoe.routing.routing`: the :class:`Routing` a router returns, and
   how tokens are grouped;
 * :mod:`~tensormoe.routing.levels`: routing across a layer's expert levels, the
@@ -21,23 +22,35 @@ Examples
 """
 
 from .gates import entmax15, layer_norm, softmax, sparsemax
-from .levels import Dispatch, check_routing, combine, dispatch, level_params, route, training_noise
+from .levels import (
+    Dispatch,
+    check_routing,
+    combine,
+    dispatch,
+    joint_levels,
+    level_params,
+    pass_through,
+    route,
+    training_noise,
+)
 from .losses import aux_loss
 from .routers import (
     DenseRouter,
     ExpertChoiceRouter,
+    ProductKeyRouter,
     Router,
     SoftRouter,
     TopKRouter,
     get_router,
     resolve_routers,
 )
-from .routing import Routing, group_shape
+from .routing import Routing, group_shape, pair_to_dense
 
 __all__ = [
     "DenseRouter",
     "Dispatch",
     "ExpertChoiceRouter",
+    "ProductKeyRouter",
     "Router",
     "Routing",
     "SoftRouter",
@@ -49,8 +62,11 @@ __all__ = [
     "entmax15",
     "get_router",
     "group_shape",
+    "joint_levels",
     "layer_norm",
     "level_params",
+    "pair_to_dense",
+    "pass_through",
     "resolve_routers",
     "route",
     "softmax",

@@ -27,7 +27,9 @@ __all__ = [
     "check_routing",
     "combine",
     "dispatch",
+    "joint_levels",
     "level_params",
+    "pass_through",
     "route",
     "training_noise",
 ]
@@ -52,33 +54,48 @@ def level_params(
     ]
 
 
+class Draws(NamedTuple):
+    """The random draws of one level's router in one call (internal): normals ``[G, T', N]``, uniforms ``[G, T']``."""
+
+    normal: Any = None
+    uniform: Any = None
+
+
 def draw_noise(
-    ops: Ops, routers: Sequence[Any], n_experts: Sequence[int], g: int, t: int, rng: Any, like: Any
-) -> tuple[list[Any], Any]:
-    """Standard normal noise ``[G, T', N_h]`` for every noisy router (``None`` for the others).
+    ops: Ops, routers: Sequence[Any], n_experts: Sequence[int], g: int, t: int, rng: Any, like: Any,
+    training: bool = True,
+) -> tuple[list[Draws], Any]:
+    """The draws of every level's router: training noise ``[G, T', N_h]``, then the policies' uniforms ``[G, T']``.
 
     ``T'`` is ``t`` or, for levels that route the slots of a Soft MoE level, the
-    number of slots.  Returns the draws and the generator to use next.
+    number of slots.  Normals (noisy routers, training only) are drawn for every
+    level first, so a seed gives the same noise with or without a ``"random"``
+    second-expert policy; uniforms follow, level by level.  Returns one
+    :class:`Draws` per level and the generator to use next.
     """
-    noisy = [h for h, r in enumerate(routers) if r.noisy]
-    if noisy and rng is None:
-        names = ", ".join(f"{routers[h].name!r} at level {h}" for h in noisy)
+    noisy = [h for h, r in enumerate(routers) if training and r.noisy]
+    uniform = [h for h, r in enumerate(routers) if r.draws_uniform(training)]
+    if (noisy or uniform) and rng is None:
+        names = ", ".join(
+            [f"noise of {routers[h].name!r} at level {h}" for h in noisy]
+            + [f"second_policy='random' of {routers[h].name!r} at level {h}" for h in uniform]
+        )
+        mode = "training=True" if training else "training=False"
         raise ValueError(
-            f"training=True draws router noise ({names}) and needs rng=: an integer seed or a "
-            "numpy.random.Generator (the same noise on every backend), a torch.Generator or a JAX key; got None"
+            f"{mode} draws random numbers ({names}) and needs rng=: an integer seed or a "
+            "numpy.random.Generator (the same numbers on every backend), a torch.Generator or a JAX key; got None"
         )
     rows = t
     for r, n in zip(routers, n_experts):
         if r.soft:
             rows = r.slots(n)
-    out = []
-    for h, (r, n) in enumerate(zip(routers, n_experts)):
-        if h in noisy:
-            draw, rng = ops.normal(rng, (g, t if r.soft else rows, n), like)
-            out.append(draw)
-        else:
-            out.append(None)
-    return out, rng
+    normals: list[Any] = [None] * len(routers)
+    uniforms: list[Any] = [None] * len(routers)
+    for h in noisy:
+        normals[h], rng = ops.normal(rng, (g, t if routers[h].soft else rows, n_experts[h]), like)
+    for h in uniform:
+        uniforms[h], rng = ops.uniform(rng, (g, rows), like)
+    return [Draws(a, u) for a, u in zip(normals, uniforms)], rng
 
 
 def route_levels(
@@ -90,27 +107,35 @@ def route_levels(
     mask: Any = None,
     noise: Sequence[Any] | None = None,
     statistics: bool = False,
+    training: bool = False,
 ) -> tuple[list[Routing], Any]:
     """Route a grouped input ``x[G, T, I]`` through one router per level (hierarchical routing).
 
     Every level routes the same rows: the tokens, or, when one level is a
     :class:`SoftRouter`, that level's slot inputs ``[G, S, I]`` (Soft MoE mixes
     tokens first; the other levels then route the slots, which are never padding).
+    ``noise`` holds one :class:`Draws` (or ``None``) per level.
 
     Returns the routings (grouped) and the rows the experts process.
     """
-    noise = list(noise) if noise is not None else [None] * len(routers)
+    draws = [d if d is not None else Draws() for d in noise] if noise is not None else [Draws()] * len(routers)
     routings: list[Routing | None] = [None] * len(routers)
     rows, row_mask = x, mask
     for h, router in enumerate(routers):
         if router.soft:
-            routing = router.route(ops, params[h], x, mask)
+            routing = router.route(ops, params[h], x, mask, training=training)
             routings[h] = with_statistics(ops, routing, mask, n_experts[h]) if statistics else routing
             rows, row_mask = soft_slots(ops, routing, x), None
     for h, router in enumerate(routers):
-        if routings[h] is None:
-            routing = router.route(ops, params[h], rows, row_mask, noise[h])
-            routings[h] = with_statistics(ops, routing, row_mask, n_experts[h]) if statistics else routing
+        if routings[h] is not None:
+            continue
+        if router.joint:  # one selection for this level and the next
+            pair = router.route_joint(ops, params[h:h + 2], rows, row_mask, training=training, statistics=statistics)
+        else:
+            pair = (router.route(ops, params[h], rows, row_mask, draws[h].normal, uniform=draws[h].uniform,
+                                 training=training),)
+        for j, routing in enumerate(pair, start=h):
+            routings[j] = with_statistics(ops, routing, row_mask, n_experts[j]) if statistics else routing
     return routings, rows
 
 
@@ -124,6 +149,7 @@ def route(
     mask: Any = None,
     noise: Sequence[Any] | None = None,
     statistics: bool = True,
+    training: bool = False,
 ) -> tuple[Routing, ...]:
     """Route ``x[..., I]`` through every level: one :class:`~tensormoe.routing.Routing` per level.
 
@@ -140,10 +166,13 @@ def route(
     x : array ``[..., I]``
     mask : array ``[...]`` of zeros and ones, optional
         Ones for tokens, zeros for padding (already checked).
-    noise : sequence of arrays or None, optional
-        Training noise per level (:func:`training_noise`).
+    noise : sequence or None, optional
+        The routers' random draws per level (:func:`training_noise`).
     statistics : bool
         Fill in the load statistics and auxiliary losses.
+    training : bool
+        Use the training settings of routers that have two (capacity factor,
+        second-expert policy).
 
     Returns
     -------
@@ -166,7 +195,8 @@ def route(
     grouped_mask = None if mask is None else ops.xp.reshape(mask, (g, t))
     by_level = level_params(routers, params, in_dim, expert_dims)
     routings, rows = route_levels(
-        ops, routers, by_level, expert_dims, ops.xp.reshape(x, (g, t, in_dim)), grouped_mask, noise, statistics
+        ops, routers, by_level, expert_dims, ops.xp.reshape(x, (g, t, in_dim)), grouped_mask, noise, statistics,
+        training,
     )
     soft = any(r.is_soft for r in routings)
     slot_lead = (*lead[:-1], rows.shape[1])
@@ -191,6 +221,10 @@ class Dispatch(NamedTuple):
         ``G``, the number of groups.
     per_group : int
         Rows per group: ``T`` tokens, or ``S`` slots.
+    joint : tuple of int
+        The levels selected together (a :class:`~tensormoe.routing.ProductKeyRouter`):
+        their weights are the same, slot ``m`` of each naming one expert of a
+        selected pair; empty otherwise.
 
     Examples
     --------
@@ -208,6 +242,7 @@ class Dispatch(NamedTuple):
     soft: int | None
     groups: int
     per_group: int
+    joint: tuple = ()
 
 
 def dispatch(
@@ -221,11 +256,12 @@ def dispatch(
     mask: Any = None,
     noise: Sequence[Any] | None = None,
     statistics: bool = False,
+    training: bool = False,
 ) -> Dispatch:
     """Route ``x[..., I]`` (or take the given ``routing``) and lay out the rows and weights the experts process.
 
     ``routing`` given (checked by :func:`check_routing`) is used instead of the
-    routers; ``mask``, ``noise`` and ``statistics`` are as in :func:`route`.
+    routers; ``mask``, ``noise``, ``statistics`` and ``training`` are as in :func:`route`.
 
     Examples
     --------
@@ -247,7 +283,7 @@ def dispatch(
         grouped_mask = None if mask is None else ops.xp.reshape(mask, (g, t))
         by_level = level_params(routers, params, in_dim, expert_dims)
         grouped_routing, rows = route_levels(ops, routers, by_level, expert_dims, grouped, grouped_mask, noise,
-                                             statistics)
+                                             statistics, training)
     else:
         soft = next((h for h, r in enumerate(routing) if r.is_soft), None)
         slots = t if soft is None else routing[soft].weights.shape[-1]
@@ -272,7 +308,59 @@ def dispatch(
         soft=soft,
         groups=g,
         per_group=per_group,
+        joint=joint_levels(routers),
     )
+
+
+def joint_levels(routers: Sequence[Any]) -> tuple[int, ...]:
+    """The levels whose routers select together (a router whose ``joint`` is true); empty when none do.
+
+    Examples
+    --------
+    >>> from tensormoe.routing import ProductKeyRouter, TopKRouter
+    >>> router = ProductKeyRouter(k=2)
+    >>> joint_levels([router, router]), joint_levels([TopKRouter(), TopKRouter()])
+    ((0, 1), ())
+    """
+    return tuple(h for h, r in enumerate(routers) if r.joint)
+
+
+def pass_through(ops: Ops, routers: Sequence[Any], dispatched: Dispatch, mask: Any = None) -> Any:
+    """``[R, 1]`` ones for the rows that output their input (``overflow="pass-through"``), zeros elsewhere.
+
+    A row passes through when a level whose router can drop slots used none of
+    its selected experts; padding rows (``mask`` zero) never do.  ``None`` when no
+    router passes tokens through.  The layer adds ``pass_through * x`` to the
+    experts' output.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensormoe.frameworks import get_ops
+    >>> from tensormoe.routing import TopKRouter
+    >>> ops = get_ops("numpy")
+    >>> router = TopKRouter(noise=None, capacity_factor=1.0, min_capacity=1, overflow="pass-through")
+    >>> x = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0]])
+    >>> d = dispatch(ops, [router], {"gate_0": np.eye(2)}, [2], x)
+    >>> pass_through(ops, [router], d)[:, 0].tolist()
+    [0.0, 0.0, 1.0]
+    """
+    if not any(getattr(r, "overflow", "zero") == "pass-through" and getattr(r, "drops", False) for r in routers):
+        return None
+    xp = ops.xp
+    n_rows = dispatched.rows.shape[0]
+    served = None
+    for r in dispatched.routing:
+        if r.kept is not None:
+            used = xp.astype(xp.sum(xp.reshape(r.kept, (n_rows, r.kept.shape[-1])), axis=-1, keepdims=True) > 0,
+                             dispatched.rows.dtype)
+            served = used if served is None else served * used
+    if served is None:
+        return None
+    out = 1.0 - served
+    if mask is not None:
+        out = out * xp.reshape(xp.astype(mask, out.dtype), (n_rows, 1))
+    return out
 
 
 def combine(ops: Ops, dispatched: Dispatch, y: Any, lead: Sequence[int]) -> tuple[Any, tuple[Routing, ...]]:
@@ -306,9 +394,14 @@ def combine(ops: Ops, dispatched: Dispatch, y: Any, lead: Sequence[int]) -> tupl
 
 
 def training_noise(
-    ops: Ops, routers: Sequence[Any], expert_dims: Sequence[int], lead: Sequence[int], rng: Any, like: Any
-) -> list[Any] | None:
-    """The router noise of a training call for inputs with leading axes ``lead``; ``None`` when no router is noisy.
+    ops: Ops, routers: Sequence[Any], expert_dims: Sequence[int], lead: Sequence[int], rng: Any, like: Any,
+    training: bool = True,
+) -> list[Draws] | None:
+    """The routers' random draws for inputs with leading axes ``lead``; ``None`` when no router draws.
+
+    In training mode, the noise of noisy routers; in either mode, the uniform
+    draws of the ``"random"`` second-expert policy (:meth:`Router.draws_uniform`).
+    One ``Draws(normal, uniform)`` per level.
 
     Examples
     --------
@@ -316,24 +409,33 @@ def training_noise(
     >>> from tensormoe.frameworks import get_ops
     >>> from tensormoe.routing import DenseRouter, TopKRouter
     >>> noise = training_noise(get_ops("numpy"), [DenseRouter(), TopKRouter()], [2, 3], (4, 5), 0, np.ones(1))
-    >>> noise[0] is None, noise[1].shape
+    >>> noise[0].normal is None, noise[1].normal.shape
     (True, (4, 5, 3))
     >>> training_noise(get_ops("numpy"), [DenseRouter()], [2], (4,), None, np.ones(1)) is None
     True
+    >>> eval_draws = training_noise(get_ops("numpy"), [TopKRouter(k=2, second_policy="random")], [3], (4,), 0,
+    ...                             np.ones(1), training=False)
+    >>> eval_draws[0].normal is None, eval_draws[0].uniform.shape
+    (True, (1, 4))
     """
     g, t = group_shape(tuple(lead))
-    draws, _ = draw_noise(ops, routers, expert_dims, g, t, rng, like=like)
-    return draws if any(d is not None for d in draws) else None
+    draws, _ = draw_noise(ops, routers, expert_dims, g, t, rng, like=like, training=training)
+    return draws if any(d.normal is not None or d.uniform is not None for d in draws) else None
 
 
 def check_routing(
-    routing: Any, expert_dims: Sequence[int], lead: Sequence[int], ops: Ops, *, dtype: str | None = None
+    routing: Any, expert_dims: Sequence[int], lead: Sequence[int], ops: Ops, *, dtype: str | None = None,
+    joint: Sequence[int] = (),
 ) -> list[Routing]:
     """Return ``routing`` as a list after checking it fits a layer with ``expert_dims`` and inputs ``[*lead, I]``.
 
     One :class:`~tensormoe.routing.Routing` per level; weights of the backend of
     ``ops`` and dtype ``dtype``, shaped as the level's router would give them;
-    top-k indices integer and within the level's experts; at most one Soft MoE level.
+    top-k indices integer and within the level's experts; ``kept``, if given,
+    shaped as the weights; at most one Soft MoE level.  The ``joint`` levels (a
+    layer with a :class:`~tensormoe.routing.ProductKeyRouter`) must be sparse with
+    the same number of slots: slot ``m`` of each names one expert of a pair, and
+    the first joint level's weights are used.
 
     Examples
     --------
@@ -394,5 +496,14 @@ def check_routing(
             w = check_array(r.weights, ops, f"{where}.weights", last=n, dtype=dtype)
             if tuple(w.shape[:-1]) != rows:
                 raise ValueError(f"{where}.weights must have shape {[*rows, n]}; got {list(w.shape)}")
+        if r.kept is not None and tuple(getattr(r.kept, "shape", ())) != tuple(r.weights.shape):
+            raise ValueError(f"{where}.kept must have the shape of the weights, {list(r.weights.shape)}; "
+                             f"got {list(getattr(r.kept, 'shape', []))}")
         out.append(r)
+    if joint:
+        shapes = [list(getattr(routing[h].indices, "shape", [])) if routing[h].is_sparse else None for h in joint]
+        if any(shape is None for shape in shapes) or any(shape != shapes[0] for shape in shapes):
+            raise ValueError(f"routing levels {list(joint)} are selected together (product keys): each must be sparse "
+                             f"with the same number of slots (slot m of each names one expert of a pair); got index "
+                             f"shapes {shapes}")
     return out

@@ -38,7 +38,14 @@ from typing import Any
 import numpy as np
 
 from ..frameworks import Ops, get_ops
-from ..validation import check_array, check_choice, check_mask, check_params
+from ..validation import (
+    check_array,
+    check_choice,
+    check_mask,
+    check_params,
+    check_positive_int,
+    check_positive_real,
+)
 from . import gates as _gates
 from .levels import draw_noise
 from .routing import Routing, group_shape, ungroup, with_statistics
@@ -47,6 +54,7 @@ __all__ = [
     "ROUTERS",
     "DenseRouter",
     "ExpertChoiceRouter",
+    "ProductKeyRouter",
     "Router",
     "SoftRouter",
     "TopKRouter",
@@ -76,6 +84,43 @@ def _check_norm(norm: Any) -> Any:
     return check_choice(norm, "norm", list(_gates.NORMS))
 
 
+#: what a token whose every slot was dropped outputs (:class:`TopKRouter`)
+OVERFLOWS = ("zero", "pass-through")
+#: the second-expert policies of top-2 routing (:class:`TopKRouter`)
+SECOND_POLICIES = ("all", "none", "threshold", "random")
+#: the weights of the pairs a :class:`ProductKeyRouter` selects
+PRODUCT_KEY_SCORES = ("softmax", "relu")
+
+
+def _per_mode(value: Any, argument: str, check: Any) -> tuple[Any, Any]:
+    """``(training, eval)`` from one value for both modes or a pair, each checked by ``check(value, argument)``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{argument} must be one value or a pair (training, eval); got {value!r}")
+        return check(value[0], f"{argument}[0]"), check(value[1], f"{argument}[1]")
+    value = check(value, argument)
+    return value, value
+
+
+def _within_capacity(ops: Ops, indices: Any, asked: Any, cap: int, n_experts: int) -> Any:
+    """``[G, T, k]`` booleans: the asked slots that find a place among their expert's ``cap``.
+
+    Slot-major order (every token's slot 0, then every slot 1, ...), tokens in
+    position order: each slot's place is its rank among the slots asking for the
+    same expert, from a stable sort by expert (slots not asked sort last).
+    """
+    xp = ops.xp
+    g, t, k = indices.shape
+    keys = xp.where(asked, indices, xp.full_like(indices, n_experts))
+    keys = xp.reshape(xp.permute_dims(keys, (0, 2, 1)), (g, k * t))  # slot-major
+    rank = xp.argsort(xp.argsort(keys, axis=-1, stable=True), axis=-1)  # position of each slot in the sorted order
+    counts = ops.scatter_add_last(keys, xp.ones_like(keys), n_experts + 1)
+    starts = xp.cumulative_sum(counts, axis=-1) - counts
+    place = rank - xp.take_along_axis(starts, keys, axis=-1)
+    kept = (keys < n_experts) & (place < cap)
+    return xp.permute_dims(xp.reshape(kept, (g, k, t)), (0, 2, 1))
+
+
 class Router:
     """A router of one expert level (abstract).
 
@@ -93,6 +138,8 @@ class Router:
     name: str = ""
     #: whether the router mixes tokens into slots (Soft MoE) instead of routing them
     soft: bool = False
+    #: whether the router selects the experts of two levels together (:class:`ProductKeyRouter`)
+    joint: bool = False
     #: std of the initial gate logits for inputs of unit variance; 0 starts the gate at
     #: zero (every expert equally likely, the MMoE's choice), a small value breaks the
     #: ties that make hard selection (top-k, expert choice) pick the lowest indices
@@ -204,6 +251,16 @@ class Router:
         ValueError: k=2 exceeds the 1 experts of the level; expected k <= 1
         """
 
+    def draws_uniform(self, training: bool) -> bool:
+        """Whether the router needs one uniform draw per token in this mode (the ``"random"`` second-expert policy).
+
+        Examples
+        --------
+        >>> TopKRouter(k=2, second_policy=("random", "all")).draws_uniform(True), DenseRouter().draws_uniform(True)
+        (True, False)
+        """
+        return False
+
     @property
     def noisy(self) -> bool:
         """Whether the router draws noise in training mode.
@@ -237,12 +294,15 @@ class Router:
         """
         return _gates.normalise(getattr(self, "norm", None), self.project(params, "gate", x), ops)
 
-    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+              uniform: Any = None, training: bool = False) -> Routing:
         """Route a grouped input ``x[G, T, I]``, without statistics (the layers' entry point).
 
         ``mask`` is ``None`` or a float array ``[G, T]`` of ones (tokens) and zeros
-        (padding); ``noise`` is ``None`` or standard normal draws ``[G, T, N]``.
-        Subclasses implement this; :meth:`__call__` adds checks and statistics.
+        (padding); ``noise`` is ``None`` or standard normal draws ``[G, T, N]``;
+        ``uniform`` is ``None`` or uniform draws ``[G, T]`` (:meth:`draws_uniform`);
+        ``training`` picks the training or the eval setting of routers that have
+        both.  Subclasses implement this; :meth:`__call__` adds checks and statistics.
 
         Examples
         --------
@@ -273,10 +333,12 @@ class Router:
         mask : array ``[...]`` of bool or 0/1, optional
             True (one) for real tokens, false (zero) for padding.
         training : bool
-            Draw the router noise (noisy top-k); needs ``rng``.
+            Training mode: draw the router noise (noisy top-k; needs ``rng``) and
+            use the training settings of routers that have two.
         rng : int, numpy.random.Generator, torch.Generator or JAX key, optional
-            Source of the training noise.  An integer seed or a NumPy generator
-            draws in NumPy, so every backend gets the same noise.
+            Source of the training noise and of the ``"random"`` second-expert
+            policy's draws.  An integer seed or a NumPy generator draws in NumPy,
+            so every backend gets the same numbers.
 
         Examples
         --------
@@ -296,15 +358,18 @@ class Router:
         lead = tuple(x.shape[:-1])
         g, t = group_shape(lead)
         grouped_mask = None if mask is None else ops.xp.reshape(check_mask(mask, ops, lead, x), (g, t))
-        noise = None
-        if training and self.noisy:
-            (noise,), _ = draw_noise(ops, [self], [n], g, t, rng, like=x)
+        (draws,), _ = draw_noise(ops, [self], [n], g, t, rng, like=x, training=training)
         grouped = ops.xp.reshape(x, (g, t, in_dim))
-        routing = with_statistics(ops, self.route(ops, params, grouped, grouped_mask, noise), grouped_mask, n)
-        return ungroup(ops, routing, lead)
+        routing = self.route(ops, params, grouped, grouped_mask, draws.normal, uniform=draws.uniform,
+                             training=training)
+        return ungroup(ops, with_statistics(ops, routing, grouped_mask, n), lead)
+
+    #: attributes left out of the repr when they hold these values
+    _defaults: dict[str, Any] = {"rank": None}
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not (k == "rank" and v is None))
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                           if not (k in self._defaults and v == self._defaults[k]))
         return f"{type(self).__name__}({fields})"
 
 
@@ -343,7 +408,8 @@ class DenseRouter(Router):
         self.rank = _check_rank(rank)
         self.name = activation
 
-    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+              uniform: Any = None, training: bool = False) -> Routing:
         logits = self.logits(ops, params, x)
         weights = _gates.activate(self.activation, logits, ops)
         if mask is not None:
@@ -378,6 +444,30 @@ class TopKRouter(Router):
     rank : int, optional
         Rank of low-rank projections ``P_down[I, r] @ P_up[r, N]`` for the gate
         and the learned noise (default: full ``[I, N]`` matrices).
+    capacity_factor : float, (float, float) or None
+        Places of each expert in a group of ``T`` tokens:
+        ``C = max(min_capacity, min(T, floor(T * capacity_factor / N)))``
+        (:meth:`capacity`), shared by all ``k`` slots (there is no factor ``k``:
+        for ``k`` places per token on average, multiply the factor by ``k``).  A
+        pair is ``(training, eval)``.  Default ``None``: no capacity, nothing is
+        dropped.  Slots take places slot by slot (every token's first choice,
+        then every second choice, ...), tokens in position order; a slot that
+        finds its expert full is dropped (weight 0, no renormalisation).
+    min_capacity : int
+        The least capacity ``C`` (4, as in the ``mixture-of-experts`` package).
+    overflow : {"zero", "pass-through"}
+        The output of a token whose every slot was dropped: zero, or its input
+        (Switch's residual, which needs ``in_dim == out_dim``; the layer adds it).
+    second_policy : {"all", "none", "threshold", "random"} or a pair of them
+        ``k = 2`` only (GShard): whether a token uses its second expert.
+        ``"all"`` always (default), ``"none"`` never, ``"threshold"`` when its
+        weight ``w2`` (renormalised, as the first) exceeds ``second_threshold``,
+        ``"random"`` when a uniform draw ``u < w2 / second_threshold``, so with
+        probability ``min(1, w2 / second_threshold)``; ``"random"`` needs ``rng=``
+        in whichever mode uses it.  A pair is ``(training, eval)``.  The first
+        weight is not renormalised when the second slot goes.
+    second_threshold : float or (float, float)
+        The threshold of the ``"threshold"`` and ``"random"`` policies (0.2).
 
     Examples
     --------
@@ -386,10 +476,19 @@ class TopKRouter(Router):
     >>> r = router({"gate": np.eye(3)}, np.array([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]]))
     >>> r.indices.tolist(), r.load.tolist()
     ([[1], [0]], [0.5, 0.5, 0.0])
+
+    One place per expert: the third token wants expert 0 too, which is full.
+
+    >>> capped = TopKRouter(k=1, noise=None, capacity_factor=1.0, min_capacity=1)
+    >>> r = capped({"gate": np.eye(2)}, np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0]]))
+    >>> r.kept[:, 0].tolist(), float(r.dropped_tokens), float(r.over_capacity)
+    ([1.0, 1.0, 0.0], 1.0, 1.0)
     """
 
     def __init__(self, k: int = 1, noise: str | float | None = "learned", renormalize: bool | None = None,
-                 norm: str | None = None, rank: int | None = None) -> None:
+                 norm: str | None = None, rank: int | None = None, *, capacity_factor: Any = None,
+                 min_capacity: int = 4, overflow: str = "zero", second_policy: Any = "all",
+                 second_threshold: Any = 0.2) -> None:
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer (experts per token); got {k!r}")
         self.k = int(k)
@@ -403,9 +502,56 @@ class TopKRouter(Router):
         self.renormalize = self.k > 1 if renormalize is None else renormalize
         self.norm = _check_norm(norm)
         self.rank = _check_rank(rank)
+        self.capacity_factor = None if capacity_factor is None else _per_mode(
+            capacity_factor, "capacity_factor", lambda v, a: check_positive_real(v, a))
+        self.min_capacity = check_positive_int(min_capacity, "min_capacity")
+        self.overflow = check_choice(overflow, "overflow", OVERFLOWS)
+        self.second_policy = _per_mode(second_policy, "second_policy",
+                                       lambda v, a: check_choice(v, a, SECOND_POLICIES))
+        self.second_threshold = _per_mode(second_threshold, "second_threshold",
+                                          lambda v, a: check_positive_real(v, a, allow_zero=True))
+        if self.k != 2 and self.second_policy != ("all", "all"):
+            raise ValueError(f"second_policy={second_policy!r} needs k=2 (a second expert to keep or drop); "
+                             f"got k={self.k}: use second_policy='all' or k=2")
         self.name = f"top{self.k}"
 
     init_logit_std = 1e-2
+    _defaults = {**Router._defaults, "capacity_factor": None, "min_capacity": 4, "overflow": "zero",
+                 "second_policy": ("all", "all"), "second_threshold": (0.2, 0.2)}
+
+    @property
+    def drops(self) -> bool:
+        """Whether the router can leave selected slots unused (a capacity or a second-expert policy).
+
+        Its routings then carry ``kept``, ``dropped_tokens`` and ``over_capacity``.
+
+        Examples
+        --------
+        >>> TopKRouter(k=2).drops, TopKRouter(k=2, second_policy="none").drops, TopKRouter(capacity_factor=1.0).drops
+        (False, True, True)
+        """
+        return self.capacity_factor is not None or self.second_policy != ("all", "all")
+
+    def capacity(self, n_tokens: int, n_experts: int, training: bool = False) -> int | None:
+        """Places of each expert in a group of ``n_tokens``; ``None`` without a capacity factor.
+
+        ``max(min_capacity, min(T, floor(T * capacity_factor / N)))`` with the
+        factor of the mode (``training`` or eval), evaluated as the
+        ``mixture-of-experts`` package does.
+
+        Examples
+        --------
+        >>> router = TopKRouter(k=2, capacity_factor=(1.25, 2.0))
+        >>> router.capacity(1024, 16, training=True), router.capacity(1024, 16), router.capacity(8, 16)
+        (80, 128, 4)
+        """
+        if self.capacity_factor is None:
+            return None
+        factor = self.capacity_factor[0 if training else 1]
+        return max(self.min_capacity, min(n_tokens, math.floor((n_tokens * factor) / n_experts)))
+
+    def draws_uniform(self, training: bool) -> bool:
+        return self.second_policy[0 if training else 1] == "random"
 
     def _projections(self, in_dim: int, n_experts: int) -> dict[str, int]:
         out = {"gate": n_experts}
@@ -421,19 +567,51 @@ class TopKRouter(Router):
     def noisy(self) -> bool:
         return self.noise is not None
 
-    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+              uniform: Any = None, training: bool = False) -> Routing:
         logits = self.logits(ops, params, x)
         if noise is not None:
             std = _softplus(ops, self.project(params, "gate_noise", x)) if self.noise == "learned" else self.noise
             logits = logits + noise * std
         probs = _gates.softmax(logits, ops=ops)
         _, indices = ops.top_k(logits, self.k)
-        weights = ops.xp.take_along_axis(probs, indices, axis=-1)
+        xp = ops.xp
+        weights = xp.take_along_axis(probs, indices, axis=-1)
         if self.renormalize:
-            weights = weights / ops.xp.sum(weights, axis=-1, keepdims=True)
+            weights = weights / xp.sum(weights, axis=-1, keepdims=True)
+        if not self.drops:
+            if mask is not None:
+                weights = weights * mask[..., None]
+            return Routing(weights=weights, indices=indices, probs=probs, logits=logits)
+        asked = self._asked(ops, weights, mask, uniform, training)
+        cap = self.capacity(x.shape[1], probs.shape[-1], training)
+        kept = asked if cap is None else _within_capacity(ops, indices, asked, cap, probs.shape[-1])
+        over = xp.sum(xp.astype(asked, weights.dtype) - xp.astype(kept, weights.dtype))
+        kept = xp.astype(kept, weights.dtype)
+        return Routing(weights=weights * kept, indices=indices, probs=probs, logits=logits, kept=kept,
+                       over_capacity=over)
+
+    def _asked(self, ops: Ops, weights: Any, mask: Any, uniform: Any, training: bool) -> Any:
+        """``[G, T, k]`` booleans: the slots that a real token uses after the second-expert policy."""
+        xp = ops.xp
+        asked = xp.ones(weights.shape, dtype=xp.bool, device=ops.device(weights))
+        policy = self.second_policy[0 if training else 1]
+        threshold = self.second_threshold[0 if training else 1]
+        if policy != "all":
+            second = weights[..., 1]
+            if policy == "none":
+                keep = xp.zeros(second.shape, dtype=xp.bool, device=ops.device(weights))
+            elif policy == "threshold":
+                keep = second > threshold
+            else:
+                if uniform is None:
+                    raise ValueError(f"second_policy={policy!r} draws a uniform number per token and needs rng=; got "
+                                     "None (an integer seed, a numpy.random.Generator, a torch.Generator or a JAX key)")
+                keep = uniform < second / max(threshold, 1e-9)
+            asked = xp.stack([asked[..., 0], keep], axis=-1)
         if mask is not None:
-            weights = weights * mask[..., None]
-        return Routing(weights=weights, indices=indices, probs=probs, logits=logits)
+            asked = asked & (mask[..., None] > 0)
+        return asked
 
 
 class ExpertChoiceRouter(Router):
@@ -486,7 +664,8 @@ class ExpertChoiceRouter(Router):
         """
         return min(n_tokens, max(1, math.ceil(self.capacity_factor * n_tokens / n_experts - 1e-9)))
 
-    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+              uniform: Any = None, training: bool = False) -> Routing:
         logits = self.logits(ops, params, x)
         probs = _gates.softmax(logits, ops=ops)
         n_tokens, n_experts = probs.shape[-2], probs.shape[-1]
@@ -542,7 +721,8 @@ class SoftRouter(Router):
     def slots(self, n_experts: int) -> int:
         return n_experts * self.slots_per_expert
 
-    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+              uniform: Any = None, training: bool = False) -> Routing:
         logits = self.project(params, "gate", x)  # [G, T, S]
         combine = _gates.softmax(logits, ops=ops)
         xp = ops.xp
@@ -563,15 +743,294 @@ class SoftRouter(Router):
         return Routing(weights=combine, dispatch=dispatch, probs=probs, logits=logits)
 
 
+class ProductKeyRouter(Router):
+    """Product-key retrieval over two expert levels ``[n, n]``: a joint top-k of ``N = n * n`` experts.
+
+    The PKM / PEER router (Lample et al. 2019; He 2024).  Expert ``e = i * n + j``
+    is the pair of sub-key ``i`` of level 0 and sub-key ``j`` of level 1 (the
+    major and minor modes of ``W[n, n, I, O]``), scored ``s_0[i] + s_1[j]`` with
+    ``s_l[i] = (x @ query_l)[head] . keys_l[head, i]``.  Per token and head:
+
+    1. each level's ``k_half`` best sub-keys (ties: the lower index), put back in
+       index order;
+    2. the ``k_half ** 2`` candidate sums, whose flattened order is then the
+       expert order;
+    3. their ``k`` largest (ties: the lower expert), weighted by ``softmax`` over
+       the ``k`` sums, or by ``relu`` of each sum.
+
+    This equals the top-``k`` of all ``N`` sums (the pairs of the global top-k
+    are among the candidates as ``k <= k_half``) at a cost of ``2 n`` sub-key
+    scores per head, not ``n * n``.  ``heads`` retrievals with their own queries
+    and sub-keys run side by side; their ``heads * k`` slots (head-major) all
+    feed the same contraction, so their outputs add up.  Both levels' routings
+    hold the same weights; level 0's indices are the ``i``, level 1's the ``j``
+    of each slot, and each level's ``to_dense`` is that level's marginal.
+
+    Parameters
+    ----------
+    k : int
+        Experts per token and head.
+    heads : int
+        Independent retrievals whose outputs are summed (PEER's heads).
+    key_dim : int, optional
+        Width of the queries and sub-keys (default ``in_dim // 2``, as PEER).
+    k_half : int, optional
+        Sub-keys kept per level before the joint top-k; ``k <= k_half <= n``
+        (default ``k``).
+    score : {"softmax", "relu"}
+        The weights of the ``k`` selected pairs of a head: softmax over their sums
+        (PKM) or ``relu`` of each (PEER-pytorch's default, with ``k = 1``).
+    query_norm : None
+        Normalisation of the queries.  Only ``None`` for now: batch-normalised
+        queries (PKM) need running statistics, and tensormoe's layers hold no
+        state besides their parameters yet.
+    rank : int, optional
+        Rank of low-rank query projections ``query_down[I, r] @ query_up[r, heads * key_dim]``.
+
+    Notes
+    -----
+    Parameters per level ``l`` (a layer stores them as ``query_l`` and
+    ``keys_l``): ``query [I, heads * key_dim]``, column ``head * key_dim + c``,
+    drawn ``N(0, 1 / I)``; ``keys [heads, n, key_dim]``, drawn ``N(0, 0.02**2)``
+    as in PEER.  From PEER-pytorch: ``query_0 = to_queries.weight[:h*d].T``,
+    ``query_1 = to_queries.weight[h*d:].T``, ``keys_l = keys[:, :, l]``.  The
+    statistics (``load``, ``importance``) of each level are those of its marginal;
+    nothing is ever dropped.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> router = ProductKeyRouter(k=2, key_dim=1)
+    >>> one = np.ones((1, 1))
+    >>> params = [{"query": one, "keys": np.array([1.0, 3.0]).reshape(1, 2, 1)},
+    ...           {"query": one, "keys": np.array([2.0, 0.0]).reshape(1, 2, 1)}]
+    >>> first, second = router(params, one)
+    >>> first.indices.tolist(), second.indices.tolist(), first.weights.round(3).tolist()
+    ([[1, 0]], [[0, 0]], [[0.881, 0.119]])
+
+    The pairs ``(1, 0)`` (score 3 + 2) and ``(0, 0)`` (1 + 2, which ties with
+    ``(1, 1)``, 3 + 0, and goes to the lower expert ``0 < 3``).
+    """
+
+    #: routes two levels at once (:meth:`route_joint`)
+    joint = True
+    _defaults = {**Router._defaults, "key_dim": None, "query_norm": None}
+
+    def __init__(self, k: int = 16, heads: int = 1, key_dim: int | None = None, k_half: int | None = None,
+                 score: str = "softmax", query_norm: str | None = None, rank: int | None = None) -> None:
+        self.k = check_positive_int(k, "k")
+        self.heads = check_positive_int(heads, "heads")
+        self.key_dim = None if key_dim is None else check_positive_int(key_dim, "key_dim")
+        self.k_half = self.k if k_half is None else check_positive_int(k_half, "k_half")
+        if self.k_half < self.k:
+            raise ValueError(f"k_half={self.k_half} must be at least k={self.k} (the candidates must hold the "
+                             "joint top-k); expected k <= k_half <= n")
+        self.score = check_choice(score, "score", PRODUCT_KEY_SCORES)
+        if query_norm is not None:
+            raise ValueError(f"query_norm={query_norm!r} is not available yet: batch-normalised queries need running "
+                             "statistics, and tensormoe's layers hold no state besides their parameters; expected None")
+        self.query_norm = None
+        self.rank = _check_rank(rank)
+        self.name = "product_keys"
+
+    def width(self, in_dim: int) -> int:
+        """``key_dim``, or its default ``max(1, in_dim // 2)``.
+
+        Examples
+        --------
+        >>> ProductKeyRouter().width(256), ProductKeyRouter(key_dim=8).width(256)
+        (128, 8)
+        """
+        return self.key_dim if self.key_dim is not None else max(1, in_dim // 2)
+
+    def _projections(self, in_dim: int, n_experts: int) -> dict[str, int]:
+        return {"query": self.heads * self.width(in_dim)}
+
+    def param_shapes(self, in_dim: int, n_experts: int) -> dict[str, tuple[int, ...]]:
+        """One level's parameters: the query projection and the sub-keys ``[heads, n, key_dim]``.
+
+        Examples
+        --------
+        >>> ProductKeyRouter(k=2, heads=3).param_shapes(8, 5)
+        {'query': (8, 12), 'keys': (3, 5, 4)}
+        """
+        return {**super().param_shapes(in_dim, n_experts), "keys": (self.heads, n_experts, self.width(in_dim))}
+
+    def init(self, in_dim: int, n_experts: int, rng: np.random.Generator | int | None = None) -> dict[str, np.ndarray]:
+        """Float64 parameters of one level: queries ``N(0, 1 / in_dim)``, sub-keys ``N(0, 0.02**2)``.
+
+        A low-rank query starts with ``query_down`` ``N(0, 1 / in_dim)`` and
+        ``query_up`` ``N(0, 1 / r)``.
+
+        Examples
+        --------
+        >>> p = ProductKeyRouter(k=2).init(8, 5, rng=0)
+        >>> sorted(p), bool(0.01 < p["keys"].std() < 0.04)
+        (['keys', 'query'], True)
+        """
+        rng = np.random.default_rng(0 if rng is None else rng)
+        out = {}
+        for name, shape in self.param_shapes(in_dim, n_experts).items():
+            std = 0.02 if name == "keys" else 1.0 / math.sqrt(shape[0])
+            out[name] = rng.normal(0.0, std, size=shape)
+        return out
+
+    def check(self, n_experts: int) -> None:
+        if not self.k <= self.k_half <= n_experts:
+            raise ValueError(f"k={self.k} and k_half={self.k_half} need k <= k_half <= n, the {n_experts} sub-keys "
+                             f"of a level; expected k_half <= {n_experts}")
+
+    def check_levels(self, expert_dims: Sequence[int]) -> None:
+        """Raise unless ``expert_dims`` is two equal levels ``[n, n]`` that fit ``k`` and ``k_half``.
+
+        Examples
+        --------
+        >>> ProductKeyRouter(k=2).check_levels([4, 3])
+        Traceback (most recent call last):
+        ...
+        ValueError: a ProductKeyRouter routes two expert levels of equal size [n, n]; got expert_dims=[4, 3]
+        """
+        dims = list(expert_dims)
+        if len(dims) != 2 or dims[0] != dims[1]:
+            raise ValueError(f"a ProductKeyRouter routes two expert levels of equal size [n, n]; got expert_dims={dims}")
+        self.check(dims[0])
+
+    def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None, *,
+              uniform: Any = None, training: bool = False) -> Routing:
+        raise TypeError("a ProductKeyRouter selects two levels together: call route_joint (or the router itself)")
+
+    def scores(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
+        """Sub-key scores ``[..., heads, n]`` of one level for inputs ``x[..., I]``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.frameworks import get_ops
+        >>> p = {"query": np.eye(2), "keys": np.array([[[1.0], [2.0]], [[0.0], [-1.0]]])}
+        >>> ProductKeyRouter(k=1, heads=2, key_dim=1).scores(get_ops("numpy"), p, np.array([[3.0, 5.0]])).tolist()
+        [[[3.0, 6.0], [0.0, -5.0]]]
+        """
+        xp = ops.xp
+        s = self._head_scores(ops, params, x)  # [h, R, n]
+        return xp.reshape(xp.permute_dims(s, (1, 0, 2)), (*x.shape[:-1], *s.shape[::2]))
+
+    def _head_scores(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
+        """Scores ``[heads, R, n]`` of the rows of ``x`` (heads first: the batched product's own layout)."""
+        xp = ops.xp
+        keys = params["keys"]
+        heads, _, width = keys.shape
+        q = xp.reshape(self.project(params, "query", x), (-1, heads, width))  # [R, h, d]
+        return xp.matmul(xp.permute_dims(q, (1, 0, 2)), xp.matrix_transpose(keys))
+
+    def route_joint(self, ops: Ops, params: Sequence[Mapping[str, Any]], x: Any, mask: Any = None, *,
+                    training: bool = False, statistics: bool = True) -> tuple[Routing, Routing]:
+        """Route a grouped input ``x[G, T, I]`` over both levels: ``(level 0, level 1)`` without statistics.
+
+        ``params`` holds each level's parameters; ``mask`` is as in :meth:`Router.route`.
+        ``statistics=False`` leaves out ``probs`` and ``logits`` (a softmax over
+        every sub-key, and the scores, which only the statistics read).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.frameworks import get_ops
+        >>> router = ProductKeyRouter(k=1, key_dim=1)
+        >>> p = [{"query": np.ones((1, 1)), "keys": np.array([[[0.0], [1.0]]])}] * 2
+        >>> first, second = router.route_joint(get_ops("numpy"), p, np.ones((1, 1, 1)))
+        >>> first.indices.tolist(), second.indices.tolist(), first.weights.tolist()
+        ([[[1]]], [[[1]]], [[[1.0]]])
+        """
+        xp = ops.xp
+        lead = tuple(x.shape[:-1])
+        s0, s1 = (self._head_scores(ops, p, x) for p in params)  # [h, R, n]: top-k along the last axis
+        kh = self.k_half
+
+        def best(s: Any) -> tuple[Any, Any]:
+            _, index = ops.top_k(s, kh)
+            index = xp.sort(index, axis=-1)  # back in index order: the candidates then run in expert order
+            return index, xp.take_along_axis(s, index, axis=-1)
+
+        i, c0 = best(s0)
+        j, c1 = best(s1)
+        heads, rows = c0.shape[:2]
+        sums = xp.reshape(c0[..., :, None] + c1[..., None, :], (heads, rows, kh * kh))
+        top, pick = ops.top_k(sums, self.k)
+        first = xp.take_along_axis(i, pick // kh, axis=-1)
+        second = xp.take_along_axis(j, pick % kh, axis=-1)
+        weights = _gates.softmax(top, ops=ops) if self.score == "softmax" else xp.clip(top, min=0.0)
+
+        def slots(a: Any) -> Any:  # [h, R, k] -> [*lead, h * k], head-major
+            return xp.reshape(xp.permute_dims(a, (1, 0, 2)), (*lead, heads * self.k))
+
+        weights = slots(weights)
+        if mask is not None:
+            weights = weights * mask[..., None]
+        out = []
+        for s, index in ((s0, first), (s1, second)):
+            probs = logits = None
+            if statistics:
+                probs = xp.reshape(xp.mean(_gates.softmax(s, ops=ops), axis=0), (*lead, s.shape[-1]))
+                logits = xp.reshape(xp.permute_dims(s, (1, 0, 2)), (*lead, heads * s.shape[-1]))
+            out.append(Routing(weights=weights, indices=slots(index), probs=probs, logits=logits))
+        return out[0], out[1]
+
+    def __call__(  # type: ignore[override]
+        self,
+        params: Sequence[Mapping[str, Any]],
+        x: Any,
+        *,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+    ) -> tuple[Routing, Routing]:
+        """Route ``x[..., I]`` over both levels, with the auxiliary outputs: ``(level 0, level 1)``.
+
+        ``params`` is a pair of mappings, each level's parameters named as in
+        :meth:`param_shapes` (what :meth:`init` gives); the rest is as in
+        :meth:`Router.__call__` (the router draws nothing).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> router = ProductKeyRouter(k=3, heads=2)
+        >>> params = [router.init(6, 4, rng=0), router.init(6, 4, rng=1)]
+        >>> first, second = router(params, np.random.default_rng(2).normal(size=(5, 6)))
+        >>> first.indices.shape, bool(np.allclose(first.weights.sum(-1), 2.0)), float(first.dropped)
+        ((5, 6), True, 0.0)
+        """
+        ops = get_ops()
+        x = check_array(x, ops, "x")
+        in_dim = x.shape[-1]
+        if isinstance(params, Mapping) or not isinstance(params, Sequence) or len(params) != 2:
+            raise ValueError("params must be a pair of mappings, the parameters of level 0 and of level 1 (each as "
+                             f"ProductKeyRouter.init gives them); got {type(params).__name__}")
+        dims = []
+        for level, p in enumerate(params):
+            keys = p.get("keys") if isinstance(p, Mapping) else None
+            if getattr(keys, "ndim", 0) != 3:
+                raise ValueError(f"params[{level}] must hold 'keys', an array [heads, n, key_dim]; got "
+                                 f"{None if keys is None else list(getattr(keys, 'shape', []))}")
+            dims.append(keys.shape[1])
+            check_params(p, self.param_shapes(in_dim, keys.shape[1]), exact=False, backend=ops.name)
+        self.check_levels(dims)
+        lead = tuple(x.shape[:-1])
+        g, t = group_shape(lead)
+        grouped_mask = None if mask is None else ops.xp.reshape(check_mask(mask, ops, lead, x), (g, t))
+        routings = self.route_joint(ops, params, ops.xp.reshape(x, (g, t, in_dim)), grouped_mask, training=training)
+        return tuple(ungroup(ops, with_statistics(ops, r, grouped_mask, n), lead)  # type: ignore[return-value]
+                     for r, n in zip(routings, dims))
+
+
 # -- names ---------------------------------------------------------------------------
 
-ROUTERS = ("entmax15", "softmax", "sparsemax", "top1", "top2", "top<k>", "expert_choice", "soft")
+ROUTERS = ("entmax15", "softmax", "sparsemax", "top1", "top2", "top<k>", "gshard", "expert_choice", "soft",
+           "product_keys")
 """Router names accepted by :func:`get_router` (``"top<k>"`` for any ``k``).
 
 Examples
 --------
->>> [get_router(name).name for name in ("top2", "expert_choice", "soft")]
-['top2', 'expert_choice', 'soft']
+>>> [get_router(name).name for name in ("top2", "expert_choice", "soft", "product_keys")]
+['top2', 'expert_choice', 'soft', 'product_keys']
 """
 
 
@@ -580,10 +1039,14 @@ def get_router(spec: str | Router, gate_norm: str | None = "layernorm", rank: in
 
     Names: ``"entmax15"``, ``"softmax"``, ``"sparsemax"`` (:class:`DenseRouter`
     with ``norm=gate_norm``); ``"top<k>"`` such as ``"top1"``, ``"top2"``
-    (:class:`TopKRouter`, learned noise); ``"expert_choice"``
+    (:class:`TopKRouter`, learned noise); ``"gshard"`` (top-2 without noise,
+    the ``"random"`` second-expert policy with threshold 0.2 and capacity
+    factors 1.25 in training and 2 in eval, at least 4 places: the
+    ``mixture-of-experts`` package's defaults); ``"expert_choice"``
     (:class:`ExpertChoiceRouter`, capacity factor 2); ``"soft"``
-    (:class:`SoftRouter`, one slot per expert).  ``rank`` is the rank of the
-    low-rank gate projections of a router built from a name (default: full
+    (:class:`SoftRouter`, one slot per expert); ``"product_keys"``
+    (:class:`ProductKeyRouter`, ``k = 16``, one head).  ``rank`` is the rank of
+    the low-rank gate projections of a router built from a name (default: full
     matrices); a Router given as ``spec`` keeps its own.
 
     Examples
@@ -592,6 +1055,8 @@ def get_router(spec: str | Router, gate_norm: str | None = "layernorm", rank: in
     TopKRouter(k=3, noise='learned', renormalize=True, norm=None, name='top3')
     >>> get_router("softmax", gate_norm=None, rank=8)
     DenseRouter(activation='softmax', norm=None, rank=8, name='softmax')
+    >>> get_router("gshard").capacity(1024, 16, training=True)
+    80
     """
     if isinstance(spec, Router):
         return spec
@@ -602,10 +1067,15 @@ def get_router(spec: str | Router, gate_norm: str | None = "layernorm", rank: in
     match = re.fullmatch(r"top([0-9]+)", spec)
     if match:
         return TopKRouter(k=int(match.group(1)), rank=rank)
+    if spec == "gshard":
+        return TopKRouter(k=2, noise=None, rank=rank, capacity_factor=(1.25, 2.0), min_capacity=4,
+                          second_policy="random", second_threshold=0.2)
     if spec == "expert_choice":
         return ExpertChoiceRouter(rank=rank)
     if spec == "soft":
         return SoftRouter(rank=rank)
+    if spec == "product_keys":
+        return ProductKeyRouter(rank=rank)
     raise ValueError(f"router={spec!r} is not a router name; expected one of {list(ROUTERS)} or a Router instance")
 
 
@@ -624,14 +1094,18 @@ def _with_rank(router: Router, gate_rank: int | None, where: str) -> Router:
 
 
 def resolve_routers(
-    router: Any, expert_dims: Sequence[int], gate: str, gate_norm: str | None, gate_rank: int | None = None
+    router: Any, expert_dims: Sequence[int], gate: str, gate_norm: str | None, gate_rank: int | None = None,
+    *, in_dim: int | None = None, out_dim: int | None = None,
 ) -> tuple[Router, ...]:
     """One router per level from a layer's ``router=`` argument.
 
     ``None``: a :class:`DenseRouter` with the layer's ``gate`` and ``gate_norm``
-    on every level; a name or a Router: the same router on every level; a
+    on every level; a name or a Router: the same router on every level (a
+    :class:`ProductKeyRouter` spans the two levels ``[n, n]`` of its layer); a
     sequence: one per level.  ``gate_rank`` is given to every router (Router
     objects without a rank are copied with it; one with another rank is an error).
+    With ``in_dim`` and ``out_dim`` given, ``overflow="pass-through"`` is checked
+    against them (it needs ``in_dim == out_dim``).
 
     Examples
     --------
@@ -639,6 +1113,10 @@ def resolve_routers(
     ['top2', 'softmax']
     >>> resolve_routers(None, [4], "entmax15", "layernorm", gate_rank=2)
     (DenseRouter(activation='entmax15', norm='layernorm', rank=2, name='entmax15'),)
+    >>> resolve_routers(TopKRouter(overflow="pass-through"), [4], "entmax15", None, in_dim=3, out_dim=5)
+    Traceback (most recent call last):
+    ...
+    ValueError: overflow='pass-through' outputs a dropped token's input, which needs in_dim == out_dim; got in_dim=3 and out_dim=5: use overflow='zero'
     """
     levels = len(expert_dims)
     if router is None:
@@ -660,9 +1138,32 @@ def resolve_routers(
     soft = [h for h, r in enumerate(routers) if r.soft]
     if len(soft) > 1:
         raise ValueError(f"at most one level can use Soft MoE routing; levels {soft} do")
+    joint = [r for r in routers if r.joint]
+    if joint:
+        if not isinstance(router, (str, Router)):
+            raise ValueError(f"a {type(joint[0]).__name__} routes both expert levels together: give it as "
+                             "router=..., not in a list of routers")
+        joint[0].check_levels(expert_dims)
     for r, n in zip(routers, expert_dims):
         r.check(n)
+    _check_overflow(routers, soft, in_dim, out_dim)
     return tuple(routers)
+
+
+def _check_overflow(routers: Sequence[Router], soft: Sequence[int], in_dim: int | None, out_dim: int | None) -> None:
+    """Raise if the levels that drop tokens disagree on ``overflow``, or pass-through cannot apply."""
+    modes = {r.overflow for r in routers if getattr(r, "drops", False)}
+    if len(modes) > 1:
+        raise ValueError(f"the routers of the levels disagree on overflow ({sorted(modes)}): a token no expert "
+                         "processes has one output; expected the same overflow on every level")
+    if not any(getattr(r, "overflow", "zero") == "pass-through" for r in routers):
+        return
+    if soft:
+        raise ValueError("overflow='pass-through' outputs a dropped token's input, but a Soft MoE level routes slots, "
+                         "not tokens; use overflow='zero'")
+    if in_dim is not None and out_dim is not None and in_dim != out_dim:
+        raise ValueError(f"overflow='pass-through' outputs a dropped token's input, which needs in_dim == out_dim; "
+                         f"got in_dim={in_dim} and out_dim={out_dim}: use overflow='zero'")
 
 
 def _n_experts_from(router: Router, params: Mapping[str, Any], in_dim: int) -> int:

@@ -8,7 +8,10 @@ holding the combine weights and the auxiliary outputs used to train routers:
   ``P_e`` its mean router probability; ``1`` when both are uniform;
 * ``z_loss`` -- the router z-loss of ST-MoE, ``mean(logsumexp(logits) ** 2)``;
 * ``load`` (``f``), ``importance`` (``P``) and ``dropped`` (fraction of tokens
-  that no expert processes) as per-expert statistics.
+  that no expert processes) as per-expert statistics;
+* for top-k routers with a capacity or a second-expert policy, ``kept`` (which
+  selected slots are used), ``dropped_tokens`` (how many tokens no expert
+  processes) and ``over_capacity`` (how many slots found their expert full).
 
 Groups.  Expert choice and Soft MoE act on a *group* of tokens: for inputs
 ``[..., T, I]`` of three or more axes the group is the second-to-last axis (the
@@ -29,7 +32,7 @@ from typing import Any, NamedTuple
 from .._array import backend_of
 from ..frameworks import Ops, get_ops
 
-__all__ = ["Routing", "group_shape"]
+__all__ = ["Routing", "group_shape", "pair_to_dense"]
 
 
 class Routing(NamedTuple):
@@ -61,11 +64,22 @@ class Routing(NamedTuple):
     importance : array ``[N]`` or None
         ``P_e``: mean router probability of each expert (sums to one).
     dropped : scalar array or None
-        Fraction of tokens that no expert processes.
+        Fraction of tokens that no expert processes (``dropped_tokens`` over the
+        number of tokens).
     load_balancing_loss : scalar array or None
         ``N * sum(load * importance)``.
     z_loss : scalar array or None
         ``mean(logsumexp(logits) ** 2)``.
+    kept : array ``[..., k]`` or None
+        Top-k routers that can drop slots (a capacity or a second-expert policy):
+        1 where the selected expert is used, 0 where the policy removed the slot or
+        the expert was full (its weight is then 0 too).  ``None``: every selected
+        slot of a token is used.
+    dropped_tokens : scalar array or None
+        The number of tokens that no expert processes (padding not counted).
+    over_capacity : scalar array or None
+        The number of slots the second-expert policy asked for that found their
+        expert full.
 
     Examples
     --------
@@ -87,6 +101,9 @@ class Routing(NamedTuple):
     dropped: Any = None
     load_balancing_loss: Any = None
     z_loss: Any = None
+    kept: Any = None
+    dropped_tokens: Any = None
+    over_capacity: Any = None
 
     @property
     def is_sparse(self) -> bool:
@@ -129,6 +146,26 @@ class Routing(NamedTuple):
             return self.weights
         ops = get_ops(backend_of(self.weights))
         return ops.scatter_add_last(self.indices, self.weights, n_experts)
+
+
+def pair_to_dense(first: Routing, second: Routing, n_first: int, n_second: int) -> Any:
+    """Dense coefficients ``[..., n_first, n_second]`` of a joint routing of two levels (product keys).
+
+    Slot ``m`` of a joint routing selects the pair ``(first.indices[..., m],
+    second.indices[..., m])`` with the weight ``first.weights[..., m]`` (both
+    levels hold the same weights); pairs selected twice add up.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.array([[0.75, 0.25]])
+    >>> pair_to_dense(Routing(w, np.array([[1, 0]])), Routing(w, np.array([[0, 1]])), 2, 2).tolist()
+    [[[0.0, 0.25], [0.75, 0.0]]]
+    """
+    ops = get_ops(backend_of(first.weights))
+    flat = first.indices * n_second + second.indices
+    dense = ops.scatter_add_last(flat, first.weights, n_first * n_second)
+    return ops.xp.reshape(dense, (*dense.shape[:-1], n_first, n_second))
 
 
 def group_shape(lead: Sequence[int]) -> tuple[int, int]:
@@ -176,7 +213,10 @@ def with_statistics(ops: Ops, routing: Routing, mask: Any, n_experts: int) -> Ro
         k = routing.indices.shape[-1]
         indices = xp.reshape(routing.indices, (1, rows * k))
         counts = ops.scatter_add_last(indices, xp.reshape(valid * ones((rows, k)), (1, rows * k)), n_experts)
-        served = valid
+        if routing.kept is None:
+            served = valid
+        else:
+            served = xp.astype(total(xp.reshape(routing.kept, (rows, k))) > 0, probs.dtype) * valid
     elif routing.is_soft:
         counts = ones((1, n_experts))  # every expert processes its own slots
         served = valid
@@ -189,16 +229,18 @@ def with_statistics(ops: Ops, routing: Routing, mask: Any, n_experts: int) -> Ro
     logits = xp.reshape(routing.logits, (rows, routing.logits.shape[-1]))
     lse = _logsumexp(ops, logits)
     scalar = ()
+    dropped = total(valid - served, axis=0)
     return routing._replace(
         load=xp.reshape(load, (n_experts,)),
         importance=xp.reshape(importance, (n_experts,)),
-        dropped=xp.reshape(total(valid - served, axis=0) / n_valid, scalar),
+        dropped=xp.reshape(dropped / n_valid, scalar),
+        dropped_tokens=xp.reshape(dropped, scalar),
         load_balancing_loss=xp.reshape(total(load * importance) * n_experts, scalar),
         z_loss=xp.reshape(total(lse * lse * valid, axis=0) / n_valid, scalar),
     )
 
 
-_PER_TOKEN = ("weights", "indices", "dispatch", "probs", "logits")
+_PER_TOKEN = ("weights", "indices", "dispatch", "probs", "logits", "kept")
 
 
 def ungroup(ops: Ops, routing: Routing, lead: Sequence[int]) -> Routing:
