@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import tensormoe
 from tensormoe import routing as R
 from tensormoe.frameworks import get_ops
+from tensormoe.network.contraction import execute
 
 PROBS = np.array([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.7, 0.2, 0.1], [0.2, 0.5, 0.3]])
 LOGITS = np.log(PROBS)
@@ -467,7 +468,7 @@ def _check_joint_contraction(case, backend):
     # the joint weights (once, as level 0's operand), the third level's coefficients, x, the gathered parameters
     operands = [*coefficients, ops.asarray(x, dtype),
                 *f.gather_params({k: ops.asarray(v, dtype) for k, v in params.items()}, indices, ops, joint=(0, 1))]
-    y = ops.contract(f.routed_equation(sparse, joint=(0, 1)), operands)
+    y = execute(ops, f.routed_equation(sparse, joint=(0, 1)), operands)
     scale = 1 + np.abs(want).max()
     np.testing.assert_allclose(to_numpy(y), want, rtol=0, atol=(1e-4 if dtype == "float32" else 1e-9) * scale)
     # only the selected tuples' rows are read: B * m of them per joined factor
@@ -501,7 +502,7 @@ def test_joint_contraction_never_reads_unselected_pairs():
     outs = []
     for p in (params, poisoned):
         operands = [w, x, *f.gather_params(p, {0: first, 1: second}, ops, joint=(0, 1))]
-        outs.append(ops.contract(f.routed_equation([True, True], joint=(0, 1)), operands))
+        outs.append(execute(ops, f.routed_equation([True, True], joint=(0, 1)), operands))
     assert np.isfinite(outs[1]).all()
     np.testing.assert_array_equal(outs[0], outs[1])
 
