@@ -13,6 +13,14 @@ experts as a 4 x 4 grid of sub-key pairs, two per token).  Every model has the s
 the MoE layer (the CP rank absorbs what a router needs: the noisy top-k routers'
 noise weights cost ``I * N`` parameters, the product-key router its queries and sub-keys).
 
+``--routers peer`` (not in the default list) adds a row outside tensormoe: the MoE
+layer is replaced by ``PEER_pytorch.PEER`` (He 2024; ``pip install PEER-pytorch``)
+on the same ``n x n`` grid of experts as ``product_keys``, ``k=2`` of them per token,
+one head, softmax scores, with the query width ``dim_key`` that brings its parameters
+closest to the budget from below.  PEER maps ``d -> d``: the tokens are zero-padded
+to the hidden width, so the weights reading the padding (half of its down-projection
+and query weights here) never receive a gradient.  It has no routing losses.
+
 Training uses PyTorch autograd (Adam, cross-entropy plus ``tensormoe.routing.aux_loss``:
 by default ``1e-2`` load balancing as in Switch and ``1e-3`` z-loss as in ST-MoE); the layer
 runs on tensormoe's PyTorch backend.
@@ -86,6 +94,10 @@ BUILDERS: dict[str, Callable[[int], object]] = {
     "product_keys": _product_keys,
 }
 
+#: Rows outside tensormoe's routers (chosen with ``--routers``, not run by default):
+#: ``peer`` replaces the MoE layer by ``PEER_pytorch.PEER`` (see the module docstring)
+EXTERNAL = ["peer"]
+
 #: Routers of two equal expert levels ``[n, n]``: they get ``--experts N`` (a square) as ``[sqrt(N), sqrt(N)]``
 JOINT = ("product_keys",)
 
@@ -100,7 +112,7 @@ def experts_for(label: str, experts: list[int]) -> list[int]:
 
     Raises ``ValueError`` when product keys cannot hold ``experts``.
     """
-    if label not in JOINT:
+    if label not in JOINT and label not in EXTERNAL:
         return list(experts)
     if len(experts) == 2 and experts[0] == experts[1]:
         return list(experts)
@@ -109,6 +121,91 @@ def experts_for(label: str, experts: list[int]) -> list[int]:
         raise ValueError(f"{label} needs a square number of experts (--experts 16 is a 4 x 4 grid) or two equal "
                          f"levels (--experts 4 4); got {experts}")
     return [side, side]
+
+
+def peer_width(in_dim: int, out_dim: int) -> int:
+    """PEER's ``dim``: it maps ``d -> d`` with ``d`` even, so the tokens are zero-padded to it."""
+    d = max(in_dim, out_dim)
+    return d + d % 2
+
+
+def peer_params(d: int, n_experts: int, dim_key: int, heads: int = 1) -> int:
+    """PEER's parameters: down and up embeddings ``2 N d``, queries ``d * 2 h dk``, sub-keys ``h * 2 sqrt(N) dk``."""
+    return 2 * n_experts * d + d * 2 * heads * dim_key + heads * 2 * math.isqrt(n_experts) * dim_key
+
+
+def peer_dim_key(budget: int, in_dim: int, out_dim: int, experts: list[int]) -> int:
+    """The largest ``dim_key`` whose PEER layer fits in ``budget`` parameters.
+
+    Raises ``ValueError`` when not even ``dim_key=1`` fits.
+    """
+    d, n = peer_width(in_dim, out_dim), experts[0] * experts[1]
+    if peer_params(d, n, 1) > budget:
+        raise ValueError(f"{budget} parameters are too few for router 'peer': dim_key 1 needs {peer_params(d, n, 1)}")
+    dim_key = 1
+    while peer_params(d, n, dim_key + 1) <= budget:
+        dim_key += 1
+    return dim_key
+
+
+def peer_missing() -> str | None:
+    """Why the ``peer`` row cannot run (PEER_pytorch or its imports absent), or None."""
+    try:
+        import PEER_pytorch  # noqa: F401
+    except ImportError as err:
+        return f"PEER_pytorch is not installed ({err}); pip install PEER-pytorch"
+    return None
+
+
+class PeerModel:
+    """``PEER_pytorch.PEER`` in the MoE layer's place: ``forward(x, training) -> (h, routing)``.
+
+    ``routing`` is the dense ``[tokens, N]`` weight of each expert (its softmax score
+    where selected, 0 elsewhere), recomputed with PEER's own retrieval steps.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, experts: list[int], budget: int, seed: int):
+        import torch
+        from PEER_pytorch import PEER
+
+        self.in_dim, self.out_dim, self.n = in_dim, out_dim, experts[0] * experts[1]
+        self.d = peer_width(in_dim, out_dim)
+        self.dim_key = peer_dim_key(budget, in_dim, out_dim, experts)
+        torch.manual_seed(seed)
+        self.layer = PEER(dim=self.d, heads=1, num_experts=self.n, num_experts_per_head=2, product_key_topk=2,
+                          dim_key=self.dim_key, non_competing_scores=False)
+        self.n_params = sum(p.numel() for p in self.layer.parameters())
+        if self.n_params != peer_params(self.d, self.n, self.dim_key):
+            raise AssertionError(f"PEER has {self.n_params} parameters, the arithmetic says "
+                                 f"{peer_params(self.d, self.n, self.dim_key)}")
+
+    def parameters(self) -> list:
+        return list(self.layer.parameters())
+
+    def _pad(self, x):
+        import torch
+
+        return torch.nn.functional.pad(x, (0, self.d - x.shape[-1]))
+
+    def routing(self, x):
+        """Dense expert weights ``[tokens, N]`` from PEER's retrieval (product-key top-2, softmax)."""
+        import torch
+
+        layer, x = self.layer, self._pad(x)
+        q = layer.to_queries(layer.norm(x))  # [2, b, n, h, dk]
+        sim = torch.einsum("pbnhd,hkpd->pbnhk", q, layer.keys)
+        (sx, sy), (ix, iy) = sim.topk(layer.product_key_topk, dim=-1)
+        scores = (sx[..., :, None] + sy[..., None, :]).flatten(-2)
+        indices = (ix[..., :, None] * layer.num_keys + iy[..., None, :]).flatten(-2)
+        top, pick = scores.topk(layer.num_experts_per_head_topk, dim=-1)
+        weights = layer.score_activation(top)
+        dense = torch.zeros(*indices.shape[:-1], self.n, dtype=weights.dtype)
+        dense.scatter_add_(-1, indices.gather(-1, pick), weights)
+        return dense.sum(-2).reshape(-1, self.n)  # heads summed
+
+    def forward(self, x, training: bool):
+        self.layer.train(training)
+        return self.layer(self._pad(x))[..., :self.out_dim], None
 
 
 def load_tokens(n_samples: int | None, seed: int) -> tuple:
@@ -192,6 +289,8 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
     x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in data)
     in_dim, tokens = x_train.shape[-1], x_train.shape[-2]
     experts = experts_for(router_name, args.experts)
+    if router_name in EXTERNAL:
+        return _run_peer(router_name, (x_train, x_test, y_train, y_test), args, seed, experts, bar)
     router = make_router(router_name, len(experts))
     rank = rank_for_budget(router, args.budget, in_dim, args.hidden, experts)
     torch.manual_seed(seed)
@@ -235,6 +334,65 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
         "accuracy": accuracy,
         "entropy": entropy,
         "active": active,
+        "epoch_s": float(np.median(epoch_times)),
+        "infer_ms": infer * 1e3,
+    }
+
+
+def _train(params: list, forward, data: tuple, args: argparse.Namespace, generator, bar, loss_of=None) -> list:
+    """Adam over ``params`` for ``args.epochs``; ``loss_of(routing)`` adds routing losses.  The epoch times."""
+    import torch
+
+    x_train, _, y_train, _ = data
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    epoch_times = []
+    for _ in range(args.epochs):
+        order = torch.as_tensor(generator.permutation(len(x_train)))
+        start = time.perf_counter()
+        for batch in order.split(args.batch_size):
+            logits, routing = forward(x_train[batch], training=True)
+            loss = torch.nn.functional.cross_entropy(logits, y_train[batch])
+            if loss_of is not None:
+                loss = loss + loss_of(routing)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        epoch_times.append(time.perf_counter() - start)
+        if bar is not None:
+            bar.update()
+    return epoch_times
+
+
+def _run_peer(router_name: str, data: tuple, args: argparse.Namespace, seed: int, experts: list[int], bar) -> dict:
+    """:func:`run` for the ``peer`` row: PEER_pytorch's layer in the MoE layer's place, no routing losses."""
+    import torch
+
+    x_train, x_test, _, y_test = data
+    in_dim, tokens = x_train.shape[-1], x_train.shape[-2]
+    model = PeerModel(in_dim, args.hidden, experts, args.budget, seed)
+    head = torch.nn.Linear(tokens * args.hidden, 10)
+    generator = np.random.default_rng(seed)
+
+    def forward(x, training):
+        h, _ = model.forward(x, training)
+        return head(torch.nn.functional.gelu(h).flatten(1)), None
+
+    epoch_times = _train([*model.parameters(), *head.parameters()], forward, data, args, generator, bar)
+    with torch.no_grad():
+        forward(x_test, training=False)  # warm-up
+        start = time.perf_counter()
+        logits, _ = forward(x_test, training=False)
+        infer = time.perf_counter() - start
+        dense = model.routing(x_test).double()
+    share = dense.sum(0) / dense.sum()
+    entropy = float(-(share * torch.log(share.clamp_min(1e-30))).sum()) / math.log(share.numel())
+    return {
+        "router": router_name,
+        "rank": f"dk={model.dim_key}",
+        "params": model.n_params,
+        "accuracy": float((logits.argmax(-1) == y_test).double().mean()),
+        "entropy": entropy,
+        "active": float((dense != 0).sum(-1).double().mean()),
         "epoch_s": float(np.median(epoch_times)),
         "infer_ms": infer * 1e3,
     }
@@ -318,6 +476,9 @@ outputs: the table (Markdown) goes to standard output; the plot to --plot
 (one step per epoch) to standard error when it is a terminal, unless --quiet.
 product_keys routes a grid of experts: --experts 16 becomes 4 x 4 (a number
 that is not a square leaves it out of the default routers).
+peer (PEER_pytorch.PEER on the same grid; not in the default routers) is left
+out with a note when PEER-pytorch is not installed:
+  python examples/compare_routers.py --routers product_keys peer --plot ''
 """
 
 
@@ -355,8 +516,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--routers", nargs="+", default=ROUTERS, choices=ROUTERS, metavar="ROUTER",
-                   help=f"routers to compare, from: {' '.join(ROUTERS)} (default: all)")
+    p.add_argument("--routers", nargs="+", default=ROUTERS, choices=ROUTERS + EXTERNAL, metavar="ROUTER",
+                   help=f"routers to compare, from: {' '.join(ROUTERS)} (default: all); and "
+                        f"{' '.join(EXTERNAL)}: PEER_pytorch's layer in the MoE layer's place (needs PEER-pytorch)")
     p.add_argument("--experts", type=_positive_int, nargs="+", default=[16],
                    help="experts per level (default 16; e.g. 4 4 for two levels)")
     p.add_argument("--hidden", type=_positive_int, default=32, help="hidden features per token (default 32)")
@@ -394,6 +556,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     explicit = "--routers" in (argv if argv is not None else sys.argv[1:])
     routers = []
     for name in args.routers:  # product keys need a grid of experts
+        if name in EXTERNAL and (why := peer_missing()):
+            print(f"note: {name} left out: {why}", file=sys.stderr)
+            continue
         try:
             experts_for(name, args.experts)
             routers.append(name)
@@ -402,12 +567,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 parse.error(f"argument --experts: {err}")
             print(f"note: {name} left out: {err}", file=sys.stderr)
     args.routers = routers
+    if not routers:
+        print("note: no router left to compare", file=sys.stderr)
+        return []
     data = load_tokens(300 if args.quick else None, seed=0)
     in_dim = data[0].shape[-1]
     for name in args.routers:  # every budget problem before any training
         experts = experts_for(name, args.experts)
         try:
-            rank_for_budget(make_router(name, len(experts)), args.budget, in_dim, args.hidden, experts)
+            if name in EXTERNAL:
+                peer_dim_key(args.budget, in_dim, args.hidden, experts)
+            else:
+                rank_for_budget(make_router(name, len(experts)), args.budget, in_dim, args.hidden, experts)
         except ValueError as err:
             parse.error(f"argument --budget: {err}")
     threads = torch.get_num_threads()

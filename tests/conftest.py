@@ -54,7 +54,9 @@ SLOW = {
     "tests/test_cli.py": ["test_python_dash_m_runs_without_torch_or_jax", "test_sweep_and_plot_write_a_png"],
     "tests/test_compress.py": ["test_from_linear_on_every_backend"],
     "tests/test_docs.py": ["test_markdown_snippets_run"],
-    "tests/test_examples.py": ["test_demo_prints_the_same_output_on_every_backend_and_times_a_linear_layer"],
+    # the peer row imports PEER_pytorch and einx (about 2 s; skipped where PEER-pytorch is absent, as in CI)
+    "tests/test_examples.py": ["test_demo_prints_the_same_output_on_every_backend_and_times_a_linear_layer",
+                               "test_compare_routers_peer_row_on_the_product_key_grid_within_the_budget"],
     # the multi-process and multi-device runs (one launch each, shared by every test of the file)
     "tests/test_distributed_jax.py": ["test_data_parallel_equals_one_device", "test_data_parallel_all_reduces_every_gradient_once",
                                       "test_rank_parallel_equals_one_device",

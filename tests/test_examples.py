@@ -143,3 +143,40 @@ def test_choose_factorization_times_every_kind_within_the_budget(capsys):
         assert 0 < row["params"] <= budget and row["ms"] > 0
         assert f"| {row['kind']} | {row['ranks']} | {row['params']:,} |" in out
     assert f"| linear | - | {budget:,} | 1.00 |" in out
+
+
+def test_compare_routers_peer_row_on_the_product_key_grid_within_the_budget(capsys):
+    for module in ("torch", "sklearn", "tqdm", "PEER_pytorch"):
+        pytest.importorskip(module)
+    import torch
+
+    routers = load("compare_routers")
+    rows = routers.main(["--routers", "peer", "--quick", "--plot", "", "--quiet"])
+    out = capsys.readouterr().out
+    assert [r["router"] for r in rows] == ["peer"]
+    peer = rows[0]
+    # 16 experts as PEER's 4 x 4 grid, width 32 (16 inputs zero-padded), the largest dim_key within 2048
+    assert peer["params"] == routers.peer_params(32, 16, 14) <= 2048 < routers.peer_params(32, 16, 15)
+    assert peer["rank"] == "dk=14" and f"| peer | dk=14 | {peer['params']:,} |" in out
+    assert peer["active"] == 2.0 and 0.0 <= peer["entropy"] <= 1.0 + 1e-9 and 0.0 <= peer["accuracy"] <= 1.0
+    # the usage weights are PEER's own: its output recomputed from them and its expert embeddings
+    model = routers.PeerModel(16, 32, [4, 4], 2048, seed=0)
+    x = torch.randn(3, 8, 16)
+    with torch.no_grad():
+        h, _ = model.forward(x, training=False)
+        w = model.routing(x)
+        layer = model.layer
+        xp = model._pad(x).reshape(-1, model.d)
+        hidden = torch.nn.functional.gelu(xp @ layer.weight_down_embed.weight.T)
+        expected = ((w * hidden) @ layer.weight_up_embed.weight)[:, :32].reshape(3, 8, 32)
+    torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compare_routers_peer_without_PEER_pytorch_is_left_out_with_a_note(monkeypatch, capsys):
+    for module in ("torch", "sklearn", "tqdm"):
+        pytest.importorskip(module)
+    monkeypatch.setitem(sys.modules, "PEER_pytorch", None)  # an import of it raises ImportError
+    rows = load("compare_routers").main(["--routers", "peer", "--quick", "--plot", "", "--quiet"])
+    err = capsys.readouterr().err
+    assert rows == [] and "Traceback" not in err
+    assert "note: peer left out: PEER_pytorch is not installed" in err and "pip install PEER-pytorch" in err
