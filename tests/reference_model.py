@@ -31,7 +31,8 @@ Examples
 >>> rng = np.random.default_rng(0)
 >>> sd = reference_state_dict("MuMoE.CPMuMoE", input_dim=4, output_dim=8, expert_dims=[32], ranks=16, rng=rng)
 >>> sorted(sd)
-['MuMoE.factors.0', 'MuMoE.factors.1', 'MuMoE.factors.2', 'bn.0.num_batches_tracked', 'bn.0.running_mean', 'bn.0.running_var', 'projs.0']
+['MuMoE.factors.0', 'MuMoE.factors.1', 'MuMoE.factors.2', 'bn.0.num_batches_tracked',
+ 'bn.0.running_mean', 'bn.0.running_var', 'projs.0']
 >>> y, stats = reference_forward("MuMoE.CPMuMoE", sd, rng.normal(size=(3, 4)), training=False)
 >>> y.shape  # the MuMoE wrapper keeps the token axis of a 2-D input
 (3, 1, 8)
@@ -54,6 +55,7 @@ __all__ = [
     "entmax15",
     "gelu",
     "reference_config",
+    "reference_directional_derivative",
     "reference_forward",
     "reference_shapes",
     "reference_state_dict",
@@ -226,7 +228,9 @@ def reference_config(version: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
     bias = bool(cfg["use_bias"])
     cfg["bias"] = bias
     if cfg["fmt"] == "tucker" and not bias:
-        raise ValueError("use_bias=False: the reference TuckerMMoE keeps an input_dim+1 input factor and its forward fails")
+        raise ValueError(
+            "use_bias=False: the reference TuckerMMoE keeps an input_dim+1 input factor and its forward fails"
+        )
     if cfg["wrapper"]:
         if cfg["normalization"] not in ("bn", "ln"):
             raise ValueError(
@@ -287,7 +291,8 @@ def reference_shapes(version: str, *args: Any, **kwargs: Any) -> dict[str, tuple
     Examples
     --------
     >>> reference_shapes("MMoE.TuckerMMoE", 4, 8, [32], ranks=[8, 8, 8])
-    {'core': (8, 8, 8), 'factors.0': (32, 8), 'factors.1': (5, 8), 'factors.2': (8, 8), 'projs.0': (4, 32), 'bn.0.running_mean': (32,), 'bn.0.running_var': (32,), 'bn.0.num_batches_tracked': ()}
+    {'core': (8, 8, 8), 'factors.0': (32, 8), 'factors.1': (5, 8), 'factors.2': (8, 8), 'projs.0': (4, 32),
+     'bn.0.running_mean': (32,), 'bn.0.running_var': (32,), 'bn.0.num_batches_tracked': ()}
     """
     cfg = reference_config(version, *args, **kwargs)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -514,3 +519,67 @@ def reference_forward(
         factors2, _ = _split(state_dict, "MuMoE2.")
         y = _experts(cfg, factors2, None, coeffs, gelu(y))
     return y, stats_out
+
+
+def reference_directional_derivative(
+    version: str,
+    state_dict: Mapping[str, Any],
+    x: Any,
+    *,
+    cotangent: Any,
+    direction: Mapping[str, Any],
+    training: bool,
+    running_stats: Mapping[str, Any] | None = None,
+    act: str = "entmax15",
+    step: float = 1e-4,
+) -> tuple[float, float]:
+    """``d/de sum(cotangent * y(params + e * v, x + e * v_x))`` at ``e = 0``, by central differences.
+
+    The float64 gradient reference: for any gradient ``g`` of the same scalar,
+    ``sum_k <g_k, v_k>`` must equal this.  ``direction`` maps state-dict names (and
+    ``"x"``) to arrays of their shapes; names left out are held fixed (BatchNorm buffers
+    are not parameters and are never moved).  Fourth-order differences at steps
+    ``step * 2**-k``, ``k = 0..3`` (truncation ``O(h**4)``, rounding ``~1e-16 * |f| / h``); the
+    estimate agreeing best with the one at twice its step is returned.
+
+    Returns
+    -------
+    derivative : float
+    error : float
+        ``|D(h) - D(2h)|`` for the returned ``h``: an estimate of its error; a large value
+        means a kink of the activation (a support change of 1.5-entmax) lies within ``4h``
+        even at the smallest step.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> sd = reference_state_dict("MMoE.CPMMoE", 3, 2, [4], 2, rng=rng)
+    >>> x, ct = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    >>> d, err = reference_directional_derivative("MMoE.CPMMoE", sd, x, cotangent=ct, direction={"x": np.ones((5, 3))},
+    ...                                           training=False)
+    >>> err < 1e-9
+    True
+    """
+    for name in direction:
+        if name != "x" and name not in state_dict:
+            raise KeyError(f"direction names {name!r}, which state_dict does not have")
+        if name.startswith("bn."):
+            raise ValueError(f"direction names the BatchNorm buffer {name!r}; buffers are not parameters")
+    x = np.asarray(x, dtype=np.float64)
+    cotangent = np.asarray(cotangent, dtype=np.float64)
+
+    def f(e: float) -> float:
+        moved = {k: (np.asarray(v, dtype=np.float64) + e * np.asarray(direction[k], dtype=np.float64)
+                     if k in direction else v) for k, v in state_dict.items()}
+        xe = x + e * np.asarray(direction["x"], dtype=np.float64) if "x" in direction else x
+        y, _ = reference_forward(version, moved, xe, training=training, running_stats=running_stats, act=act)
+        return float(np.sum(cotangent * y))
+
+    def d(h: float) -> float:
+        return (-f(2 * h) + 8 * f(h) - 8 * f(-h) + f(-2 * h)) / (12 * h)
+
+    # halve the step while that helps: keep the pair of successive estimates that agree best
+    estimates = [d(step * 2.0**-k) for k in range(4)]
+    errors = [abs(a - b) for a, b in zip(estimates[1:], estimates[:-1])]
+    best = int(np.argmin(errors))
+    return estimates[best + 1], errors[best]

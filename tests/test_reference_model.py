@@ -5,11 +5,14 @@ Two kinds of check:
 * everywhere (CI included): the factorized model equals the dense equation of the reference
   (``y = sum W[n.., i, o] a_1[n_1] .. a_H[n_H] x[i]`` plus the coefficient-mixed bias row), with
   ``W`` rebuilt by TensorLy; 1.5-entmax solves its threshold equation; BatchNorm statistics
-  follow their definition; malformed state dicts are refused by name;
+  follow their definition; the finite-difference gradient reference is exact where ``y`` is
+  linear; malformed state dicts are refused by name;
 * where the reference repository's mirror is present (not in CI): the reference's own modules,
   loaded from every distinct version of ``MMoE.py`` and ``MuMoE.py`` in its git history into a
   temporary folder (never vendored), load the model's state dicts strictly and give the same
-  outputs and BatchNorm buffers in training and in evaluation, to 1e-10 in float64.
+  outputs and BatchNorm buffers in training and in evaluation, to 1e-10 in float64, and their
+  autograd gradients (every parameter and the input) agree with the model's directional
+  derivatives to 1e-9 relative.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from reference_model import (
     entmax15,
     gelu,
     reference_config,
+    reference_directional_derivative,
     reference_forward,
     reference_shapes,
     reference_state_dict,
@@ -42,6 +46,7 @@ TOL = 1e-10
 
 def _case(version, kwargs, act="entmax15", tokens=3):
     ident = f"{version}-" + "-".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("input_dim", "output_dim"))
+    ident += ("" if act == "entmax15" else f"-{act}") + ("" if tokens == 3 else f"-T={tokens}")
     return pytest.param(version, kwargs, act, tokens, id=ident.replace(" ", ""))
 
 
@@ -166,6 +171,24 @@ def test_model_equals_dense_equation_in_eval(version, kwargs, act, tokens):
             np.testing.assert_array_equal(value, state[key])  # eval leaves the statistics alone
 
 
+@pytest.mark.parametrize(("version", "kwargs", "act", "tokens"), CASES[::4])
+def test_directional_derivative_is_exact_along_the_output_factor(version, kwargs, act, tokens):
+    """y is linear in the last factor (core): the derivative along V is the output with V in its place."""
+    rng = np.random.default_rng(zlib.crc32(f"grad{version}{kwargs}{act}{tokens}".encode()))
+    cfg = reference_config(version, **kwargs, act=act)
+    state = reference_state_dict(version, **kwargs, rng=rng)
+    x = rng.normal(size=(5, tokens, cfg["input_dim"]))
+    last = f"{'MuMoE2.' if cfg['second_dim'] else 'MuMoE.' if cfg['wrapper'] else ''}factors.{cfg['hierarchy'] + 1}"
+    v = rng.normal(size=state[last].shape)
+    for training in (True, False):
+        y, _ = reference_forward(version, state, x, training=training, act=act)
+        cot = rng.normal(size=y.shape)
+        d, err = reference_directional_derivative(version, state, x, cotangent=cot, direction={last: v},
+                                                  training=training, act=act)
+        exact = np.sum(cot * reference_forward(version, {**state, last: v}, x, training=training, act=act)[0])
+        assert abs(d - exact) <= 1e-9 * max(1.0, abs(exact)) and err < 1e-8, (d, exact, err)
+
+
 def test_entmax15_solves_its_threshold_equation():
     rng = np.random.default_rng(1)
     z = rng.normal(scale=3.0, size=(50, 9))
@@ -274,12 +297,14 @@ def reference_modules(tmp_path_factory):
 def float64_default():
     import torch
 
-    previous = torch.get_default_dtype()
+    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float64)  # the old MMoE.py appends torch.ones(...) of the default dtype
+    torch.set_num_threads(1)  # tiny tensors: threads only add waiting on a busy machine
     try:
         yield torch
     finally:
         torch.set_default_dtype(previous)
+        torch.set_num_threads(threads)
 
 
 def _build(module, version, kwargs, act):
@@ -325,3 +350,43 @@ def test_model_equals_reference_module(reference_modules, float64_default, versi
                 worst = max(worst, bdiff)
                 assert bdiff <= TOL, f"{commits} {key}: max |diff| {bdiff:.3g}"
     print(f"{version} {kwargs} act={act}: max |diff| {worst:.3g}")
+
+
+@pytest.mark.parametrize(("version", "kwargs", "act", "tokens"), CASES)
+def test_directional_derivative_equals_reference_autograd(reference_modules, float64_default, version, kwargs, act,
+                                                          tokens):
+    """Every gradient of the reference module (parameters and input, train and eval) against the model."""
+    torch = float64_default
+    file = version.split(".")[0] + ".py"
+    rng = np.random.default_rng(zlib.crc32(f"autograd{version}{kwargs}{act}{tokens}".encode()))
+    cfg = reference_config(version, **kwargs, act=act)
+    state = reference_state_dict(version, **kwargs, rng=rng)
+    x = rng.normal(size=(5, tokens, cfg["input_dim"]))
+    direction = {k: rng.normal(size=np.shape(v)) for k, v in state.items() if not k.startswith("bn.")}
+    direction["x"] = rng.normal(size=x.shape)
+    worst = 0.0
+    for (name, _, commits), module in reference_modules.items():
+        if name != file:
+            continue
+        model = _build(module, version, kwargs, act).double()
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+        for training in (True, False):
+            model.train(training)
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)  # fresh buffers
+            xt = torch.tensor(x, requires_grad=True)
+            y = model(xt)
+            cot = rng.normal(size=tuple(y.shape))
+            model.zero_grad()
+            (y * torch.as_tensor(cot)).sum().backward()
+            grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
+            assert sorted(grads) == sorted(k for k in direction if k != "x")
+            dot = sum(float(np.sum(grads[k] * direction[k])) for k in grads)
+            dot += float(np.sum(xt.grad.numpy() * direction["x"]))
+            scale = sum(float(np.sum(np.abs(grads[k] * direction[k]))) for k in grads)
+            d, err = reference_directional_derivative(version, state, x, cotangent=cot, direction=direction,
+                                                      training=training, act=act)
+            diff = abs(d - dot) / max(1.0, scale)
+            worst = max(worst, diff)
+            assert err < 1e-9 * max(1.0, scale), f"{commits} training={training}: a kink within the step ({err:.3g})"
+            assert diff <= 1e-9, f"{commits} training={training}: relative |diff| {diff:.3g} ({d} vs {dot})"
+    print(f"{version} {kwargs} act={act}: gradient relative |diff| {worst:.3g}")
