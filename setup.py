@@ -13,8 +13,8 @@ flags = [] if sys.platform == "win32" else ["-O3", "-fno-math-errno", "-fno-trap
 setup(
     ext_modules=[
         Extension(
-            "tensormoe._sparse_gates",
-            sources=["tensormoe/_sparse_gates.c"],
+            "tensormoe.frameworks._sparse_gates",
+            sources=["tensormoe/frameworks/_sparse_gates.c"],
             extra_compile_args=flags,
             libraries=[] if sys.platform == "win32" else ["pthread"],
             optional=True,

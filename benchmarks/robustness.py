@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import tensormoe
-from tensormoe.ops import get_ops
+from tensormoe.frameworks import get_ops
 
 DTYPES = {
     "numpy": ["float16", "float32", "float64"],

@@ -24,8 +24,8 @@ from .backend import (
     set_backend,
 )
 from .compress import Compressed, from_dense, from_linear
-from .contraction import Plan, get_plan
-from .factorizations import CP, TR, TT, Factorization, Tucker
+from .network.contraction import Plan, get_plan
+from .network.factorizations import CP, TR, TT, Factorization, Tucker
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
 from .ranks import Match, match_rank, match_ranks
@@ -34,17 +34,26 @@ from .routers import DenseRouter, ExpertChoiceRouter, Router, Routing, SoftRoute
 __version__ = "0.1.0"
 
 #: Submodules imported when first used as an attribute (PEP 562), not by ``import tensormoe``.
-_LAZY_SUBMODULES = ("cli", "io", "jax", "numerics", "torch")
+_LAZY_SUBMODULES = ("cli", "frameworks", "io", "jax", "network", "numerics", "torch")
+
+#: The module paths of earlier versions, kept as modules that only re-export: old path -> new home
+#: (ARCHITECTURE.md lists them; like the submodules above they load when first used as an attribute).
+COMPAT_MODULES = {
+    "contraction": "network.contraction",
+    "factorizations": "network.factorizations",
+    "lowering": "network.lowering",
+    "ops": "frameworks",
+}
 
 
 def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
+    if name in _LAZY_SUBMODULES or name in COMPAT_MODULES:
         return _importlib.import_module(f"{__name__}.{name}")  # also sets the attribute on the package
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_SUBMODULES})
+    return sorted({*globals(), *_LAZY_SUBMODULES, *COMPAT_MODULES})
 
 
 __all__ = [

@@ -8,7 +8,7 @@ hand formula that could drift from them:
   (:meth:`tensormoe.routers.Router.param_shapes`): ``[in_dim, N_h]``, or with
   ``gate_rank=r`` the two factors ``[in_dim, r]`` and ``[r, N_h]``;
 * the FLOPs and the largest intermediate of the forward contraction come from
-  the opt_einsum plan the layer runs (:func:`tensormoe.contraction.get_plan`),
+  the opt_einsum plan the layer runs (:func:`tensormoe.network.contraction.get_plan`),
   where a multiply-add counts two and an elementwise product one;
 * the gates' matrix products ``x @ G_h`` (``(x @ G_down_h) @ G_up_h`` when
   low-rank: ``2 B r (in_dim + N_h)``) are planned the same way and counted
@@ -51,8 +51,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .contraction import Plan, get_plan
-from .factorizations import FACTORIZATIONS, Factorization, check_positive_int
+from .network.contraction import Plan, get_plan
+from .network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
 
 __all__ = [
     "Cost",

@@ -74,7 +74,8 @@ import opt_einsum
 from . import gates as _gates
 from . import routers as _routers
 from .layer import MMoE, layer_from_config
-from .ops import get_ops, ops_for_array
+from ._array import backend_of, dtype_name, to_numpy
+from .frameworks import get_ops
 from .validation import check_index, describe, is_int
 
 __all__ = [
@@ -119,9 +120,8 @@ _CHUNK = 2**20
 
 def _numpy(x: Any, argument: str) -> np.ndarray:
     """``x`` (an array of any backend, or a nested list) as a NumPy array."""
-    name = ops_for_array(x)
-    if name is not None:
-        return get_ops(name).to_numpy(x)
+    if backend_of(x) is not None:
+        return to_numpy(x)
     if isinstance(x, (str, bytes, Mapping)) or x is None:
         raise TypeError(f"{argument} must be an array; got {describe(x)}")
     try:
@@ -195,7 +195,7 @@ def _unwrap(layer: Any, params: Mapping[str, Any] | None) -> tuple[MMoE, Mapping
         own = layer.params
         own = dict(own.items()) if hasattr(own, "items") else dict(own)
         params = own if params is None else params
-        backend = ops_for_array(next(iter(params.values()))) if params else None
+        backend = backend_of(next(iter(params.values()))) if params else None
         return core, params, backend
     raise TypeError(
         "layer must be a tensormoe MMoE layer (tensormoe.CPMMoE, ...) or a tensormoe.torch / tensormoe.jax "
@@ -1136,11 +1136,11 @@ def scale_coefficients(coefficients: Sequence[Any], experts: Any, *, level: int 
     experts = _check_experts(experts, dims[level])
     scale = _check_real(scale, "scale")
     a = levels[level]
-    name = ops_for_array(a)
+    name = backend_of(a)
     if name is None:
         raise TypeError(f"coefficients[{level}] must be an array of a tensormoe backend; got {describe(a)}")
     ops = get_ops(name)
-    factors = ops.asarray(_column_factors(dims[level], experts, scale), ops.dtype_name(a), like=a)
+    factors = ops.asarray(_column_factors(dims[level], experts, scale), dtype_name(a), like=a)
     out = list(levels)
     out[level] = a * factors
     return out
@@ -1156,7 +1156,7 @@ def _masked_routing_weights(layer: MMoE, ops: Any, routing: _routers.Routing, le
     logits = routing.logits
     mask = np.zeros(n)
     mask[list(experts)] = -np.inf
-    masked = logits + ops.asarray(mask, ops.dtype_name(logits), like=logits)
+    masked = logits + ops.asarray(mask, dtype_name(logits), like=logits)
     if isinstance(router, _routers.DenseRouter):
         return _gates.ACTIVATIONS[router.activation](masked, ops=ops)
     if isinstance(router, _routers.TopKRouter):
@@ -1165,9 +1165,9 @@ def _masked_routing_weights(layer: MMoE, ops: Any, routing: _routers.Routing, le
                              f"removing {len(set(experts))} of {n} leaves fewer")
         probs = _gates.softmax(masked, ops=ops)
         _, indices = ops.top_k(masked, router.k)
-        weights = ops.take_last(probs, indices)
+        weights = ops.xp.take_along_axis(probs, indices, axis=-1)
         if router.renormalize:
-            weights = weights / ops.sum(weights)
+            weights = weights / ops.xp.sum(weights, axis=-1, keepdims=True)
         return _routers.Routing(weights=weights, indices=indices).to_dense(n)
     raise ValueError(
         f"mode='before' supports dense (entmax15, softmax, sparsemax) and top-k routers; level {level} uses "
@@ -1241,7 +1241,7 @@ def intervened_coefficients(
         raise ValueError(f"mode='before' cannot remove every expert of level {level} ({core.expert_dims[level]}): "
                          "the gate would have no expert left to give the mass to")
     routing = core.route(params, x, backend=backend)
-    ops = get_ops(ops_for_array(routing[level].weights))
+    ops = get_ops(backend_of(routing[level].weights))
     out = [r.to_dense(n) for r, n in zip(routing, core.expert_dims)]
     if experts:
         out[level] = _masked_routing_weights(core, ops, routing[level], level, experts)
@@ -1255,7 +1255,7 @@ def _torch_targets(modules: Any) -> list[Any]:
         first = getattr(m, "first", None)
         target = first if first is not None and isinstance(getattr(first, "layer", None), MMoE) else m
         if not (isinstance(getattr(target, "layer", None), MMoE) and hasattr(target, "forward")
-                and ops_for_array(next(iter(target.params.values()))) == "pytorch"):
+                and backend_of(next(iter(target.params.values()))) == "pytorch"):
             raise TypeError(
                 f"intervene() takes tensormoe.torch modules (MMoE layers or MMoEMLP blocks) or a list of them; "
                 f"modules[{k}] is {describe(m)}"
@@ -1354,11 +1354,11 @@ def _expert_parameter(layer: MMoE, level: int) -> tuple[str, int]:
 
 
 def _backend_array(value: np.ndarray, like: Any) -> Any:
-    name = ops_for_array(like)
+    name = backend_of(like)
     if name is None:
         return np.asarray(value, dtype=np.asarray(like).dtype)
     ops = get_ops(name)
-    out = ops.asarray(value, ops.dtype_name(like), like=like)
+    out = ops.asarray(value, dtype_name(like), like=like)
     return out
 
 

@@ -79,7 +79,8 @@ _default: str | None = None  # resolved lazily from the environment
 _loaded: set[str] = set()
 
 
-def _normalise(name: object, argument: str = "backend") -> str:
+def canonical_name(name: object, argument: str = "backend") -> str:
+    """The backend ``name`` (``"torch"`` included) as one of :data:`BACKENDS`; ``argument`` names it in errors."""
     if not isinstance(name, str):
         raise TypeError(
             f"{argument} must be a string, one of {sorted(BACKENDS)}; "
@@ -93,7 +94,7 @@ def _normalise(name: object, argument: str = "backend") -> str:
     return key
 
 
-def _load(name: str) -> None:
+def load(name: str) -> None:
     """Import the framework of backend ``name`` and TensorLy's backend for it (once, thread-safe)."""
     if name in _loaded:
         return
@@ -133,7 +134,7 @@ def _default_backend() -> str:
             if _default is None:
                 raw = os.environ.get(ENV_VAR, "numpy")
                 try:
-                    _default = _normalise(raw, argument=ENV_VAR)
+                    _default = canonical_name(raw, argument=ENV_VAR)
                 except (TypeError, ValueError) as err:
                     raise ValueError(str(err)) from None
     return _default
@@ -190,8 +191,8 @@ def set_backend(name: str) -> None:
     >>> tensormoe.set_backend(previous)
     """
     global _default
-    key = _normalise(name)
-    _load(key)
+    key = canonical_name(name)
+    load(key)
     import tensorly as tl
 
     with _lock:
@@ -230,8 +231,8 @@ def backend_context(name: str) -> Iterator[str]:
     ...     name == tensormoe.get_backend()
     True
     """
-    key = _normalise(name)
-    _load(key)
+    key = canonical_name(name)
+    load(key)
     import tensorly as tl
 
     manager = tl.backend.BackendManager

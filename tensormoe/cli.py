@@ -284,7 +284,7 @@ def _default_sweep(rank: int) -> list[int]:
 
 def _ranks_command(args: argparse.Namespace, out: Any) -> int:
     from . import accounting
-    from .contraction import check_optimizer
+    from .network.contraction import check_optimizer
     from .ranks import match_rank, minimum_params, resolve_budget
 
     if args.sweep and args.tensor is None and args.synthetic is None:

@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from ._array import backend_of, to_numpy
 from .backend import backend_context
-from .contraction import contract
-from .factorizations import Factorization, check_positive_int
+from .network.contraction import contract
+from .network.factorizations import Factorization, check_positive_int
 from .layer import MMoE, make_layer
-from .ops import get_ops, ops_for_array
+from .frameworks import get_ops
 from .ranks import match_rank
 
 __all__ = ["Compressed", "from_dense", "from_linear"]
@@ -73,9 +74,8 @@ class Compressed:
 
 # -- inputs -------------------------------------------------------------------------
 def _as_float64(x: Any, argument: str) -> np.ndarray:
-    source = ops_for_array(x)
-    if source is not None:
-        array = get_ops(source).to_numpy(x)
+    if backend_of(x) is not None:
+        array = to_numpy(x)
     elif isinstance(x, (list, tuple)):
         array = np.asarray(x)
     else:
@@ -107,7 +107,7 @@ def _set_params(layer: MMoE, params: dict[str, np.ndarray]) -> None:
 
 
 def _layer_params_float64(layer: MMoE) -> dict[str, np.ndarray]:
-    return {name: get_ops(ops_for_array(v)).to_numpy(v).astype(np.float64) for name, v in layer.params.items()}
+    return {name: to_numpy(v).astype(np.float64) for name, v in layer.params.items()}
 
 
 def _relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:

@@ -11,7 +11,7 @@ simplex (non-negative, summing to one over the last axis):
 The two sparse gates find their exact threshold ``tau`` by one of three methods
 (``method=``, see :data:`METHODS`): ``"kernel"`` runs a fused C kernel on NumPy
 and PyTorch CPU arrays, a few passes over each row while it sits in the cache
-(the optional extension ``tensormoe._sparse_gates``, built when tensormoe is
+(the optional extension ``tensormoe.frameworks._sparse_gates``, built when tensormoe is
 installed with a C compiler at hand; on PyTorch a custom operator with the
 closed-form backward, which ``torch.compile(fullgraph=True)`` keeps in its
 graph); ``"sort"`` sorts the logits and scans their cumulative sums;
@@ -72,9 +72,9 @@ import functools
 import math
 from typing import Any
 
-from . import _kernels
-from .ops import Ops, get_ops
-from .validation import array_dtype, check_array, check_positive_real, describe
+from ._array import dtype_name
+from .frameworks import Ops, get_ops, kernel_built
+from .validation import check_array, check_positive_real, describe
 
 __all__ = ["ACTIVATIONS", "KERNEL_AVAILABLE", "METHODS", "NORMS", "entmax15", "layer_norm", "sparsemax", "softmax"]
 
@@ -93,7 +93,7 @@ Examples
 ('auto', 'kernel', 'sort', 'newton')
 """
 
-KERNEL_AVAILABLE = _kernels.KERNEL is not None
+KERNEL_AVAILABLE = kernel_built()
 """Whether the fused C kernel of the sparse gates (``method="kernel"``) is built.
 
 It is compiled when tensormoe is installed (``pip install``) where a C compiler
@@ -132,28 +132,14 @@ def _checked_method(method: Any) -> str:
 _NEWTON_FROM = {"entmax15": 2**16, "sparsemax": 2**18}
 
 
-def _kernel_misfit(ops: Ops, z: Any) -> str | None:
-    """Why the fused kernel cannot run on ``z`` (``None`` when it can)."""
-    if ops.name not in ("numpy", "pytorch"):
-        return f"it runs on NumPy and PyTorch arrays, not on the {ops.name} backend"
-    if _kernels.KERNEL is None:
-        return "the extension tensormoe._sparse_gates is not built (reinstall tensormoe where a C compiler is found)"
-    if getattr(ops.device(z), "type", "cpu") != "cpu":
-        return f"it runs on the CPU; z is on {ops.device(z)}"
-    dtype = ops.dtype_name(z)
-    if dtype not in _kernels.DTYPES:
-        return f"it computes in float32 or float64 (half precision is cast to float32 first); z is {dtype}"
-    return None
-
-
 def _resolved_method(method: str, ops: Ops, z: Any = None, gate: str = "entmax15") -> str:
     """The method to run for ``method`` on ``z`` (see the module notes)."""
     if method == "kernel":
-        why = None if z is None else _kernel_misfit(ops, z)
+        why = None if z is None else ops.kernel_misfit(z)
         if why is not None:
             raise ValueError(f"method='kernel' cannot run here: {why}; use method='auto', 'sort' or 'newton'")
         return "kernel"
-    kernel = z is not None and _kernel_misfit(ops, z) is None
+    kernel = z is not None and ops.kernel_misfit(z) is None
     if ops.is_compiling():
         return "kernel" if method == "auto" and kernel else "sort"
     if method != "auto":
@@ -170,26 +156,29 @@ def _resolved_method(method: str, ops: Ops, z: Any = None, gate: str = "entmax15
 def _run(body: Any, z: Any, ops: Any, *args: Any) -> Any:
     """``body(z, ops, *args)`` after checking ``z``; half precision runs in float32 and is cast back."""
     ops = _checked_ops(z, ops)
-    if array_dtype(z) in ("float16", "bfloat16"):
-        return ops.cast_like(body(ops.cast(z, "float32"), ops, *args), z)
+    if dtype_name(z) in ("float16", "bfloat16"):
+        xp = ops.xp
+        return xp.astype(body(xp.astype(z, xp.float32), ops, *args), z.dtype)
     return body(z, ops, *args)
 
 
-def _activate(name: str, z: Any, ops: Ops) -> Any:
+def activate(name: str, z: Any, ops: Ops) -> Any:
     """The activation ``name`` of logits the caller has checked (the routers' per-call path), method ``"auto"``."""
-    if array_dtype(z) in ("float16", "bfloat16"):
-        return ops.cast_like(_activate(name, ops.cast(z, "float32"), ops), z)
+    if dtype_name(z) in ("float16", "bfloat16"):
+        xp = ops.xp
+        return xp.astype(activate(name, xp.astype(z, xp.float32), ops), z.dtype)
     if name == "softmax":
         return _softmax(z, ops)
     return _sparse_gate(z, ops, "auto", name)
 
 
-def _normalise(norm: str | None, z: Any, ops: Ops) -> Any:
+def normalise(norm: str | None, z: Any, ops: Ops) -> Any:
     """The normalisation ``norm`` (a key of :data:`NORMS`) of checked logits, with the default ``eps``."""
     if norm is None:
         return z
-    if array_dtype(z) in ("float16", "bfloat16"):
-        return ops.cast_like(ops.layer_norm(ops.cast(z, "float32"), _EPS), z)
+    if dtype_name(z) in ("float16", "bfloat16"):
+        xp = ops.xp
+        return xp.astype(ops.layer_norm(xp.astype(z, xp.float32), _EPS), z.dtype)
     return ops.layer_norm(z, _EPS)
 
 
@@ -213,8 +202,9 @@ def softmax(z: Any, ops: Ops | None = None) -> Any:
 
 
 def _softmax(z: Any, ops: Ops) -> Any:
-    e = ops.exp(z - ops.max(z))
-    return e / ops.sum(e)
+    xp = ops.xp
+    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+    return e / xp.sum(e, axis=-1, keepdims=True)
 
 
 def _shifted(z: Any, ops: Ops, scale: float) -> Any:
@@ -225,17 +215,21 @@ def _shifted(z: Any, ops: Ops, scale: float) -> Any:
     the result unchanged and keeps the squares and cumulative sums below finite
     for any logits (no ``inf - inf``).
     """
-    return ops.clip_min((z - ops.max(z)) * scale, -2.0)
+    xp = ops.xp
+    return xp.clip((z - xp.max(z, axis=-1, keepdims=True)) * scale, min=-2.0)
 
 
 def _sorted_support(z: Any, ops: Ops) -> tuple[Any, Any]:
     """Logits sorted in descending order and the ranks ``1..N`` in their dtype."""
-    return ops.sort_descending(z), ops.arange_like(z, 1, z.shape[-1] + 1)
+    xp = ops.xp
+    ranks = xp.arange(1, z.shape[-1] + 1, dtype=z.dtype, device=ops.device(z))
+    return xp.sort(z, axis=-1, descending=True, stable=False), ranks
 
 
 def _support_size(condition: Any, ops: Ops) -> Any:
     """How many sorted entries are in the support, at least one (a NaN row has none; its result stays NaN)."""
-    return ops.clip_min(ops.count_true(condition), 1)
+    xp = ops.xp
+    return xp.clip(xp.sum(condition, axis=-1, keepdims=True), min=1)
 
 
 def _nan_if_any_nan(tau: Any, z: Any, ops: Ops) -> Any:
@@ -246,7 +240,7 @@ def _nan_if_any_nan(tau: Any, z: Any, ops: Ops) -> Any:
     but meaningless.  ``0 * sum(z)`` is 0 on finite rows (``z`` is clipped below)
     and NaN otherwise, so such rows come out entirely NaN, as documented.
     """
-    return tau + 0 * ops.sum(z)
+    return tau + 0 * ops.xp.sum(z, axis=-1, keepdims=True)
 
 
 def entmax15(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
@@ -286,28 +280,27 @@ def _sparse_gate(z: Any, ops: Ops, method: str, gate: str) -> Any:
     """``gate`` ("entmax15" or "sparsemax") of ``z`` by the threshold method ``method`` resolves to."""
     resolved = _resolved_method(method, ops, z, gate)
     if resolved == "kernel":
-        if ops.name == "numpy":
-            return _kernels.numpy_sparse_gate(z, gate)
-        return _kernels.torch_sparse_gate(z, gate)
+        return ops.sparse_gate(z, gate)
     if resolved == "newton":
         return _jitted_on_jax(_NEWTON[gate], z, ops)
     return _SORT[gate](z, ops)
 
 
 def _entmax15_sort(z: Any, ops: Ops) -> Any:
+    xp = ops.xp
     z = _shifted(z, ops, 0.5)
     zs, k = _sorted_support(z, ops)
-    mean = ops.cumsum(zs) / k
-    mean_sq = ops.cumsum(zs * zs) / k
+    mean = xp.cumulative_sum(zs, axis=-1) / k
+    mean_sq = xp.cumulative_sum(zs * zs, axis=-1) / k
     ss = k * (mean_sq - mean * mean)
     delta = (1 - ss) / k
     # sqrt(relu(delta)), with a finite gradient where delta <= 0: those entries are never
     # the threshold, but a plain sqrt would send 0 * inf = NaN back through them on JAX
     positive = delta > 0
-    tau = mean - ops.where(positive, ops.sqrt(ops.where(positive, delta, 1.0)), 0.0)
+    tau = mean - xp.where(positive, xp.sqrt(xp.where(positive, delta, 1.0)), 0.0)
     support = _support_size(tau <= zs, ops)
-    tau_star = _nan_if_any_nan(ops.take_last(tau, support - 1), z, ops)
-    p = ops.relu(z - tau_star)
+    tau_star = _nan_if_any_nan(xp.take_along_axis(tau, support - 1, axis=-1), z, ops)
+    p = xp.clip(z - tau_star, min=0.0)
     return p * p
 
 
@@ -326,20 +319,21 @@ def _entmax15_step(z: Any, t: Any, ops: Ops, member: Any = None) -> tuple[Any, .
     is masked by multiplying with the mask, not by ``relu``, whose gradient at a
     tie is 1/2 on JAX and 1 on PyTorch.  Without it (the search) ``S = {z > t}``.
     """
+    xp = ops.xp
     if member is None:  # the search: no gradient, relu is the cheapest mask (np.where is slow)
-        d = ops.relu(z - t)
-        k = ops.cast_like(ops.count_true(d > 0), z)
+        d = xp.clip(z - t, min=0.0)
+        k = xp.astype(xp.sum(d > 0, axis=-1, keepdims=True), z.dtype)
     else:
-        d = (z - t) * ops.cast_like(member, z)
-        k = ops.cast_like(ops.count_true(member), z)
-    s1, s2 = ops.sum(d), ops.sum(d * d)
+        d = (z - t) * xp.astype(member, z.dtype)
+        k = xp.astype(xp.sum(member, axis=-1, keepdims=True), z.dtype)
+    s1, s2 = xp.sum(d, axis=-1, keepdims=True), xp.sum(d * d, axis=-1, keepdims=True)
     excess = s2 - 1
     disc = s1 * s1 - k * excess
     real = disc >= 0
     # a finite sqrt (and gradient) where D < 0 or S is empty: such rows are never consistent
-    denom = s1 + ops.sqrt(ops.where(real, disc, 1.0))
+    denom = s1 + xp.sqrt(xp.where(real, disc, 1.0))
     nonempty = k > 0
-    u = ops.where(nonempty, excess / ops.where(nonempty, denom, 1.0), 0.0)
+    u = xp.where(nonempty, excess / xp.where(nonempty, denom, 1.0), 0.0)
     return u, d, k, real, excess, s1
 
 
@@ -354,19 +348,20 @@ def _entmax15_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
     (converged to rounding, or a row without members).  No gradient flows
     through ``t``.
     """
+    xp = ops.xp
     z = ops.stop_gradient(z)
 
     def body(state: Any) -> Any:
         t, done = state
         u, d, k, real, excess, s1 = _entmax15_step(z, t, ops)
-        exact = real & ((u <= 0) | (ops.cast_like(ops.count_true(d >= u), z) == k))
-        step = excess / ops.where(s1 > 0, 2 * s1, 1.0)
+        exact = real & ((u <= 0) | (xp.astype(xp.sum(d >= u, axis=-1, keepdims=True), z.dtype) == k))
+        step = excess / xp.where(s1 > 0, 2 * s1, 1.0)
         stalled = ~(t + step > t) | ~(k > 0)
         finished = done | exact | stalled
-        return ops.where(finished, t, t + step), finished
+        return xp.where(finished, t, t + step), finished
 
-    t0 = ops.max(z) * 0 - 1.0
-    (t, _), steps = ops.while_loop(lambda s: ops.any_true(~s[1]), body, (t0, t0 > 0), _MAX_NEWTON_STEPS)
+    t0 = xp.max(z, axis=-1, keepdims=True) * 0 - 1.0
+    (t, _), steps = ops.while_loop(lambda s: xp.any(~s[1]), body, (t0, t0 > 0), _MAX_NEWTON_STEPS)
     return t, steps
 
 
@@ -378,7 +373,7 @@ def _entmax15_newton(z: Any, ops: Ops) -> Any:
     member = z > t
     shift = ops.stop_gradient(t + _entmax15_step(z, t, ops, member)[0])
     tau = _nan_if_any_nan(shift + _entmax15_step(z, shift, ops, member)[0], z, ops)
-    p = ops.relu(z - tau)
+    p = ops.xp.clip(z - tau, min=0.0)
     return p * p
 
 
@@ -408,14 +403,15 @@ def sparsemax(z: Any, ops: Ops | None = None, method: str = "auto") -> Any:
 
 
 def _sparsemax_sort(z: Any, ops: Ops) -> Any:
+    xp = ops.xp
     z = _shifted(z, ops, 1.0)
     zs, k = _sorted_support(z, ops)
-    cs = ops.cumsum(zs)
+    cs = xp.cumulative_sum(zs, axis=-1)
     support = _support_size(1 + k * zs > cs, ops)
     # divide by the support size in z's dtype (an integer count would promote
     # float32 to float64 on NumPy)
-    tau = (ops.take_last(cs, support - 1) - 1) / ops.cast_like(support, z)
-    return ops.relu(z - _nan_if_any_nan(tau, z, ops))
+    tau = (xp.take_along_axis(cs, support - 1, axis=-1) - 1) / xp.astype(support, z.dtype)
+    return xp.clip(z - _nan_if_any_nan(tau, z, ops), min=0.0)
 
 
 def _sparsemax_step(z: Any, t: Any, ops: Ops) -> tuple[Any, Any]:
@@ -423,11 +419,12 @@ def _sparsemax_step(z: Any, t: Any, ops: Ops) -> tuple[Any, Any]:
 
     Differentiable in ``z`` for a fixed ``t``; a row without members keeps ``t - 1``.
     """
+    xp = ops.xp
     member = z > t
-    k = ops.cast_like(ops.count_true(member), z)
+    k = xp.astype(xp.sum(member, axis=-1, keepdims=True), z.dtype)
     # masked by a product, not where (slow on NumPy) or relu (wrong gradient at ties)
-    s1 = ops.sum((z - t) * ops.cast_like(member, z))
-    return t + (s1 - 1) / ops.clip_min(k, 1.0), k
+    s1 = xp.sum((z - t) * xp.astype(member, z.dtype), axis=-1, keepdims=True)
+    return t + (s1 - 1) / xp.clip(k, min=1.0), k
 
 
 def _sparsemax_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
@@ -439,17 +436,18 @@ def _sparsemax_threshold_search(z: Any, ops: Ops) -> tuple[Any, Any]:
     stops when its support did not shrink (the previous ``t`` is kept, so its
     support is the consistent one).  No gradient flows through ``t``.
     """
+    xp = ops.xp
     z = ops.stop_gradient(z)
 
     def body(state: Any) -> Any:
         t, size, done = state
         tau, k = _sparsemax_step(z, t, ops)
         finished = done | ~(k < size)
-        return ops.where(finished, t, tau), ops.where(finished, size, k), finished
+        return xp.where(finished, t, tau), xp.where(finished, size, k), finished
 
-    t0 = ops.max(z) * 0 - 1.0
+    t0 = xp.max(z, axis=-1, keepdims=True) * 0 - 1.0
     size0 = t0 * 0 + (z.shape[-1] + 1)
-    state, steps = ops.while_loop(lambda s: ops.any_true(~s[2]), body, (t0, size0, t0 > 0), z.shape[-1] + 2)
+    state, steps = ops.while_loop(lambda s: xp.any(~s[2]), body, (t0, size0, t0 > 0), z.shape[-1] + 2)
     return state[0], steps
 
 
@@ -457,7 +455,7 @@ def _sparsemax_newton(z: Any, ops: Ops) -> Any:
     z = _shifted(z, ops, 1.0)
     t, _ = _sparsemax_threshold_search(z, ops)
     tau = _sparsemax_step(z, t, ops)[0]
-    return ops.relu(z - _nan_if_any_nan(tau, z, ops))
+    return ops.xp.clip(z - _nan_if_any_nan(tau, z, ops), min=0.0)
 
 
 _JITTED: dict[Any, Any] = {}

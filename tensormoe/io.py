@@ -65,9 +65,10 @@ import safetensors
 import safetensors.numpy
 
 from . import validation as _v
+from ._array import backend_of, dtype_name, to_numpy
 from .backend import backend_context, get_backend
 from .layer import LAYERS, MMoE, convert_params
-from .ops import get_ops, ops_for_array
+from .frameworks import get_ops
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "layer_from_file", "read_config", "save"]
 
@@ -116,15 +117,6 @@ def _core_and_params(layer: Any, argument: str = "layer") -> tuple[MMoE, Mapping
         f"{argument} must be a tensormoe layer (tensormoe.MMoE, a tensormoe.torch module or a tensormoe.jax "
         f"layer); got {type(layer).__name__}"
     )
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    name = ops_for_array(value)
-    return get_ops(name).to_numpy(value) if name else np.asarray(value)
-
-
-def _dtype_name(value: Any) -> str:
-    return str(value.dtype).replace("torch.", "")
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -177,8 +169,8 @@ def save(layer: Any, path: str | os.PathLike, *, format: str | None = None) -> N
     format = _v.check_choice(format, "format", sorted(_WRITERS), what="a weights format")
     core, params = _core_and_params(layer)
     config = layer.config() if hasattr(layer, "config") else core.config()
-    dtypes = {name: _dtype_name(value) for name, value in params.items()}
-    arrays = {name: _to_numpy(value) for name, value in params.items()}
+    dtypes = {name: dtype_name(value) for name, value in params.items()}
+    arrays = {name: to_numpy(value) for name, value in params.items()}
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tensormoe-", suffix="." + format, dir=folder)
@@ -372,7 +364,7 @@ class _SafetensorsFile(_File):
             raise self.error(f"its tensors cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
         out = {}
         for name, array in arrays.items():
-            if array.shape != self.shapes[name] or _v.array_dtype(array) != self.dtypes[name]:
+            if array.shape != self.shapes[name] or dtype_name(array) != self.dtypes[name]:
                 raise self.error(f"tensor {_PREFIX + name!r} changed while it was read")
             out[name] = array.astype(np.float32) if self.dtypes[name] == "bfloat16" else array
         return out
@@ -582,9 +574,9 @@ def load(layer: Any, path: str | os.PathLike, *, max_bytes: int | None = None) -
     file.check_fits(core)
     arrays = file.read()
     if isinstance(layer, MMoE):
-        ops = get_ops(ops_for_array(next(iter(params.values()))))
+        ops = get_ops(backend_of(next(iter(params.values()))))
         # each array on its predecessor's backend, device and dtype
-        layer.params = {name: ops.asarray(arrays[name], _dtype_name(params[name]), like=params[name]) for name in params}
+        layer.params = {name: ops.asarray(arrays[name], dtype_name(params[name]), like=params[name]) for name in params}
     else:
         layer._assign_params(arrays)
     return layer

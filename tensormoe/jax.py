@@ -37,12 +37,13 @@ from typing import Any
 import jax
 
 from . import layer as _layer
-from .backend import _load, backend_context
+from ._array import dtype_name
+from .backend import backend_context, load
 
 __all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "wrap"]
 
 _BACKEND = "jax"
-_load(_BACKEND)  # TensorLy's JAX backend, imported with jax_enable_x64 restored
+load(_BACKEND)  # TensorLy's JAX backend, imported with jax_enable_x64 restored
 
 
 class _Static:
@@ -266,7 +267,7 @@ class MMoE:
         config = self.layer.config()
         first = self.params[next(iter(self.params))]
         if hasattr(first, "dtype"):
-            config["dtype"] = str(first.dtype)
+            config["dtype"] = dtype_name(first)
         return config
 
     def __repr__(self) -> str:

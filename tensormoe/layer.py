@@ -2,7 +2,7 @@
 
 A layer object holds its configuration (dims, factorization, gate) and, for
 convenience, one set of parameters in :attr:`MMoE.params`.  The math lives in
-:mod:`tensormoe.factorizations` (the network), :mod:`tensormoe.contraction` (the
+:mod:`tensormoe.network.factorizations` (the network), :mod:`tensormoe.network.contraction` (the
 planned einsum) and :mod:`tensormoe.gates`; this module wires them together and
 checks what users pass in.
 
@@ -27,10 +27,11 @@ import numpy as np
 from . import gates as _gates
 from . import routers as _routers
 from . import validation as _v
-from .backend import _normalise, get_backend
-from .contraction import Plan, check_optimizer, get_plan
-from .factorizations import CP, TR, TT, Factorization, Tucker
-from .ops import Ops, get_ops, ops_for_array
+from ._array import backend_of, dtype_name, to_numpy
+from .backend import canonical_name, get_backend
+from .network.contraction import Plan, check_optimizer, execute, get_plan
+from .network.factorizations import CP, TR, TT, Factorization, Tucker
+from .frameworks import Ops, get_ops
 from .validation import check_positive_int
 
 __all__ = [
@@ -45,9 +46,6 @@ __all__ = [
     "make_layer",
 ]
 
-_FLOAT_DTYPES = _v.FLOAT_DTYPES
-#: Largest finite value of each dtype (for overflow messages).
-_FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.7977e308}
 
 
 def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -71,25 +69,20 @@ def convert_params(params: Mapping[str, Any], backend: str | None = None, dtype:
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of names to arrays; got {_v.describe(params)}")
-    target = get_ops(None if backend is None else _normalise(backend, "backend"))
+    target = get_ops(None if backend is None else canonical_name(backend, "backend"))
     dtype = None if dtype is None else _v.check_dtype(dtype)
     out = {}
     for name, value in params.items():
-        source = ops_for_array(value)
-        array = get_ops(source).to_numpy(value) if source else np.asarray(value)
+        array = to_numpy(value)
         if array.dtype.kind not in "fiub":
             raise TypeError(f"params[{name!r}] must be a real numeric array; got {_v.describe(value)}")
-        out[name] = target.asarray(array, dtype or _dtype_name(value))
+        out[name] = target.asarray(array, dtype or dtype_name(value))
     return out
 
 
 def _ops(backend: str | None) -> Ops:
     """The ops of ``backend`` (normalised, e.g. ``"torch"``), or of the current backend."""
-    return get_ops(None if backend is None else _normalise(backend))
-
-
-def _dtype_name(x: Any) -> str:
-    return str(getattr(x, "dtype", "float32")).replace("torch.", "")
+    return get_ops(None if backend is None else canonical_name(backend))
 
 
 def _expert_dims(expert_dims: Any, hierarchy: Any) -> tuple[int, ...]:
@@ -323,7 +316,7 @@ class MMoE:
         self.check_params(value)
         self._params = dict(value)
         first = next(iter(self._params.values()))
-        self._params_backend = ops_for_array(first) or get_backend()
+        self._params_backend = backend_of(first) or get_backend()
         self._converted = {}
 
     @property
@@ -390,7 +383,7 @@ class MMoE:
         if not all(ops.count_nonfinite(value) == 0 for value in params.values()):
             raise ValueError(
                 f"init_std={self.init_std!r} gives parameters that overflow {self.dtype} (largest finite value "
-                f"{_FLOAT_MAX[self.dtype]:.4g}); expected a smaller init_std"
+                f"{_v.FLOAT_MAX[self.dtype]:.4g}); expected a smaller init_std"
             )
         return params
 
@@ -481,16 +474,16 @@ class MMoE:
         """Rows of ``x`` as a matrix, each level's coefficients, and the (bias-extended) input."""
         lead = tuple(x.shape[:-1])
         rows = math.prod(lead)
-        x2 = ops.reshape(x, (rows, self.in_dim))
+        x2 = ops.xp.reshape(x, (rows, self.in_dim))
         if coefficients is None:
             coeffs = self._gate(ops, params, x2)
         else:
-            coeffs = [ops.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
+            coeffs = [ops.xp.reshape(a, (rows, n)) for a, n in zip(coefficients, self.expert_dims)]
         return lead, coeffs, ops.concat_ones(x2) if self.bias else x2
 
     def _contract(self, ops: Ops, equation: str, operands: list[Any], rows: bool = True) -> Any:
         # rows: the operands carry the batch index, whose size changes from call to call (one plan for all)
-        return ops.contract(equation, operands, self.optimize, self.factorization.batch_symbol if rows else None)
+        return execute(ops, equation, operands, self.optimize, self.factorization.batch_symbol if rows else None)
 
     def _contract_levels(self, ops: Ops, params: Mapping[str, Any], xin: Any, levels: list, dense: bool) -> Any:
         """``y[B, O]`` from the rows ``xin[B, I(+1)]`` and each level's ``(weights, indices or None)``.
@@ -517,12 +510,12 @@ class MMoE:
         if coefficients is not None:
             _, coeffs, xin = self._flat(ops, params, x, coefficients)
             y = self._contract_levels(ops, params, xin, [(a, None) for a in coeffs], dense)
-            return ops.reshape(y, (*lead, self.out_dim)), None
+            return ops.xp.reshape(y, (*lead, self.out_dim)), None
         g, t = _routers.group_shape(lead)
-        x3 = ops.reshape(x, (g, t, self.in_dim))
+        x3 = ops.xp.reshape(x, (g, t, self.in_dim))
         if routing is None:
             soft = next((h for h, r in enumerate(self.routers) if r.soft), None)
-            mask3 = None if mask is None else ops.reshape(mask, (g, t))
+            mask3 = None if mask is None else ops.xp.reshape(mask, (g, t))
             routing, rows = self._route(ops, params, x3, mask3, noise, statistics)
         else:
             soft = next((h for h, r in enumerate(routing) if r.is_soft), None)
@@ -535,18 +528,18 @@ class MMoE:
             if h == soft:
                 slots = rows.shape[1]
                 index = _routers.slot_experts(ops, g, slots, slots // n, like=x)
-                levels.append((ops.zeros((n_rows, 1), like=x) + 1, index))
+                levels.append((ops.xp.ones((n_rows, 1), dtype=x.dtype, device=ops.device(x)), index))
             elif r.is_sparse:
                 k = r.weights.shape[-1]
-                levels.append((ops.reshape(r.weights, (n_rows, k)), ops.reshape(r.indices, (n_rows, k))))
+                levels.append((ops.xp.reshape(r.weights, (n_rows, k)), ops.xp.reshape(r.indices, (n_rows, k))))
             else:
-                levels.append((ops.reshape(r.weights, (n_rows, n)), None))
-        xin = ops.reshape(rows, (n_rows, self.in_dim))
+                levels.append((ops.xp.reshape(r.weights, (n_rows, n)), None))
+        xin = ops.xp.reshape(rows, (n_rows, self.in_dim))
         xin = ops.concat_ones(xin) if self.bias else xin
-        y = ops.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
+        y = ops.xp.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
         if soft is not None:
             y = _routers.soft_combine(ops, routing[soft], y)
-        y = ops.reshape(y, (*lead, self.out_dim))
+        y = ops.xp.reshape(y, (*lead, self.out_dim))
         if not want_routing:
             return y, None
         slot_lead = (*lead[:-1], rows.shape[1])
@@ -576,12 +569,12 @@ class MMoE:
         path of the default layers.
         """
         lead = tuple(x.shape[:-1])
-        x2 = x if len(lead) == 1 else ops.reshape(x, (math.prod(lead), self.in_dim))
+        x2 = x if len(lead) == 1 else ops.xp.reshape(x, (math.prod(lead), self.in_dim))
         coeffs = [router.route(ops, self._level_params(params, h), x2).weights for h, router in enumerate(self.routers)]
         xin = ops.concat_ones(x2) if self.bias else x2
         operands = [*coeffs, xin, *self.factorization.gather_params(params, {}, ops)]
         y = self._contract(ops, self.factorization.forward_equation(), operands)
-        return y if len(lead) == 1 else ops.reshape(y, (*lead, self.out_dim))
+        return y if len(lead) == 1 else ops.xp.reshape(y, (*lead, self.out_dim))
 
     def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                               routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
@@ -595,8 +588,8 @@ class MMoE:
                  statistics: bool = True) -> tuple:
         lead = tuple(x.shape[:-1])
         g, t = _routers.group_shape(lead)
-        mask3 = None if mask is None else ops.reshape(mask, (g, t))
-        routing, rows = self._route(ops, params, ops.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
+        mask3 = None if mask is None else ops.xp.reshape(mask, (g, t))
+        routing, rows = self._route(ops, params, ops.xp.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
         soft = any(r.is_soft for r in routing)
         slot_lead = (*lead[:-1], rows.shape[1])
         return tuple(_routers.ungroup(ops, r, slot_lead if soft and not r.is_soft else lead) for r in routing)
@@ -633,14 +626,14 @@ class MMoE:
                     raise ValueError(
                         f"the result of {type(self).__name__}.{method} holds non-finite values although x and the "
                         f"parameters are finite: the computation overflowed {self.dtype} (largest finite value "
-                        f"{_FLOAT_MAX[self.dtype]:.4g}); expected a finite result: use a wider dtype or smaller inputs"
+                        f"{_v.FLOAT_MAX[self.dtype]:.4g}); expected a finite result: use a wider dtype or smaller inputs"
                     )
         return out
 
     def _params_dtype(self, params: Mapping[str, Any], ops: Ops) -> str:
         name = next(iter(self.param_shapes()))
         value = params.get(name) if isinstance(params, Mapping) else None
-        return self.dtype if value is None or not hasattr(value, "dtype") else ops.dtype_name(value)
+        return self.dtype if value is None or not hasattr(value, "dtype") else dtype_name(value)
 
     def _prepared(self, params: Any, x: Any, coefficients: Any, routing: Any, mask: Any, training: Any,
                   rng: Any, backend: str | None = None) -> tuple:
@@ -703,11 +696,11 @@ class MMoE:
                         f"{where}: weights and indices must both have shape [{', '.join(map(str, rows))}, k]; "
                         f"got {list(w.shape)} and {list(r.indices.shape)}"
                     )
-                if ops_for_array(r.indices) != ops.name or "int" not in ops.dtype_name(r.indices):
+                if backend_of(r.indices) != ops.name or "int" not in dtype_name(r.indices):
                     raise TypeError(f"{where}.indices must be an integer array of the {ops.name} backend; "
                                     f"got {type(r.indices).__name__} of dtype {getattr(r.indices, 'dtype', None)}")
-                if ops.is_concrete(r.indices):
-                    values = ops.to_numpy(r.indices)
+                if not ops.is_tracer(r.indices):
+                    values = to_numpy(r.indices)
                     if values.size and (values.min() < 0 or values.max() >= n):
                         raise ValueError(f"{where}.indices must lie in [0, {n}); got values in "
                                          f"[{values.min()}, {values.max()}]")

@@ -36,6 +36,9 @@ from typing import Any
 import numpy as np
 import opt_einsum
 
+from ._array import backend_of, to_numpy
+from .backend import get_backend
+from .network.contraction import get_plan
 from .validation import check_dtype, check_params, describe
 
 __all__ = ["UNIT_ROUNDOFF", "forward_error_bound", "rounding_count", "unit_roundoff"]
@@ -99,9 +102,6 @@ def rounding_count(layer: Any, rows: int = 1, path: str = "factorized") -> int:
 
 def _contraction_count(layer: Any, equation: str, shapes: list[tuple[int, ...]]) -> int:
     """Sum over the planned pairwise steps of the number of products each step sums."""
-    from .backend import get_backend
-    from .contraction import get_plan
-
     plan = get_plan(equation, *shapes, backend=get_backend(), dtype=layer.dtype, optimize=layer.optimize)
     _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=plan.path)
     size = {}
@@ -111,12 +111,9 @@ def _contraction_count(layer: Any, equation: str, shapes: list[tuple[int, ...]])
 
 
 def _as_float64(x: Any) -> np.ndarray:
-    from .ops import get_ops, ops_for_array
-
-    name = ops_for_array(x)
-    if name is None:
+    if backend_of(x) is None:
         raise TypeError(f"expected an array of any backend; got {describe(x)}")
-    return get_ops(name).to_numpy(x).astype(np.float64)
+    return to_numpy(x).astype(np.float64)
 
 
 def forward_error_bound(

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .accounting import Cost, _expert_dims, factorization_cost, gate_params, linear_params, make_factorization
-from .factorizations import FACTORIZATIONS, Factorization, check_positive_int
+from .network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
 
 __all__ = ["KINDS", "Match", "match_rank", "match_ranks", "minimum_params", "resolve_budget"]
 

@@ -36,7 +36,7 @@ well), that also carries the auxiliary outputs used to train routers:
 Padding tokens given by a ``mask`` (true or one for real tokens) get zero weights
 and are left out of all losses and statistics.
 
-All routers are written once against :mod:`tensormoe.ops`, so every backend
+All routers are written once against :mod:`tensormoe.frameworks`, so every backend
 selects the same experts (ties go to the lower index everywhere).
 """
 
@@ -52,7 +52,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import gates as _gates
-from .ops import Ops, get_ops, ops_for_array
+from ._array import backend_of, dtype_name, to_numpy
+from .frameworks import Ops, get_ops
 
 __all__ = [
     "ROUTERS",
@@ -163,7 +164,7 @@ class Routing(NamedTuple):
             raise ValueError("a Soft MoE routing combines slots, not experts: it has no dense per-token coefficients")
         if not self.is_sparse:
             return self.weights
-        ops = get_ops(ops_for_array(self.weights))
+        ops = get_ops(backend_of(self.weights))
         return ops.scatter_add_last(self.indices, self.weights, n_experts)
 
 
@@ -185,8 +186,15 @@ def group_shape(lead: Sequence[int]) -> tuple[int, int]:
 
 
 def _logsumexp(ops: Ops, z: Any) -> Any:
-    m = ops.max(z)
-    return m + ops.log(ops.sum(ops.exp(z - m)))
+    xp = ops.xp
+    m = xp.max(z, axis=-1, keepdims=True)
+    return m + xp.log(xp.sum(xp.exp(z - m), axis=-1, keepdims=True))
+
+
+def _softplus(ops: Ops, x: Any) -> Any:
+    """``log(1 + exp(x))`` without overflow."""
+    xp = ops.xp
+    return xp.clip(x, min=0.0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 def _check_rank(rank: Any) -> int | None:
@@ -361,11 +369,11 @@ class Router:
         Examples
         --------
         >>> import numpy as np
-        >>> from tensormoe.ops import get_ops
+        >>> from tensormoe.frameworks import get_ops
         >>> DenseRouter(norm=None).logits(get_ops("numpy"), {"gate": np.eye(2)}, np.array([[1.0, 2.0]]))
         array([[1., 2.]])
         """
-        return _gates._normalise(getattr(self, "norm", None), self.project(params, "gate", x), ops)
+        return _gates.normalise(getattr(self, "norm", None), self.project(params, "gate", x), ops)
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         """Route a grouped input ``x[G, T, I]``, without statistics (the layers' entry point).
@@ -377,7 +385,7 @@ class Router:
         Examples
         --------
         >>> import numpy as np
-        >>> from tensormoe.ops import get_ops
+        >>> from tensormoe.frameworks import get_ops
         >>> r = TopKRouter(k=1).route(get_ops("numpy"), {"gate": np.eye(3)}, np.eye(3)[None])
         >>> r.indices[0, :, 0].tolist()
         [0, 1, 2]
@@ -425,11 +433,11 @@ class Router:
         check_router_params(self, params, in_dim, n, ops)
         lead = tuple(x.shape[:-1])
         g, t = group_shape(lead)
-        mask3 = None if mask is None else ops.reshape(check_mask(ops, mask, lead, x), (g, t))
+        mask3 = None if mask is None else ops.xp.reshape(check_mask(ops, mask, lead, x), (g, t))
         noise = None
         if training and self.noisy:
             (noise,), _ = draw_noise(ops, [self], [n], g, t, rng, like=x)
-        x3 = ops.reshape(x, (g, t, in_dim))
+        x3 = ops.xp.reshape(x, (g, t, in_dim))
         routing = with_statistics(ops, self.route(ops, params, x3, mask3, noise), mask3, n)
         return ungroup(ops, routing, lead)
 
@@ -475,7 +483,7 @@ class DenseRouter(Router):
 
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         logits = self.logits(ops, params, x)
-        weights = _gates._activate(self.activation, logits, ops)
+        weights = _gates.activate(self.activation, logits, ops)
         if mask is not None:
             weights = weights * mask[..., None]
         return Routing(weights=weights, probs=weights, logits=logits)
@@ -554,13 +562,13 @@ class TopKRouter(Router):
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         logits = self.logits(ops, params, x)
         if noise is not None:
-            std = ops.softplus(self.project(params, "gate_noise", x)) if self.noise == "learned" else self.noise
+            std = _softplus(ops, self.project(params, "gate_noise", x)) if self.noise == "learned" else self.noise
             logits = logits + noise * std
         probs = _gates.softmax(logits, ops=ops)
         _, indices = ops.top_k(logits, self.k)
-        weights = ops.take_last(probs, indices)
+        weights = ops.xp.take_along_axis(probs, indices, axis=-1)
         if self.renormalize:
-            weights = weights / ops.sum(weights)
+            weights = weights / ops.xp.sum(weights, axis=-1, keepdims=True)
         if mask is not None:
             weights = weights * mask[..., None]
         return Routing(weights=weights, indices=indices, probs=probs, logits=logits)
@@ -620,10 +628,11 @@ class ExpertChoiceRouter(Router):
         logits = self.logits(ops, params, x)
         probs = _gates.softmax(logits, ops=ops)
         n_tokens, n_experts = probs.shape[-2], probs.shape[-1]
-        scores = probs if mask is None else ops.where(mask[..., None] > 0, probs, probs - 2)
-        _, tokens = ops.top_k(ops.swap_last(scores), self.capacity(n_tokens, n_experts))  # [G, N, c]
-        chosen = ops.take_last(ops.swap_last(probs), tokens)
-        weights = ops.swap_last(ops.scatter_add_last(tokens, chosen, n_tokens))
+        xp = ops.xp
+        scores = probs if mask is None else xp.where(mask[..., None] > 0, probs, probs - 2)
+        _, tokens = ops.top_k(xp.matrix_transpose(scores), self.capacity(n_tokens, n_experts))  # [G, N, c]
+        chosen = xp.take_along_axis(xp.matrix_transpose(probs), tokens, axis=-1)
+        weights = xp.matrix_transpose(ops.scatter_add_last(tokens, chosen, n_tokens))
         if mask is not None:
             weights = weights * mask[..., None]
         return Routing(weights=weights, probs=probs, logits=logits)
@@ -674,26 +683,27 @@ class SoftRouter(Router):
     def route(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None) -> Routing:
         logits = self.project(params, "gate", x)  # [G, T, S]
         combine = _gates.softmax(logits, ops=ops)
-        by_slot = ops.swap_last(logits)  # [G, S, T]
+        xp = ops.xp
+        by_slot = xp.matrix_transpose(logits)  # [G, S, T]
         if mask is None:
-            e = ops.exp(by_slot - ops.max(by_slot))
+            e = xp.exp(by_slot - xp.max(by_slot, axis=-1, keepdims=True))
         else:
             valid = mask[:, None, :]
             # shift by the largest logit of a real token: sum(e) >= 1 whenever the group has one,
             # and padding (whatever its logits) neither overflows nor counts
-            top = ops.max(ops.where(valid > 0, by_slot, -ops.max(-by_slot)))
-            e = ops.exp(-ops.relu(top - by_slot)) * valid
+            lowest = -xp.max(-by_slot, axis=-1, keepdims=True)
+            top = xp.max(xp.where(valid > 0, by_slot, lowest), axis=-1, keepdims=True)
+            e = xp.exp(-xp.clip(top - by_slot, min=0.0)) * valid
             combine = combine * mask[..., None]
-        dispatch = ops.swap_last(e / ops.clip_min(ops.sum(e), 1.0))
+        dispatch = xp.matrix_transpose(e / xp.clip(xp.sum(e, axis=-1, keepdims=True), min=1.0))
         g, t, s = combine.shape
-        probs = ops.sum(ops.reshape(combine, (g, t, s // self.slots_per_expert, self.slots_per_expert)))
-        probs = ops.reshape(probs, (g, t, s // self.slots_per_expert))
+        probs = xp.sum(xp.reshape(combine, (g, t, s // self.slots_per_expert, self.slots_per_expert)), axis=-1)
         return Routing(weights=combine, dispatch=dispatch, probs=probs, logits=logits)
 
 
 def soft_slots(ops: Ops, routing: Routing, x: Any) -> Any:
     """The slot inputs ``[G, S, I]`` of a grouped Soft MoE routing: ``dispatch^T @ x``."""
-    return ops.swap_last(routing.dispatch) @ x
+    return ops.xp.matrix_transpose(routing.dispatch) @ x
 
 
 def soft_combine(ops: Ops, routing: Routing, y_slots: Any) -> Any:
@@ -712,35 +722,42 @@ def with_statistics(ops: Ops, routing: Routing, mask: Any, n_experts: int) -> Ro
 
     Masked tokens (``mask == 0``) are excluded from every mean.
     """
-    probs = ops.reshape(routing.probs, (-1, n_experts))
+    xp = ops.xp
+    probs = xp.reshape(routing.probs, (-1, n_experts))
     rows = probs.shape[0]
-    valid = ops.reshape(mask, (rows, 1)) if mask is not None else ops.zeros((rows, 1), like=probs) + 1
-    n_valid = ops.clip_min(ops.sum(valid, axis=0), 1.0)  # [1, 1]
-    importance = ops.sum(probs * valid, axis=0) / n_valid  # [1, N]
+
+    def ones(shape: tuple[int, ...]) -> Any:
+        return xp.ones(shape, dtype=probs.dtype, device=ops.device(probs))
+
+    def total(a: Any, axis: int = -1) -> Any:
+        return xp.sum(a, axis=axis, keepdims=True)
+
+    valid = xp.reshape(mask, (rows, 1)) if mask is not None else ones((rows, 1))
+    n_valid = xp.clip(total(valid, axis=0), min=1.0)  # [1, 1]
+    importance = total(probs * valid, axis=0) / n_valid  # [1, N]
     if routing.is_sparse:
         k = routing.indices.shape[-1]
-        indices = ops.reshape(routing.indices, (1, rows * k))
-        ones = ops.reshape(valid + ops.zeros((rows, k), like=probs), (1, rows * k))
-        counts = ops.scatter_add_last(indices, ones, n_experts)
+        indices = xp.reshape(routing.indices, (1, rows * k))
+        counts = ops.scatter_add_last(indices, xp.reshape(valid * ones((rows, k)), (1, rows * k)), n_experts)
         served = valid
     elif routing.is_soft:
-        counts = ops.zeros((1, n_experts), like=probs) + 1  # every expert processes its own slots
+        counts = ones((1, n_experts))  # every expert processes its own slots
         served = valid
     else:
-        weights = ops.reshape(routing.weights, (rows, n_experts))
-        support = ops.asarray(weights > 0, ops.dtype_name(probs))
-        counts = ops.sum(support * valid, axis=0)
-        served = ops.asarray(ops.sum(support) > 0, ops.dtype_name(probs)) * valid
-    load = counts / ops.clip_min(ops.sum(counts), 1.0)
-    logits = ops.reshape(routing.logits, (rows, routing.logits.shape[-1]))
+        weights = xp.reshape(routing.weights, (rows, n_experts))
+        support = xp.astype(weights > 0, probs.dtype)
+        counts = total(support * valid, axis=0)
+        served = xp.astype(total(support) > 0, probs.dtype) * valid
+    load = counts / xp.clip(total(counts), min=1.0)
+    logits = xp.reshape(routing.logits, (rows, routing.logits.shape[-1]))
     lse = _logsumexp(ops, logits)
     scalar = ()
     return routing._replace(
-        load=ops.reshape(load, (n_experts,)),
-        importance=ops.reshape(importance, (n_experts,)),
-        dropped=ops.reshape(ops.sum(valid - served, axis=0) / n_valid, scalar),
-        load_balancing_loss=ops.reshape(ops.sum(load * importance) * n_experts, scalar),
-        z_loss=ops.reshape(ops.sum(lse * lse * valid, axis=0) / n_valid, scalar),
+        load=xp.reshape(load, (n_experts,)),
+        importance=xp.reshape(importance, (n_experts,)),
+        dropped=xp.reshape(total(valid - served, axis=0) / n_valid, scalar),
+        load_balancing_loss=xp.reshape(total(load * importance) * n_experts, scalar),
+        z_loss=xp.reshape(total(lse * lse * valid, axis=0) / n_valid, scalar),
     )
 
 
@@ -751,7 +768,7 @@ def ungroup(ops: Ops, routing: Routing, lead: Sequence[int]) -> Routing:
     """Give the per-token fields of a grouped routing ``[G, T, ...]`` the leading axes ``lead``."""
     lead = tuple(lead)
     return routing._replace(**{
-        name: ops.reshape(value, (*lead, value.shape[-1]))
+        name: ops.xp.reshape(value, (*lead, value.shape[-1]))
         for name in _PER_TOKEN if (value := getattr(routing, name)) is not None
     })
 
@@ -759,7 +776,7 @@ def ungroup(ops: Ops, routing: Routing, lead: Sequence[int]) -> Routing:
 def regroup(ops: Ops, routing: Routing, g: int, t: int) -> Routing:
     """Reshape the per-token fields of a routing to ``[G, T, ...]`` (inverse of :func:`ungroup`)."""
     return routing._replace(**{
-        name: ops.reshape(value, (g, t, value.shape[-1]))
+        name: ops.xp.reshape(value, (g, t, value.shape[-1]))
         for name in _PER_TOKEN if (value := getattr(routing, name)) is not None
     })
 
@@ -952,7 +969,7 @@ def resolve_routers(
 
 def check_array(ops: Ops, x: Any, argument: str) -> Any:
     """Raise unless ``x`` is a floating-point array of the current backend with at least one axis."""
-    source = ops_for_array(x)
+    source = backend_of(x)
     if source is None:
         raise TypeError(f"{argument} must be an array of the current backend {ops.name!r}; got {type(x).__name__}")
     if source != ops.name:
@@ -967,7 +984,7 @@ def check_array(ops: Ops, x: Any, argument: str) -> Any:
 
 def check_mask(ops: Ops, mask: Any, lead: tuple[int, ...], like: Any) -> Any:
     """``mask`` as a 0/1 array in the dtype of ``like``, checked to have shape ``lead``."""
-    source = ops_for_array(mask)
+    source = backend_of(mask)
     if source is None:
         raise TypeError(f"mask must be an array of shape {list(lead)} (true for tokens, false for padding); "
                         f"got {type(mask).__name__}")
@@ -977,11 +994,11 @@ def check_mask(ops: Ops, mask: Any, lead: tuple[int, ...], like: Any) -> Any:
         mask = ops.asarray(mask, like=like)
     if tuple(mask.shape) != lead:
         raise ValueError(f"mask must have shape {list(lead)} (the leading axes of x); got {list(mask.shape)}")
-    if ops.is_concrete(mask):
-        values = np.unique(ops.to_numpy(mask))
+    if not ops.is_tracer(mask):
+        values = np.unique(to_numpy(mask))
         if not np.all(np.isin(values, [0, 1])):
             raise ValueError(f"mask must hold booleans or zeros and ones; got values {values[:5].tolist()}")
-    return ops.asarray(mask, ops.dtype_name(like), like=like)
+    return ops.asarray(mask, dtype_name(like), like=like)
 
 
 def check_router_params(router: Router, params: Mapping[str, Any], in_dim: int, n: int, ops: Ops) -> None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import layer as _layer
+from ._array import dtype_name
 from .backend import backend_context
 
 __all__ = ["CPMMoE", "MMoE", "MMoEMLP", "TRMMoE", "TTMMoE", "TuckerMMoE", "wrap"]
@@ -190,7 +191,7 @@ class MMoE(nn.Module):
         'bfloat16'
         """
         config = self.layer.config()
-        config["dtype"] = str(self.params[next(iter(self.params))].dtype).replace("torch.", "")
+        config["dtype"] = dtype_name(self.params[next(iter(self.params))])
         return config
 
     @property

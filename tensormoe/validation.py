@@ -27,7 +27,6 @@ ValueError: rank must be a positive integer; got 0
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -37,8 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from ._array import backend_of, dtype_name
+
 __all__ = [
     "FLOAT_DTYPES",
+    "FLOAT_MAX",
     "ITEMSIZE",
     "MAX_BYTES_ENV",
     "MEMORY_FRACTION",
@@ -60,7 +62,6 @@ __all__ = [
     "memory_limit",
 ]
 
-#: Floating-point dtypes a layer can hold its parameters in.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 """The floating-point dtypes layers accept, by name.
 
@@ -77,6 +78,15 @@ Examples
 --------
 >>> ITEMSIZE["bfloat16"], ITEMSIZE["float64"]
 (2, 8)
+"""
+
+FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.7977e308}
+"""Largest finite value of each dtype in :data:`FLOAT_DTYPES` (quoted when a result overflows).
+
+Examples
+--------
+>>> FLOAT_MAX["float16"]
+65504.0
 """
 
 MAX_BYTES_ENV = "TENSORMOE_MAX_BYTES"
@@ -126,12 +136,9 @@ def describe(value: Any) -> str:
     >>> describe(np.zeros((2, 3), dtype="int64"))
     'a numpy array of shape (2, 3) and dtype int64'
     """
-    from .ops import ops_for_array
-
-    source = ops_for_array(value)
+    source = backend_of(value)
     if source is not None:
-        dtype = str(value.dtype).replace("torch.", "")
-        return f"a {source} array of shape {tuple(value.shape)} and dtype {dtype}"
+        return f"a {source} array of shape {tuple(value.shape)} and dtype {dtype_name(value)}"
     text = repr(value)
     if len(text) > 60 or "\n" in text:
         if isinstance(value, (list, tuple, dict, set)):
@@ -281,7 +288,7 @@ def check_dtype(value: Any, argument: str = "dtype") -> str:
     elif isinstance(getattr(value, "dtype", None), np.dtype) and not hasattr(value, "shape"):
         name = value.dtype.name  # JAX scalar types such as jnp.bfloat16
     elif type(value).__module__ == "torch" and type(value).__name__ == "dtype":
-        name = str(value).replace("torch.", "")
+        name = dtype_name(value)
     else:
         raise TypeError(
             f"{argument} must be the name of a floating-point dtype, one of {list(FLOAT_DTYPES)}; "
@@ -492,17 +499,6 @@ def check_index(index: Any, sizes: Sequence[int], argument: str = "index") -> tu
 
 
 # -- arrays ---------------------------------------------------------------------------
-def array_dtype(x: Any) -> str:
-    """The dtype name of an array of any backend (``"float32"``, ``"bfloat16"``, ...)."""
-    return _dtype_name(x.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _dtype_name(dtype: Any) -> str:
-    # str() of a NumPy dtype costs microseconds; every forward asks a few times
-    return str(dtype).replace("torch.", "")
-
-
 def check_array(
     x: Any,
     ops: Any,
@@ -526,15 +522,13 @@ def check_array(
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> check_array(np.ones((2, 4), dtype="int64"), get_ops("numpy"), "x", last=4)
     Traceback (most recent call last):
     ...
     TypeError: x must be a floating-point array; got dtype int64
     """
-    from .ops import ops_for_array
-
-    source = ops_for_array(x)
+    source = backend_of(x)
     if explicit and source != ops.name:
         raise TypeError(
             f"{argument} is a {source or type(x).__name__} array but this call computes on {ops.name!r} "
@@ -555,7 +549,7 @@ def check_array(
         raise ValueError(f"{argument} must have shape [..., {last}]; got shape {shape}")
     if last is None and len(shape) < 1:
         raise ValueError(f"{argument} must have at least one axis; got shape {shape}")
-    name = array_dtype(x)
+    name = dtype_name(x)
     if name not in FLOAT_DTYPES:
         of = f" of dtype {dtype}" if dtype is not None else ""
         raise TypeError(f"{argument} must be a floating-point array{of}; got dtype {name}")
@@ -593,7 +587,7 @@ def check_coefficients(
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> check_coefficients([np.ones((2, 3))], [4], (2,), get_ops("numpy"), "float64")
     Traceback (most recent call last):
     ...
@@ -653,8 +647,6 @@ def check_params(
     ...
     ValueError: params['w'] has shape (3,); expected (2,)
     """
-    from .ops import ops_for_array
-
     if not isinstance(params, Mapping):
         raise TypeError(f"{argument} must be a mapping of names to arrays; got {describe(params)}")
     missing = [k for k in shapes if k not in params]
@@ -669,7 +661,7 @@ def check_params(
     first: tuple[str, str] | None = None
     for name, shape in shapes.items():
         value, where = params[name], f"{argument}[{name!r}]"
-        source = ops_for_array(value)
+        source = backend_of(value)
         if source is None:
             raise TypeError(f"{where} must be an array of shape {tuple(shape)}; got {describe(value)}")
         if backend is not None and source != backend:
@@ -686,7 +678,7 @@ def check_params(
             )
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{where} has shape {tuple(value.shape)}; expected {tuple(shape)}")
-        name_dtype = array_dtype(value)
+        name_dtype = dtype_name(value)
         if dtype is None and name_dtype in FLOAT_DTYPES:
             dtype = name_dtype  # any floating-point dtype, the same for every parameter
         if name_dtype not in FLOAT_DTYPES or (dtype is not None and name_dtype != dtype):
@@ -706,7 +698,7 @@ def check_finite(x: Any, ops: Any, argument: str) -> None:
     Examples
     --------
     >>> import numpy as np
-    >>> from tensormoe.ops import get_ops
+    >>> from tensormoe.frameworks import get_ops
     >>> check_finite(np.array([1.0, np.nan, np.inf]), get_ops("numpy"), "x")
     Traceback (most recent call last):
     ...

@@ -9,7 +9,7 @@ import opt_einsum
 import pytest
 
 import tensormoe
-from tensormoe import contraction
+from tensormoe.network import contraction
 
 EQ = "bn,nr,bi,ir,or->bo"
 SHAPES = [(8, 16), (16, 4), (8, 5), (5, 4), (6, 4)]

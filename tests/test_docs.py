@@ -1,13 +1,17 @@
 """The documentation cannot rot.
 
-* Every public name — the package's ``__all__``, every public module's
-  ``__all__``, and the public methods and properties of every public class — has
-  a numpy-style docstring with an ``Examples`` section holding at least one
-  ``>>>`` line.  pytest ``--doctest-modules`` runs those examples; the examples of
-  module-level constants (attribute docstrings, which Python does not keep at
-  runtime) are run here.
-* Every public module has an API page ``docs/api/<name>.md`` rendering it with
-  ``::: tensormoe.<name>`` and listed in the ``nav`` of ``mkdocs.yml``.
+* Every public name — what the API site shows: the package's ``__all__``, every
+  public module's ``__all__``, and the public methods and properties of every
+  public class — has a numpy-style docstring with an ``Examples`` section holding
+  at least one ``>>>`` line.  pytest ``--doctest-modules`` runs those examples; the
+  examples of module-level constants (attribute docstrings, which Python does not
+  keep at runtime) are run here.  Internals (names outside ``__all__``, private
+  modules) need none.
+* Every public module, in every folder of the package, has an API page
+  ``docs/api/<dotted name>.md`` rendering it with ``::: tensormoe.<dotted name>``
+  and listed in the ``nav`` of ``mkdocs.yml``.  The compatibility modules at the
+  paths of earlier versions (``tensormoe.COMPAT_MODULES``) only re-export: their
+  names are documented at their new homes.
 * The Python snippets of ``README.md`` and ``docs/**/*.md`` run, page by page, on
   the NumPy backend (see :func:`markdown_snippets` for the conventions).
 """
@@ -37,8 +41,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PACKAGE = tensormoe.__name__
 
-#: Public modules of the package: every module whose name has no leading underscore.
-MODULES = sorted(m.name for m in pkgutil.iter_modules(tensormoe.__path__) if not m.name.startswith("_"))
+#: Public modules of the package, below ``tensormoe``: every module and package, in every folder, with no
+#: leading underscore in its dotted name, but the compatibility modules.
+MODULES = sorted(
+    name
+    for name in (m.name.removeprefix(f"{PACKAGE}.") for m in pkgutil.walk_packages(tensormoe.__path__, f"{PACKAGE}."))
+    if not any(part.startswith("_") for part in name.split(".")) and name not in tensormoe.COMPAT_MODULES
+)
 
 _EXAMPLES = re.compile(r"^Examples\n-{3,}\n(?P<body>.*?)(?=^\S[^\n]*\n-{3,}\n|\Z)", re.MULTILINE | re.DOTALL)
 DOCTEST_FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
@@ -272,10 +281,10 @@ def test_every_public_module_has_an_api_page(name):
     )
     if not page.is_file():
         pytest.fail(f"public module {PACKAGE}.{name} has no API page; {fix}", pytrace=False)
-    if not re.search(rf"^:::\s+{PACKAGE}\.{name}\s*$", page.read_text(), re.MULTILINE):
+    if not re.search(rf"^:::\s+{PACKAGE}\.{re.escape(name)}\s*$", page.read_text(), re.MULTILINE):
         pytest.fail(f"docs/api/{name}.md does not render {PACKAGE}.{name}; {fix}", pytrace=False)
     nav = (ROOT / "mkdocs.yml").read_text()
-    if not re.search(rf"^\s*-\s*(?:[^:\n]+:\s*)?api/{name}\.md\s*$", nav, re.MULTILINE):
+    if not re.search(rf"^\s*-\s*(?:[^:\n]+:\s*)?api/{re.escape(name)}\.md\s*$", nav, re.MULTILINE):
         pytest.fail(f"docs/api/{name}.md is not in the nav of mkdocs.yml; {fix}", pytrace=False)
 
 

@@ -11,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 import tensormoe
 from tensormoe import gates
+from tensormoe.frameworks import _kernels
 from tensormoe.ops import get_ops
 
 logits = st.tuples(st.integers(1, 4), st.integers(1, 9)).flatmap(
@@ -355,7 +356,7 @@ def test_auto_picks_the_kernel_or_the_faster_array_method(monkeypatch):
         if kernel and not gates.KERNEL_AVAILABLE:
             continue
         if not kernel:
-            monkeypatch.setattr(gates._kernels, "KERNEL", None)
+            monkeypatch.setattr(_kernels, "KERNEL", None)
         for b in BACKENDS:
             ops = get_ops(b)
             small, large, larger = (ops.asarray(np.zeros(s, dtype="float32")) for s in [(64, 16), (64, 1024), (64, 4096)])
@@ -382,7 +383,7 @@ def test_kernel_method_says_why_it_cannot_run(monkeypatch):
         ops = get_ops("jax")
         with pytest.raises(ValueError, match="method='kernel' cannot run here: .*not on the jax backend"):
             gates.entmax15(ops.asarray(z), ops=ops, method="kernel")
-    monkeypatch.setattr(gates._kernels, "KERNEL", None)
+    monkeypatch.setattr(_kernels, "KERNEL", None)
     with pytest.raises(ValueError, match="method='kernel' cannot run here: the extension .* is not built"):
         gates.sparsemax(z, method="kernel")
     np.testing.assert_allclose(gates.sparsemax(z), 1 / 3)  # "auto" falls back to the array methods
@@ -443,7 +444,7 @@ def test_kernel_takes_any_layout_and_leading_axes(backend, name):
         pytest.skip("the kernel runs on NumPy and PyTorch arrays")
     ops = get_ops()
     z = np.random.default_rng(4).normal(size=(2, 300, 5)) * 2
-    strided = ops.swap_last(ops.asarray(z, "float32"))  # [2, 5, 300], not contiguous
+    strided = ops.xp.matrix_transpose(ops.asarray(z, "float32"))  # [2, 5, 300], not contiguous
     p = to_numpy(getattr(gates, name)(strided, ops=ops, method="kernel"))
     want = bisection_reference(np.swapaxes(z, -1, -2).astype(np.float32).astype(np.float64), SPARSE[name])
     np.testing.assert_allclose(p, want, atol=2e-6)
@@ -458,7 +459,7 @@ def test_kernel_threads_split_rows_without_changing_a_bit(monkeypatch, name):
     z = np.random.default_rng(5).normal(size=(2 * 2**16 // 512, 512)).astype(np.float32)
     outs = []
     for cpus in (1, 2):
-        monkeypatch.setattr(gates._kernels, "_cpu_count", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(_kernels, "_cpu_count", lambda cpus=cpus: cpus)
         outs.append(getattr(gates, name)(z, method="kernel"))
     np.testing.assert_array_equal(outs[0], outs[1])
     if "pytorch" in BACKENDS:
@@ -486,8 +487,8 @@ def test_kernel_operator_passes_torch_opcheck_and_gradcheck(name):
     gen = torch.Generator().manual_seed(6)
     z = (torch.randn(4, 80, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     f = lambda t: getattr(gates, name)(t, ops=ops, method="kernel")  # noqa: E731
-    f(z)  # registers the operators (eager calls run the same kernels without them)
-    torch.library.opcheck(torch.ops.tensormoe.sparse_gate.default, (z, gates._kernels.GATES[name]))
+    f(z)  # an eager call (it runs the same kernel without the operator)
+    torch.library.opcheck(torch.ops.tensormoe.sparse_gate.default, (z, _kernels.GATES[name]))
     assert torch.autograd.gradcheck(f, (z,))
     w = torch.randn(4, 80, generator=gen, dtype=torch.float64)
     (g,) = torch.autograd.grad((f(z) * w).sum(), z, create_graph=True)

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensormoe
-from tensormoe import contraction, lowering
+from tensormoe.network import contraction, lowering
 from tensormoe.ops import get_ops
 
 from helpers import BACKENDS, to_numpy

@@ -48,7 +48,9 @@ def _summary(obj: Any) -> str:
 
 
 def _public_modules(package: Any) -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    """Every public module below the package, in every folder, but the compatibility modules (re-exports)."""
+    names = (m.name.removeprefix(f"{PACKAGE}.") for m in pkgutil.walk_packages(package.__path__, f"{PACKAGE}."))
+    return sorted(n for n in names if not any(p.startswith("_") for p in n.split(".")) and n not in package.COMPAT_MODULES)
 
 
 def modules_table(package: Any) -> str:

@@ -23,7 +23,7 @@ This module is framework-neutral: which parameter axes carry the split index
 Importing it imports neither PyTorch nor JAX.
 
 Which index is split (``rank_index``, the ``k`` of the rank letters of
-:meth:`tensormoe.factorizations.Factorization.network`; the default in brackets):
+:meth:`tensormoe.network.factorizations.Factorization.network`; the default in brackets):
 
 ========  =====================================  ===========================================
 format    choices of ``rank_index``               parameters split (default)
@@ -55,7 +55,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..factorizations import CP, TT, Factorization, Tucker
+from ..network.factorizations import CP, TT, Factorization, Tucker
 from ..layer import MMoE, make_layer
 from ..validation import check_positive_int, is_int
 
@@ -142,7 +142,7 @@ def rank_index_size(layer: Any, rank_index: int | None = None) -> int:
 def rank_axes(layer: Any, rank_index: int | None = None) -> dict[str, int]:
     """The parameters that carry rank index ``rank_index``, and on which axis.
 
-    Read from the tensor network (:meth:`tensormoe.factorizations.Factorization.network`): the
+    Read from the tensor network (:meth:`tensormoe.network.factorizations.Factorization.network`): the
     parameters listed hold the rank's letter; the others (the gates, and the
     factors without it) are replicated by rank parallelism.
 
