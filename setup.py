@@ -1,7 +1,7 @@
 """Build of the optional C kernel of the sparse gates; everything else is declared in pyproject.toml.
 
 The extension is optional: where no C compiler is found, installation goes on and
-``tensormoe.gates`` computes the same values with array operations.
+``tensormoe.routing.gates`` computes the same values with array operations.
 """
 
 import sys

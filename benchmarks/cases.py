@@ -54,7 +54,7 @@ def million_rank(in_dim: int, out_dim: int, dims: list[int], flops_factor: float
 
 
 def tensormoe_gates(layer: Any) -> tuple[Callable, Callable]:
-    """The layer's activation and LayerNorm from ``tensormoe.gates``, on the backend in force."""
+    """The layer's activation and LayerNorm from ``tensormoe.routing.gates``, on the backend in force."""
     return gates.ACTIVATIONS[layer.gate], gates.layer_norm
 
 

@@ -112,7 +112,7 @@ def overhead() -> None:
                 print(f"| {backend} | {label} | layer.apply(params, x) | {_time(lambda: layer.apply(params, x)):.1f} |")
                 if hasattr(layer, "_checked") and hasattr(tensormoe, "validation"):
                     # the checks alone (this branch): the call's arguments, each gate's logits, the plan's operands
-                    from tensormoe import gates
+                    from tensormoe.routing import gates
 
                     z = ops.asarray(np.ones((batch, layer.expert_dims[0])), "float32")
                     plan = layer.plan(batch)

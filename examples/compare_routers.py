@@ -9,7 +9,7 @@ with Shazeer et al.'s learned training noise and without noise, expert choice
 the MoE layer (the CP rank absorbs what a router needs: the noisy top-k routers'
 noise weights cost ``I * N`` parameters).
 
-Training uses PyTorch autograd (Adam, cross-entropy plus ``tensormoe.routers.aux_loss``:
+Training uses PyTorch autograd (Adam, cross-entropy plus ``tensormoe.routing.aux_loss``:
 by default ``1e-2`` load balancing as in Switch and ``1e-3`` z-loss as in ST-MoE); the layer
 runs on tensormoe's PyTorch backend.
 The data ships with scikit-learn: nothing is downloaded.
@@ -38,13 +38,13 @@ DEFAULT_PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results
 _DEFAULT_PLOT_SHOWN = "examples/results/compare_routers.png"  # how --help names DEFAULT_PLOT
 
 #: The routers compared, in table order.  A label is either a name that
-#: :func:`tensormoe.routers.get_router` knows, or a key of ``BUILDERS``.
+#: :func:`tensormoe.routing.get_router` knows, or a key of ``BUILDERS``.
 ROUTERS = ["entmax15", "softmax", "sparsemax", "top1", "top2", "top1-nonoise", "top2-nonoise", "expert_choice", "soft"]
 
 
 def _top_k_without_noise(k: int) -> Callable[[int], object]:
     def build(levels: int) -> object:
-        from tensormoe.routers import TopKRouter
+        from tensormoe.routing import TopKRouter
 
         return TopKRouter(k=k, noise=None)
 
@@ -139,7 +139,7 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
     import torch
 
     import tensormoe
-    from tensormoe.routers import aux_loss
+    from tensormoe.routing import aux_loss
 
     x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in data)
     in_dim, tokens = x_train.shape[-1], x_train.shape[-2]

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import tensormoe
     from tensormoe.distributed.jax import rank_parallel, rank_sharding
     from tensormoe.jax import wrap
-    from tensormoe.routers import aux_loss
+    from tensormoe.routing import aux_loss
 
     # -- data (the same as examples/distributed_torch.py)
     if args.synthetic:

@@ -47,7 +47,7 @@ from torch import nn
 
 import tensormoe
 from tensormoe.distributed.torch import RankParallel, global_load
-from tensormoe.routers import aux_loss
+from tensormoe.routing import aux_loss
 from tensormoe.torch import wrap
 
 

@@ -26,23 +26,37 @@ from .backend import (
 from .compress import Compressed, from_dense, from_linear
 from .network.contraction import Plan, get_plan
 from .network.factorizations import CP, TR, TT, Factorization, Tucker
-from .gates import entmax15, layer_norm, softmax, sparsemax
 from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
 from .ranks import Match, match_rank, match_ranks
-from .routers import DenseRouter, ExpertChoiceRouter, Router, Routing, SoftRouter, TopKRouter, aux_loss, get_router
+from .routing import (
+    DenseRouter,
+    ExpertChoiceRouter,
+    Router,
+    Routing,
+    SoftRouter,
+    TopKRouter,
+    aux_loss,
+    entmax15,
+    get_router,
+    layer_norm,
+    softmax,
+    sparsemax,
+)
 
 __version__ = "0.1.0"
 
 #: Submodules imported when first used as an attribute (PEP 562), not by ``import tensormoe``.
-_LAZY_SUBMODULES = ("cli", "frameworks", "io", "jax", "network", "numerics", "torch")
+_LAZY_SUBMODULES = ("cli", "frameworks", "io", "jax", "network", "numerics", "routing", "torch")
 
 #: The module paths of earlier versions, kept as modules that only re-export: old path -> new home
 #: (ARCHITECTURE.md lists them; like the submodules above they load when first used as an attribute).
 COMPAT_MODULES = {
     "contraction": "network.contraction",
     "factorizations": "network.factorizations",
+    "gates": "routing.gates",
     "lowering": "network.lowering",
     "ops": "frameworks",
+    "routers": "routing",
 }
 
 

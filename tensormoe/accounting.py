@@ -5,7 +5,7 @@ hand formula that could drift from them:
 
 * parameter counts come from :meth:`Factorization.param_shapes` (factors and
   Tucker core) and the gate shapes of the dense router
-  (:meth:`tensormoe.routers.Router.param_shapes`): ``[in_dim, N_h]``, or with
+  (:meth:`tensormoe.routing.Router.param_shapes`): ``[in_dim, N_h]``, or with
   ``gate_rank=r`` the two factors ``[in_dim, r]`` and ``[r, N_h]``;
 * the FLOPs and the largest intermediate of the forward contraction come from
   the opt_einsum plan the layer runs (:func:`tensormoe.network.contraction.get_plan`),
@@ -53,6 +53,7 @@ from typing import Any
 
 from .network.contraction import Plan, get_plan
 from .network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
+from .routing import DenseRouter
 
 __all__ = [
     "Cost",
@@ -347,8 +348,6 @@ def bias_params(factorization: Factorization) -> int:
 
 def _gate_shapes(in_dim: int, expert_dims: int | Sequence[int], gate_rank: int | None) -> list[list[tuple[int, int]]]:
     """The gate matrices of every level, in the order ``x`` meets them (the dense router's shapes)."""
-    from .routers import DenseRouter
-
     in_dim = check_positive_int(in_dim, "in_dim")
     rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
     router = DenseRouter(rank=rank)

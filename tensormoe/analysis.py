@@ -71,8 +71,8 @@ from typing import Any
 import numpy as np
 import opt_einsum
 
-from . import gates as _gates
-from . import routers as _routers
+from .routing import gates as _gates
+from . import routing as _routers
 from .layer import MMoE, layer_from_config
 from ._array import backend_of, dtype_name, to_numpy
 from .frameworks import get_ops

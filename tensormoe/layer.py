@@ -3,7 +3,7 @@
 A layer object holds its configuration (dims, factorization, gate) and, for
 convenience, one set of parameters in :attr:`MMoE.params`.  The math lives in
 :mod:`tensormoe.network.factorizations` (the network), :mod:`tensormoe.network.contraction` (the
-planned einsum) and :mod:`tensormoe.gates`; this module wires them together and
+planned einsum) and :mod:`tensormoe.routing.gates`; this module wires them together and
 checks what users pass in.
 
 Forward pass of one layer, for ``x[..., I]``:
@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import gates as _gates
-from . import routers as _routers
+from . import routing as _routing
 from . import validation as _v
 from ._array import backend_of, dtype_name, to_numpy
 from .backend import canonical_name, get_backend
@@ -129,9 +128,9 @@ class MMoE:
     gate_norm : {"layernorm", None}
         Normalisation of the gate logits before the activation.
     router : str, Router or sequence of them, optional
-        How each level routes (:mod:`tensormoe.routers`): a name
+        How each level routes (:mod:`tensormoe.routing`): a name
         (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
-        ``"top<k>"``, ``"expert_choice"``, ``"soft"``) or a :class:`~tensormoe.routers.Router`,
+        ``"top<k>"``, ``"expert_choice"``, ``"soft"``) or a :class:`~tensormoe.routing.Router`,
         for every level, or a list with one per level.  Default: a dense router
         with ``gate`` and ``gate_norm`` on every level (the MMoE's own gating).
         Top-k levels contract only the selected experts' factor rows.
@@ -230,10 +229,10 @@ class MMoE:
         self.out_dim = check_positive_int(out_dim, "out_dim")
         self.expert_dims = _expert_dims(expert_dims, hierarchy)
         self.bias = _v.check_bool(bias, "bias")
-        self.gate = _v.check_choice(gate, "gate", sorted(_gates.ACTIVATIONS), what="a gate activation")
-        self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_gates.NORMS))
+        self.gate = _v.check_choice(gate, "gate", sorted(_routing.gates.ACTIVATIONS), what="a gate activation")
+        self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_routing.gates.NORMS))
         self.gate_rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
-        self.routers = _routers.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank)
+        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank)
         self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         self.init_std = (
             1.0 / math.sqrt(self.in_dim) if init_std is None else _v.check_positive_real(init_std, "init_std")
@@ -364,7 +363,7 @@ class MMoE:
         The draw is made in float64 NumPy from ``seed`` and then cast, so one seed
         gives the same weights on every backend.  Dense gates start at zero
         (uniform coefficients), the gates of selecting routers near zero
-        (:meth:`tensormoe.routers.Router.init`); factors follow
+        (:meth:`tensormoe.routing.Router.init`); factors follow
         :meth:`Factorization.init` with ``std=init_std``.
 
         Examples
@@ -456,19 +455,10 @@ class MMoE:
             fn = self._compiled[key] = ops.compile(functools.partial(getattr(self, method), ops))
         return fn(*args)
 
-    def _level_params(self, params: Mapping[str, Any], h: int) -> dict[str, Any]:
-        """The parameters of level ``h``'s router, under the router's own names."""
-        return {name: params[f"{name}_{h}"] for name in self.routers[h].param_shapes(self.in_dim, self.expert_dims[h])}
-
-    def _route(self, ops: Ops, params: Mapping[str, Any], x3: Any, mask: Any, noise: Any, statistics: bool) -> tuple:
-        """Grouped routings ``[G, T, ...]`` of every level and the rows the experts process."""
-        level_params = [self._level_params(params, h) for h in range(self.hierarchy)]
-        return _routers.route_levels(ops, self.routers, level_params, self.expert_dims, x3, mask, noise, statistics)
-
-    def _gate(self, ops: Ops, params: Mapping[str, Any], x2: Any) -> list[Any]:
-        """Dense coefficients ``[B, N_h]`` of the rows of ``x2`` (one group)."""
-        routing, _ = self._route(ops, params, x2[None], None, None, False)
-        return [r.to_dense(n)[0] for r, n in zip(routing, self.expert_dims)]
+    def _gate(self, ops: Ops, params: Mapping[str, Any], rows: Any) -> list[Any]:
+        """Dense coefficients ``[B, N_h]`` of the rows ``[B, I]`` (one group)."""
+        routing = _routing.route(ops, self.routers, params, self.expert_dims, rows, statistics=False)
+        return [r.to_dense(n) for r, n in zip(routing, self.expert_dims)]
 
     def _flat(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any) -> tuple[tuple, list, Any]:
         """Rows of ``x`` as a matrix, each level's coefficients, and the (bias-extended) input."""
@@ -503,62 +493,33 @@ class MMoE:
         return self._contract(ops, self.factorization.routed_equation([h in indices for h in range(len(levels))]), operands)
 
     def _routed_forward(
-        self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any, routing: Any, mask: Any, noise: Any,
-        statistics: bool, dense: bool, want_routing: bool = True,
+        self, ops: Ops, params: Mapping[str, Any], x: Any, *, coefficients: Any = None, routing: Any = None,
+        mask: Any = None, noise: Any = None, statistics: bool = False, dense: bool = False,
+        want_routing: bool = False,
     ) -> tuple[Any, Any]:
         lead = tuple(x.shape[:-1])
         if coefficients is not None:
-            _, coeffs, xin = self._flat(ops, params, x, coefficients)
-            y = self._contract_levels(ops, params, xin, [(a, None) for a in coeffs], dense)
+            _, coeffs, inputs = self._flat(ops, params, x, coefficients)
+            y = self._contract_levels(ops, params, inputs, [(a, None) for a in coeffs], dense)
             return ops.xp.reshape(y, (*lead, self.out_dim)), None
-        g, t = _routers.group_shape(lead)
-        x3 = ops.xp.reshape(x, (g, t, self.in_dim))
-        if routing is None:
-            soft = next((h for h, r in enumerate(self.routers) if r.soft), None)
-            mask3 = None if mask is None else ops.xp.reshape(mask, (g, t))
-            routing, rows = self._route(ops, params, x3, mask3, noise, statistics)
-        else:
-            soft = next((h for h, r in enumerate(routing) if r.is_soft), None)
-            slots = t if soft is None else routing[soft].weights.shape[-1]
-            routing = [_routers.regroup(ops, r, g, t if h == soft else slots) for h, r in enumerate(routing)]
-            rows = x3 if soft is None else _routers.soft_slots(ops, routing[soft], x3)
-        n_rows = g * rows.shape[1]
-        levels = []
-        for h, (r, n) in enumerate(zip(routing, self.expert_dims)):
-            if h == soft:
-                slots = rows.shape[1]
-                index = _routers.slot_experts(ops, g, slots, slots // n, like=x)
-                levels.append((ops.xp.ones((n_rows, 1), dtype=x.dtype, device=ops.device(x)), index))
-            elif r.is_sparse:
-                k = r.weights.shape[-1]
-                levels.append((ops.xp.reshape(r.weights, (n_rows, k)), ops.xp.reshape(r.indices, (n_rows, k))))
-            else:
-                levels.append((ops.xp.reshape(r.weights, (n_rows, n)), None))
-        xin = ops.xp.reshape(rows, (n_rows, self.in_dim))
-        xin = ops.concat_ones(xin) if self.bias else xin
-        y = ops.xp.reshape(self._contract_levels(ops, params, xin, levels, dense), (g, rows.shape[1], self.out_dim))
-        if soft is not None:
-            y = _routers.soft_combine(ops, routing[soft], y)
-        y = ops.xp.reshape(y, (*lead, self.out_dim))
-        if not want_routing:
-            return y, None
-        slot_lead = (*lead[:-1], rows.shape[1])
-        routing = tuple(
-            _routers.ungroup(ops, r, lead if soft is None or h == soft else slot_lead) for h, r in enumerate(routing)
-        )
-        return y, routing
+        dispatched = _routing.dispatch(ops, self.routers, params, self.expert_dims, x, routing=routing, mask=mask,
+                                       noise=noise, statistics=statistics)
+        inputs = ops.concat_ones(dispatched.rows) if self.bias else dispatched.rows
+        y, routing = _routing.combine(ops, dispatched, self._contract_levels(ops, params, inputs, list(dispatched.levels), dense), lead)
+        return y, (routing if want_routing else None)
 
     def _forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None, routing: Any = None,
                  mask: Any = None, noise: Any = None) -> Any:
         if coefficients is None and routing is None and mask is None and self._dense_routing():
             return self._dense_gated_forward(ops, params, x)
-        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, False, False)[0]
+        return self._routed_forward(ops, params, x, coefficients=coefficients, routing=routing, mask=mask,
+                                    noise=noise)[0]
 
     def _dense_routing(self) -> bool:
         """Whether every level routes densely (the MMoE's own gating): the forward then needs no grouping."""
         dense = self.__dict__.get("_all_dense")
         if dense is None:
-            dense = self._all_dense = all(type(r) is _routers.DenseRouter for r in self.routers)
+            dense = self._all_dense = all(type(r) is _routing.DenseRouter for r in self.routers)
         return dense
 
     def _dense_gated_forward(self, ops: Ops, params: Mapping[str, Any], x: Any) -> Any:
@@ -570,7 +531,8 @@ class MMoE:
         """
         lead = tuple(x.shape[:-1])
         x2 = x if len(lead) == 1 else ops.xp.reshape(x, (math.prod(lead), self.in_dim))
-        coeffs = [router.route(ops, self._level_params(params, h), x2).weights for h, router in enumerate(self.routers)]
+        level_params = _routing.level_params(self.routers, params, self.in_dim, self.expert_dims)
+        coeffs = [router.route(ops, p, x2).weights for router, p in zip(self.routers, level_params)]
         xin = ops.concat_ones(x2) if self.bias else x2
         operands = [*coeffs, xin, *self.factorization.gather_params(params, {}, ops)]
         y = self._contract(ops, self.factorization.forward_equation(), operands)
@@ -578,21 +540,18 @@ class MMoE:
 
     def _forward_with_routing(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                               routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
-        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, routing is None, False)
+        return self._routed_forward(ops, params, x, coefficients=coefficients, routing=routing, mask=mask, noise=noise,
+                                    statistics=routing is None, want_routing=True)
 
     def _dense_forward(self, ops: Ops, params: Mapping[str, Any], x: Any, coefficients: Any = None,
                        routing: Any = None, mask: Any = None, noise: Any = None) -> Any:
-        return self._routed_forward(ops, params, x, coefficients, routing, mask, noise, False, True, False)[0]
+        return self._routed_forward(ops, params, x, coefficients=coefficients, routing=routing, mask=mask, noise=noise,
+                                    dense=True)[0]
 
     def _routing(self, ops: Ops, params: Mapping[str, Any], x: Any, mask: Any = None, noise: Any = None,
                  statistics: bool = True) -> tuple:
-        lead = tuple(x.shape[:-1])
-        g, t = _routers.group_shape(lead)
-        mask3 = None if mask is None else ops.xp.reshape(mask, (g, t))
-        routing, rows = self._route(ops, params, ops.xp.reshape(x, (g, t, self.in_dim)), mask3, noise, statistics)
-        soft = any(r.is_soft for r in routing)
-        slot_lead = (*lead[:-1], rows.shape[1])
-        return tuple(_routers.ungroup(ops, r, slot_lead if soft and not r.is_soft else lead) for r in routing)
+        return _routing.route(ops, self.routers, params, self.expert_dims, x, mask=mask, noise=noise,
+                              statistics=statistics)
 
     def _coefficients(self, ops: Ops, params: Mapping[str, Any], x: Any) -> list[Any]:
         routing = self._routing(ops, params, x, statistics=False)
@@ -645,71 +604,18 @@ class MMoE:
         if routing is not None:
             if coefficients is not None:
                 raise ValueError("give either coefficients= or routing=, not both")
-            routing = self._check_routing(routing, lead, ops)
+            routing = _routing.check_routing(routing, self.expert_dims, lead, ops, dtype=self.dtype)
         if mask is not None:
             if coefficients is not None or routing is not None:
                 raise ValueError(
                     "mask= applies when the routing is computed here; with coefficients= or routing= given, "
                     "mask the routing where it is computed (layer.route(..., mask=mask))"
                 )
-            mask = _routers.check_mask(ops, mask, lead, x)
+            mask = _v.check_mask(mask, ops, lead, x)
         noise = None
         if training and coefficients is None and routing is None:
-            g, t = _routers.group_shape(lead)
-            draws, _ = _routers.draw_noise(ops, self.routers, self.expert_dims, g, t, rng, like=x)
-            noise = draws if any(d is not None for d in draws) else None
+            noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x)
         return ops, params, x, coefficients, routing, mask, noise
-
-    def _check_routing(self, routing: Any, lead: tuple[int, ...], ops: Ops) -> list[Any]:
-        if isinstance(routing, _routers.Routing) or not isinstance(routing, Sequence) or len(routing) != self.hierarchy:
-            raise ValueError(
-                f"routing must be a sequence of {self.hierarchy} Routing results (one per level, e.g. from "
-                f"layer.route); got {type(routing).__name__}"
-                + (f" of length {len(routing)}" if isinstance(routing, Sequence) else "")
-            )
-        soft = [h for h, r in enumerate(routing) if isinstance(r, _routers.Routing) and r.is_soft]
-        if len(soft) > 1:
-            raise ValueError(f"at most one level can use Soft MoE routing; routing levels {soft} do")
-        slots = None
-        if soft:
-            w = routing[soft[0]].weights
-            slots = w.shape[-1] if getattr(w, "ndim", 0) else None
-        out = []
-        for h, (r, n) in enumerate(zip(routing, self.expert_dims)):
-            where = f"routing[{h}]"
-            if not isinstance(r, _routers.Routing):
-                raise TypeError(f"{where} must be a tensormoe.routers.Routing; got {type(r).__name__}")
-            rows = lead if not soft or h == soft[0] else (*lead[:-1], slots)
-            if r.is_soft:
-                if slots is None or slots % n:
-                    raise ValueError(f"{where}: Soft MoE weights must have S = slots_per_expert * {n} slots; "
-                                     f"got shape {list(getattr(r.weights, 'shape', []))}")
-                for name in ("weights", "dispatch"):
-                    a = self._check_input(getattr(r, name), ops, f"{where}.{name}", last=slots)
-                    if tuple(a.shape[:-1]) != rows:
-                        raise ValueError(f"{where}.{name} must have shape {[*rows, slots]}; got {list(a.shape)}")
-            elif r.is_sparse:
-                k = getattr(r.weights, "shape", (0,))[-1]
-                w = self._check_input(r.weights, ops, f"{where}.weights", last=k)
-                if tuple(w.shape[:-1]) != rows or tuple(r.indices.shape) != tuple(w.shape):
-                    raise ValueError(
-                        f"{where}: weights and indices must both have shape [{', '.join(map(str, rows))}, k]; "
-                        f"got {list(w.shape)} and {list(r.indices.shape)}"
-                    )
-                if backend_of(r.indices) != ops.name or "int" not in dtype_name(r.indices):
-                    raise TypeError(f"{where}.indices must be an integer array of the {ops.name} backend; "
-                                    f"got {type(r.indices).__name__} of dtype {getattr(r.indices, 'dtype', None)}")
-                if not ops.is_tracer(r.indices):
-                    values = to_numpy(r.indices)
-                    if values.size and (values.min() < 0 or values.max() >= n):
-                        raise ValueError(f"{where}.indices must lie in [0, {n}); got values in "
-                                         f"[{values.min()}, {values.max()}]")
-            else:
-                w = self._check_input(r.weights, ops, f"{where}.weights", last=n)
-                if tuple(w.shape[:-1]) != rows:
-                    raise ValueError(f"{where}.weights must have shape {[*rows, n]}; got {list(w.shape)}")
-            out.append(r)
-        return out
 
     def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
         """Expert coefficients of every level, ``[..., N_h]`` each (zero for unselected experts).
@@ -750,11 +656,11 @@ class MMoE:
         training: bool = False,
         rng: Any = None,
         backend: str | None = None,
-    ) -> tuple[_routers.Routing, ...]:
-        """Route ``x`` through every level: a :class:`~tensormoe.routers.Routing` per level, with the aux losses.
+    ) -> tuple[_routing.Routing, ...]:
+        """Route ``x`` through every level: a :class:`~tensormoe.routing.Routing` per level, with the aux losses.
 
         Pass the result to :meth:`apply` (``routing=``) to run one or several
-        layers with it; ``tensormoe.routers.aux_loss`` sums the losses.
+        layers with it; ``tensormoe.routing.aux_loss`` sums the losses.
 
         Parameters
         ----------
@@ -794,7 +700,7 @@ class MMoE:
         x: Any,
         coefficients: Sequence[Any] | None = None,
         *,
-        routing: Sequence[_routers.Routing] | None = None,
+        routing: Sequence[_routing.Routing] | None = None,
         mask: Any = None,
         training: bool = False,
         rng: Any = None,
@@ -893,7 +799,7 @@ class MMoE:
         x: Any,
         coefficients: Sequence[Any] | None = None,
         *,
-        routing: Sequence[_routers.Routing] | None = None,
+        routing: Sequence[_routing.Routing] | None = None,
         mask: Any = None,
         training: bool = False,
         rng: Any = None,
@@ -1030,7 +936,7 @@ class MMoE:
 
     def __repr__(self) -> str:
         default = all(
-            isinstance(r, _routers.DenseRouter) and (r.activation, r.norm, r.rank) == (self.gate, self.gate_norm, self.gate_rank)
+            isinstance(r, _routing.DenseRouter) and (r.activation, r.norm, r.rank) == (self.gate, self.gate_norm, self.gate_rank)
             for r in self.routers
         )
         routing = f"gate={self.gate!r}" if default else f"router={[r.name for r in self.routers]!r}"

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import backend_of, dtype_name
+from ._array import backend_of, dtype_name, to_numpy
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -52,6 +52,7 @@ __all__ = [
     "check_finite",
     "check_index",
     "check_int_sequence",
+    "check_mask",
     "check_memory",
     "check_nonnegative_int",
     "check_params",
@@ -687,6 +688,40 @@ def check_params(
                 + (dtype if dtype is not None else f"a floating-point dtype, one of {list(FLOAT_DTYPES)}")
             )
     return params
+
+
+def check_mask(mask: Any, ops: Any, lead: tuple[int, ...], like: Any) -> Any:
+    """Return ``mask`` as zeros and ones in the dtype of ``like`` after checking it has shape ``lead``.
+
+    A padding mask: true (one) for tokens, false (zero) for padding; a NumPy
+    mask is converted to the backend of ``ops``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensormoe.frameworks import get_ops
+    >>> check_mask(np.array([True, False]), get_ops("numpy"), (2,), np.ones(1)).tolist()
+    [1.0, 0.0]
+    >>> check_mask(np.array([2, 0]), get_ops("numpy"), (2,), np.ones(1))
+    Traceback (most recent call last):
+    ...
+    ValueError: mask must hold booleans or zeros and ones; got values [0, 2]
+    """
+    source = backend_of(mask)
+    if source is None:
+        raise TypeError(f"mask must be an array of shape {list(lead)} (true for tokens, false for padding); "
+                        f"got {describe(mask)}")
+    if source not in ("numpy", ops.name):
+        raise TypeError(f"mask is a {source} array but the current backend is {ops.name!r}")
+    if source != ops.name:
+        mask = ops.asarray(mask, like=like)
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask must have shape {list(lead)} (the leading axes of x); got {list(mask.shape)}")
+    if not ops.is_tracer(mask):
+        values = np.unique(to_numpy(mask))
+        if not np.all(np.isin(values, [0, 1])):
+            raise ValueError(f"mask must hold booleans or zeros and ones; got values {values[:5].tolist()}")
+    return ops.asarray(mask, dtype_name(like), like=like)
 
 
 def check_finite(x: Any, ops: Any, argument: str) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import tensormoe
-from tensormoe import gates
+from tensormoe.routing import gates
 from tensormoe.frameworks import _kernels
 from tensormoe.ops import get_ops
 

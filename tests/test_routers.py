@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensormoe
-from tensormoe import routers as R
+from tensormoe import routing as R
 from tensormoe.ops import get_ops
 
 LAYERS = {

@@ -7,19 +7,19 @@ from typing import Any
 
 import numpy as np
 
-from tensormoe import gates
+from tensormoe.routing import gates
 
 import chains
 import limit_gates
 from config import TARGET_GATE
 from harness import Backend, ratio, time_side_by_side
 
-#: Fewest logits from which ``"auto"`` runs ``"newton"`` on PyTorch's CPU without the kernel (tensormoe.gates' notes)
+#: Fewest logits from which ``"auto"`` runs ``"newton"`` on PyTorch's CPU without the kernel (tensormoe.routing.gates' notes)
 NEWTON_FROM = {"entmax15": 2**16, "sparsemax": 2**18}
 
 
 def auto_method(be: Backend, z: Any, gate: str) -> str:
-    """The threshold method ``method="auto"`` runs on ``z``, by the rule ``tensormoe.gates`` documents."""
+    """The threshold method ``method="auto"`` runs on ``z``, by the rule ``tensormoe.routing.gates`` documents."""
     try:
         gates.ACTIVATIONS[gate](z, method="kernel")  # raises where the kernel cannot run
         return "kernel"

@@ -40,7 +40,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..jax import MMoE as _Layer
-from ..routers import Routing
+from ..routing import Routing
 from . import _core, local_layer, rank_axes
 
 __all__ = ["rank_parallel", "rank_sharding", "rank_specs"]

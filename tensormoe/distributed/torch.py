@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
-from ..routers import Routing
+from ..routing import Routing
 from ..torch import MMoE as _Module
 from ..torch import wrap
 from . import _checked_index, local_layer, rank_axes, rank_index_size, with_rank
@@ -359,7 +359,7 @@ def global_load(
     tuple of Routing
         ``load`` and ``dropped`` of the whole batch; ``importance`` still this
         worker's; ``load_balancing_loss`` and ``z_loss`` this worker's share
-        (pass them to :func:`tensormoe.routers.aux_loss`).
+        (pass them to :func:`tensormoe.routing.aux_loss`).
 
     Examples
     --------

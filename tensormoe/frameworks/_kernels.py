@@ -1,7 +1,7 @@
 """The fused CPU kernel of the sparse gates (``_sparse_gates.c``): loading it, its codes, its threads.
 
 The C extension is optional (built by ``pip install``; absent where no compiler
-was found): :data:`KERNEL` is ``None`` then, and :mod:`tensormoe.gates` uses its
+was found): :data:`KERNEL` is ``None`` then, and :mod:`tensormoe.routing.gates` uses its
 array methods.  NumPy calls it here; PyTorch through the custom operators that
 :mod:`tensormoe.frameworks.torch` registers.
 """

@@ -264,13 +264,13 @@ class Ops:
         """``gate`` (``"entmax15"`` or ``"sparsemax"``) of float32 or float64 CPU logits by the fused C kernel.
 
         Where ``fused_gates`` holds and the extension is built (see
-        :data:`tensormoe.gates.KERNEL_AVAILABLE`); :mod:`tensormoe.gates` decides when.
+        :data:`tensormoe.routing.gates.KERNEL_AVAILABLE`); :mod:`tensormoe.routing.gates` decides when.
 
         Examples
         --------
         >>> import numpy as np
         >>> from tensormoe.frameworks import get_ops
-        >>> from tensormoe.gates import KERNEL_AVAILABLE
+        >>> from tensormoe.routing.gates import KERNEL_AVAILABLE
         >>> not KERNEL_AVAILABLE or get_ops("numpy").sparse_gate(np.array([[0.5, 0.0, -3.0]]), "sparsemax").tolist()
         [[0.75, 0.25, 0.0]]
         """
