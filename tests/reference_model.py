@@ -52,6 +52,7 @@ __all__ = [
     "LN_EPS",
     "MAX_HIERARCHY",
     "VERSIONS",
+    "batch_norm",
     "entmax15",
     "gelu",
     "reference_config",
@@ -151,6 +152,16 @@ def _batch_norm(
         count_key: np.asarray(stats[count_key]) + 1,
     }
     return (z - mean) / np.sqrt(var + BN_EPS), new
+
+
+def batch_norm(z: np.ndarray, mean: np.ndarray, var: np.ndarray, count: Any, *, training: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``BatchNorm1d(N, affine=False)`` of ``z[b, t, n]`` (or ``z[b, n]``): output and the buffers after the call."""
+    z = np.asarray(z, dtype=np.float64)
+    z3 = z[:, None, :] if z.ndim == 2 else z
+    stats = {"bn.running_mean": mean, "bn.running_var": var, "bn.num_batches_tracked": count}
+    out, new = _batch_norm(z3, stats, "bn", training)
+    return out.reshape(z.shape), new["bn.running_mean"], new["bn.running_var"], np.asarray(new["bn.num_batches_tracked"])
 
 
 def _activate(z: np.ndarray, act: str) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 * :mod:`~tensormoe.routing.gates`: gate activations (softmax, 1.5-entmax,
   sparsemax) and the logit normalisation;
+* :mod:`~tensormoe.routing.batchnorm`: batch normalisation of the logits with
+  running statistics (the reference implementation's default);
 * :mod:`~tensormoe.routing.routers`: the routers of one expert level (dense,
   top-k, expert choice, Soft MoE) and the registry of router names;
 * :mod:`~tensormoe.routing.routing`: the :class:`Routing` a router returns, and
@@ -20,6 +22,7 @@ Examples
 [[1, 2]]
 """
 
+from .batchnorm import BatchNormState, batch_norm, batch_norm_state
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .levels import Dispatch, check_routing, combine, dispatch, level_params, route, training_noise
 from .losses import aux_loss
@@ -35,6 +38,7 @@ from .routers import (
 from .routing import Routing, group_shape
 
 __all__ = [
+    "BatchNormState",
     "DenseRouter",
     "Dispatch",
     "ExpertChoiceRouter",
@@ -43,6 +47,8 @@ __all__ = [
     "SoftRouter",
     "TopKRouter",
     "aux_loss",
+    "batch_norm",
+    "batch_norm_state",
     "check_routing",
     "combine",
     "dispatch",
