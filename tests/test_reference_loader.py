@@ -1,0 +1,181 @@
+"""Reference checkpoints (issue 14): ``tensormoe.reference.read_state_dict`` maps every tensor, refuses the rest.
+
+The checkpoints come from ``tests/reference_model.py`` (every reference version, its exact names and
+shapes, every tensor random); the expected outputs from its float64 forward.  The mapping is checked by
+computing the layers it describes with tensormoe's public pieces (the layer with given coefficients,
+``batch_norm``, the gate activations) and comparing with the reference model in training and in evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+import pytest
+from reference_model import gelu, reference_forward, reference_state_dict
+from test_reference_model import CASES
+
+from tensormoe.layer import layer_from_config
+from tensormoe.reference import SOURCES, read_state_dict
+from tensormoe.routing import batch_norm, layer_norm
+from tensormoe.routing.gates import ACTIVATIONS
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+# over-complete Tucker ranks (the reference's own test and README use them) warn: expected here
+pytestmark = pytest.mark.filterwarnings("ignore::tensormoe.network.factorizations.RankWarning")
+
+
+def _forward(checkpoint, x, training):
+    """The layers the checkpoint describes, on NumPy in float64, and the BatchNorm states after the call."""
+    x3 = x[:, None, :] if x.ndim == 2 else x
+    coefficients, states = [], []
+    for h in range(len(checkpoint.configs[0]["expert_dims"])):
+        logits = x3 @ checkpoint.params[0][f"gate_{h}"]
+        if checkpoint.gate_norm_state is None:
+            logits = layer_norm(logits)
+        else:
+            logits, state = batch_norm(logits, checkpoint.gate_norm_state[h], training=training)
+            states.append(state)
+        coefficients.append(ACTIVATIONS[checkpoint.configs[0]["gate"]](logits))
+    z = x3
+    if checkpoint.input_ln is not None:
+        weight, bias = checkpoint.input_ln
+        z = layer_norm(x3) * weight + bias
+    for k, (config, params) in enumerate(zip(checkpoint.configs, checkpoint.params)):
+        layer = layer_from_config({**config, "gate_norm": None, "dtype": "float64"})
+        params = {**layer.params, **params}  # the second layer's gates: not in the reference, unused here
+        z = layer.apply(params, gelu(z) if k else z, coefficients)
+    return (z[:, 0] if checkpoint.squeeze_tokens and z.shape[1] == 1 else z), states
+
+
+@pytest.mark.parametrize("version, kwargs, act, tokens", CASES)
+def test_every_version_maps_every_tensor_and_computes_the_reference(version, kwargs, act, tokens):
+    rng = np.random.default_rng(zlib.crc32(f"{version}{kwargs}".encode()))
+    state = reference_state_dict(version, **kwargs, rng=rng)
+    checkpoint = read_state_dict(state, gate=act)
+    assert checkpoint.source == version
+    assert set(checkpoint.names) == set(state)  # nothing dropped
+    # every tensor is at the place its name says, the same object (nothing copied)
+    for name, place in checkpoint.names.items():
+        if place.startswith("layers["):
+            layer, param = re.fullmatch(r"layers\[(\d)\]\.(\w+)", place).groups()
+            assert checkpoint.params[int(layer)][param] is state[name]
+        elif place.startswith("gate_norm_state"):
+            level, field = re.fullmatch(r"gate_norm_state\[(\d)\]\.(\w+)", place).groups()
+            assert getattr(checkpoint.gate_norm_state[int(level)], field) is state[name]
+        else:
+            assert checkpoint.input_ln[("input_ln.weight", "input_ln.bias").index(place)] is state[name]
+    x = rng.normal(size=(5, kwargs["input_dim"]))
+    xt = rng.normal(size=(2, tokens, kwargs["input_dim"]))
+    for inputs in (x, xt):
+        for training in (True, False):
+            want, want_stats = reference_forward(version, state, inputs, training=training, act=act)
+            got, stats = _forward(checkpoint, inputs, training)
+            np.testing.assert_allclose(got, want, **TOL)
+            for h, s in enumerate(stats):
+                np.testing.assert_allclose(s.mean, want_stats[f"bn.{h}.running_mean"], **TOL)
+                np.testing.assert_allclose(s.var, want_stats[f"bn.{h}.running_var"], **TOL)
+                assert int(s.count) == int(want_stats[f"bn.{h}.num_batches_tracked"])
+
+
+def test_sources_are_the_reference_versions():
+    import reference_model
+
+    assert SOURCES == reference_model.VERSIONS
+
+
+def _cp_state():
+    return reference_state_dict("MMoE.CPMMoE", 4, 6, [5, 3], rank=2, hierarchy=2, rng=np.random.default_rng(0))
+
+
+def _tr_state(**kwargs):
+    ranks = [[3, None, 2], [2, None, 4], [4, None, 3]]
+    return reference_state_dict("MuMoE.TRMuMoE", 4, 6, [5], ranks, rng=np.random.default_rng(1), **kwargs)
+
+
+def _without(state, name):
+    return {k: v for k, v in state.items() if k != name}
+
+
+def _with(state, name, value):
+    return {**state, name: value}
+
+
+REFUSED = [
+    (lambda: _with(_cp_state(), "bn.0.weight", np.ones(5)), ValueError,
+     r"names a reference MMoE checkpoint does not: \['bn.0.weight'\]"),
+    (lambda: _with(_cp_state(), "MuMoE.factors.0", np.ones((5, 2))), ValueError,
+     r"a reference MuMoE checkpoint does not: \['factors.0', 'factors.1', 'factors.2', 'factors.3'\]"),
+    (lambda: _without(_cp_state(), "factors.3"), ValueError, "has 3 factors.k tensors; expected 4"),
+    (lambda: _without(_cp_state(), "factors.1"), ValueError, r"is missing \['factors.1'\]"),
+    (lambda: _without(_cp_state(), "projs.1"), ValueError, r"has 4 factors.k tensors; expected 3 \(1 expert level"),
+    (lambda: _without(_cp_state(), "bn.1.running_var"), ValueError, r"is missing \['bn.1.running_var'\]"),
+    (lambda: _without(_cp_state(), "bn.1.running_mean") | {"bn.1.running_var": None}, TypeError,
+     r"state_dict\['bn.1.running_var'\] must be an array"),
+    (lambda: _with(_cp_state(), "bn.2.running_mean", np.zeros(2)), ValueError, r"has the unexpected \['bn.2'\]"),
+    (lambda: _with(_cp_state(), "factors.2", np.ones((6, 2))), ValueError,
+     r"state_dict\['factors.2'\] has shape \(6, 2\): its input mode has 6 entries; expected in_dim=4"),
+    (lambda: _with(_cp_state(), "factors.1", np.ones((3, 5))), ValueError,
+     r"state_dict\['factors.1'\] has shape \(3, 5\); expected \(3, 2\)"),
+    (lambda: _with(_cp_state(), "bn.0.running_mean", np.zeros(4)), ValueError,
+     r"state_dict\['bn.0.running_mean'\] has shape \(4,\); expected \(5,\)"),
+    (lambda: _with(_cp_state(), "bn.0.num_batches_tracked", np.zeros(1)), ValueError,
+     r"num_batches_tracked'\] has shape \(1,\); expected \(\)"),
+    (lambda: _with(_cp_state(), "projs.1", np.zeros((5, 3))), ValueError,
+     r"state_dict\['projs.1'\] has shape \(5, 3\); expected \[4, N_h\]"),
+    (lambda: _with(_cp_state(), "core", np.zeros((2, 2, 2))), ValueError,
+     r"state_dict\['core'\] has shape \(2, 2, 2\); expected \(2, 2, 2, 2\) \(the Tucker core"),
+    (lambda: _with(_tr_state(), "MuMoE.factors.1", np.ones((2, 5, 5))), ValueError,
+     r"state_dict\['MuMoE.factors.2'\] has shape \(4, 6, 3\); expected \(5, 6, 3\) \(core 2: .*r_2 = 5 from "
+     r"MuMoE.factors.1\)"),
+    (lambda: _with(_tr_state(), "MuMoE.factors.2", np.ones((4, 6, 2))), ValueError,
+     r"state_dict\['MuMoE.factors.2'\] has shape \(4, 6, 2\); expected \(4, 6, 3\)"),
+    (lambda: _without(_tr_state(apply_ln=True), "input_ln.bias"), ValueError, r"is missing \['input_ln.bias'\]"),
+    (lambda: _with(_tr_state(apply_ln=True), "input_ln.weight", np.ones(5)), ValueError,
+     r"state_dict\['input_ln.weight'\] has shape \(5,\); expected \(4,\)"),
+    (lambda: _with(_tr_state(second_dim=3), "MuMoE2.factors.1", np.ones((2, 6, 4))), ValueError,
+     r"MuMoE2.factors.1'\] has shape \(2, 6, 4\): its input mode|MuMoE2.factors.1'\] has shape \(2, 6, 4\); expected"),
+    (lambda: _with(_tr_state(), "core", np.ones((3, 2, 4))), ValueError, r"does not: \['core'\]"),
+    (lambda: [1, 2], TypeError, "state_dict must be a mapping of tensor names to arrays; got"),
+    (lambda: {"factors.0": [[1.0]]}, TypeError, r"state_dict\['factors.0'\] must be an array"),
+    (lambda: {}, ValueError, "has no name starting with prefix=''"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", REFUSED, ids=[str(i) for i in range(len(REFUSED))])
+def test_what_the_reference_would_not_write_is_refused_by_name(make, error, message):
+    with pytest.raises(error, match=message):
+        read_state_dict(make())
+
+
+def test_cp_second_layer_rank_must_be_the_first_layers():
+    state = reference_state_dict("MuMoE.CPMuMoE", 4, 6, [5], 3, second_dim=4, rng=np.random.default_rng(2))
+    state = {**state, **{f"MuMoE2.factors.{k}": np.ones((d, 2)) for k, d in enumerate([5, 7, 4])}}
+    with pytest.raises(ValueError, match=r"MuMoE2.factors.k have rank=2; expected the first layer's rank=3"):
+        read_state_dict(state)
+
+
+def test_a_layer_of_a_whole_model_is_read_by_prefix():
+    # the nanoGPT experiment: transformer.h.{i}.mlp.MuMoE_layer.<names>, compiled models add _orig_mod.
+    ranks = [[4, None, 4], [4, None, 2], [2, None, 4]]
+    layer = reference_state_dict("MuMoE.TRMuMoE", 8, 32, [6], ranks, second_dim=8, normalization="ln", apply_ln=True,
+                                 rng=np.random.default_rng(3))
+    prefix = "_orig_mod.transformer.h.1.mlp.MuMoE_layer."
+    model = {"_orig_mod.transformer.wte.weight": np.zeros((3, 8)), **{prefix + k: v for k, v in layer.items()}}
+    checkpoint = read_state_dict(model, prefix=prefix)
+    assert set(checkpoint.names) == {prefix + k for k in layer}
+    assert [c["class"] for c in checkpoint.configs] == ["TRMMoE", "TRMMoE"]
+    assert checkpoint.configs[1]["ranks"] == [4, 4, 2, 4]
+    with pytest.raises(ValueError, match=r"checkpoint does not: \['_orig_mod.transformer.h.1.mlp.MuMoE_layer.MuMoE.f"):
+        read_state_dict(model, prefix="_orig_mod.")
+
+
+def test_gate_is_checked_and_torch_tensors_are_read_without_copies():
+    torch = pytest.importorskip("torch")
+    state = {k: torch.as_tensor(v) for k, v in _cp_state().items()}
+    checkpoint = read_state_dict(state, gate="softmax")
+    assert checkpoint.params[0]["factor_0"] is state["factors.0"]
+    assert checkpoint.dtype == "float64" and checkpoint.configs[0]["gate"] == "softmax"
+    with pytest.raises(ValueError, match="gate='relu' is not a gate activation"):
+        read_state_dict(state, gate="relu")
