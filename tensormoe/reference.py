@@ -63,12 +63,17 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._array import dtype_name
-from .routing.batchnorm import BatchNormState
-from .routing.gates import ACTIVATIONS
-from .validation import check_choice, describe
+import numpy as np
 
-__all__ = ["SOURCES", "ReferenceCheckpoint", "read_state_dict"]
+from ._array import dtype_name, to_numpy
+from .backend import get_backend
+from .frameworks import get_ops
+from .layer import MMoE, layer_from_config
+from .routing.batchnorm import EPS, BatchNormState, gate_coefficients
+from .routing.gates import ACTIVATIONS
+from .validation import check_bool, check_choice, check_dtype, describe
+
+__all__ = ["SOURCES", "ReferenceCheckpoint", "ReferenceModel", "from_reference", "read_state_dict"]
 
 SOURCES = ("MMoE.CPMMoE", "MMoE.TuckerMMoE", "MMoE.TTMMoE", "MuMoE.CPMuMoE", "MuMoE.TRMuMoE")
 """The reference layer versions a checkpoint can come from (``file.class``).
@@ -388,4 +393,199 @@ def read_state_dict(state_dict: Mapping[str, Any], *, gate: str = "entmax15", pr
         squeeze_tokens=family == "MMoE",
         names=names,
         dtype=dtype_name(layer_factors[0][1]),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceModel:
+    """A reference muMoE module as tensormoe layers: the same function, on NumPy, PyTorch or JAX.
+
+    Built by :func:`from_reference`.  Its :meth:`apply` is a pure function of
+    ``(params, x, state)``: differentiate it with PyTorch's autograd or
+    ``jax.grad``, compile it with ``jax.jit``.
+
+    Attributes
+    ----------
+    source : str
+        The reference layer version (one of :data:`SOURCES`).
+    layers : tuple of MMoE
+        The first layer (its gates are the model's), and the second of a two-layer
+        block.
+    gate_norm : {"batchnorm", "layernorm"}
+        How the gates normalise their logits.
+    params : dict
+        ``first.<name>`` and ``second.<name>`` (the layers' factors; the first
+        layer's gates), ``input_ln.weight`` and ``input_ln.bias`` with ``apply_ln``:
+        arrays of the backend.
+    state : tuple of BatchNormState or None
+        The running statistics of each level (BatchNorm gates only).
+    backend : str
+        The backend of the arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.zeros
+    >>> model = from_reference({"factors.0": np.ones((3, 2)), "factors.1": np.ones((5, 2)), "factors.2": np.ones((6, 2)),
+    ...                         "projs.0": z((4, 3)), "bn.0.running_mean": z(3), "bn.0.running_var": np.ones(3),
+    ...                         "bn.0.num_batches_tracked": np.array(0)}, dtype="float64")
+    >>> y, state = model.apply(model.params, np.ones((2, 4)), state=model.state, training=True)
+    >>> y.tolist(), int(state[0].count)
+    ([[10.0, 10.0, 10.0, 10.0, 10.0, 10.0], [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]], 1)
+    """
+
+    source: str
+    layers: tuple[MMoE, ...]
+    gate_norm: str
+    params: dict[str, Any]
+    state: tuple[BatchNormState, ...] | None
+    backend: str
+
+    def _split(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+        parts = []
+        for k, layer in enumerate(self.layers):
+            head = ("first.", "second.")[k]
+            own = {name[len(head):]: v for name, v in params.items() if name.startswith(head)}
+            if k:  # the second layer's gates: not in the reference (it reuses the coefficients), never read
+                own = {**layer.params, **own}
+            parts.append(own)
+        return tuple(parts)
+
+    def apply(
+        self, params: Mapping[str, Any], x: Any, *, state: tuple[BatchNormState, ...] | None = None,
+        training: bool = False,
+    ) -> tuple[Any, tuple[BatchNormState, ...] | None]:
+        """The reference module's forward: ``(y[..., O], state)``.
+
+        Parameters
+        ----------
+        params : mapping
+            As :attr:`params` (the model's own, or any of the same names and shapes).
+        x : array ``[..., I]``
+            Input of the model's backend and dtype.  Every leading axis is a row of
+            the BatchNorm's batch (the reference's ``B * T``).
+        state : tuple of BatchNormState, optional
+            Running statistics of BatchNorm gates (default: :attr:`state`).
+        training : bool
+            BatchNorm gates: normalise with the batch statistics and return the
+            updated state (the reference's ``module.train()``), or with the running
+            statistics (``module.eval()``).  No effect on LayerNorm gates.
+
+        Returns
+        -------
+        y : array ``[..., O]``
+            tensormoe's shape: the reference's ``MMoE.py`` squeezes a token axis of
+            size 1, its ``MuMoE`` returns ``[B, 1, O]`` for ``[B, I]``.
+        state : tuple of BatchNormState or None
+            The statistics after the call (updated in training).
+        """
+        training = check_bool(training, "training")
+        ops = get_ops(self.backend)
+        first_layer = self.layers[0]
+        parts = self._split(params)
+        if self.gate_norm == "batchnorm":
+            state = self.state if state is None else state
+            coefficients, state = gate_coefficients(
+                ops, first_layer.routers, parts[0], first_layer.in_dim, first_layer.expert_dims, x, state,
+                training=training,
+            )
+        else:
+            coefficients = first_layer.coefficients(parts[0], x)
+        if "input_ln.weight" in params:  # apply_ln: only the experts read LayerNorm(x)
+            x = ops.layer_norm(x, EPS) * params["input_ln.weight"] + params["input_ln.bias"]
+        y = first_layer.apply(parts[0], x, coefficients)
+        if len(self.layers) > 1:
+            y = self.layers[1].apply(parts[1], ops.gelu(y), coefficients)
+        return y, state
+
+    def __call__(self, x: Any, *, training: bool = False) -> Any:
+        """:meth:`apply` with the model's own parameters and statistics; the output only.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.zeros
+        >>> state = {"MuMoE.factors.0": np.ones((3, 2)), "MuMoE.factors.1": np.ones((4, 2)),
+        ...          "MuMoE.factors.2": np.ones((6, 2)), "projs.0": z((4, 3))}
+        >>> from_reference(state, dtype="float64")(np.ones((2, 5, 4))).shape
+        (2, 5, 6)
+        """
+        return self.apply(self.params, x, training=training)[0]
+
+
+def from_reference(
+    state_dict: Mapping[str, Any],
+    *,
+    gate: str = "entmax15",
+    prefix: str = "",
+    dtype: str | None = None,
+    backend: str | None = None,
+) -> ReferenceModel:
+    """A reference muMoE checkpoint as a tensormoe model computing the same function.
+
+    Parameters
+    ----------
+    state_dict : mapping of str to array
+        The reference module's ``state_dict()`` (read by :func:`read_state_dict`:
+        every tensor mapped, anything else refused by name).
+    gate : {"entmax15", "softmax", "sparsemax"}
+        The reference module's ``act`` (not in its state dict).
+    prefix : str
+        Read only the names under this prefix (one layer of a whole model).
+    dtype : str, optional
+        The parameters' dtype (default: the checkpoint's factors').
+    backend : str, optional
+        The backend of the model (default: the current one).
+
+    Returns
+    -------
+    ReferenceModel
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> cores = [rng.normal(size=s) for s in [(4, 8, 2), (2, 5, 3), (3, 6, 4)]]
+    >>> state = {**{f"MuMoE.factors.{k}": c for k, c in enumerate(cores)}, "projs.0": rng.normal(size=(4, 8)),
+    ...          "bn.0.running_mean": rng.normal(size=8), "bn.0.running_var": np.ones(8),
+    ...          "bn.0.num_batches_tracked": np.array(10)}
+    >>> model = from_reference(state)
+    >>> model.source, type(model.layers[0]).__name__, model.layers[0].dtype
+    ('MuMoE.TRMuMoE', 'TRMMoE', 'float64')
+    >>> model(rng.normal(size=(3, 4))).shape
+    (3, 6)
+    """
+    checkpoint = read_state_dict(state_dict, gate=gate, prefix=prefix)
+    backend = get_backend() if backend is None else backend
+    ops = get_ops(backend)
+    dtype = checkpoint.dtype if dtype is None else check_dtype(dtype)
+    layers, params = [], {}
+    for k, (config, loaded) in enumerate(zip(checkpoint.configs, checkpoint.params)):
+        norm = "layernorm" if config["gate_norm"] == "layernorm" else None  # BatchNorm: gate_coefficients
+        with_backend = {**config, "gate_norm": norm, "dtype": dtype}
+        layer = layer_from_config(with_backend)
+        own = {name: ops.asarray(to_numpy(value), dtype) for name, value in loaded.items()}
+        if k:
+            own.update({name: ops.asarray(np.zeros(shape), dtype) for name, shape in layer.param_shapes().items()
+                        if name not in own})
+        layer.params = own
+        layers.append(layer)
+        params.update({f"{('first.', 'second.')[k]}{name}": value for name, value in loaded.items()})
+    params = {name: ops.asarray(to_numpy(value), dtype) for name, value in params.items()}
+    if checkpoint.input_ln is not None:
+        params["input_ln.weight"], params["input_ln.bias"] = (ops.asarray(to_numpy(v), dtype) for v in checkpoint.input_ln)
+    state = None
+    if checkpoint.gate_norm_state is not None:
+        state = tuple(
+            BatchNormState(ops.asarray(to_numpy(s.mean), dtype), ops.asarray(to_numpy(s.var), dtype),
+                           ops.asarray(np.asarray(to_numpy(s.count), dtype=np.int64)))
+            for s in checkpoint.gate_norm_state
+        )
+    return ReferenceModel(
+        source=checkpoint.source,
+        layers=tuple(layers),
+        gate_norm=checkpoint.configs[0]["gate_norm"],
+        params=params,
+        state=state,
+        backend=backend,
     )

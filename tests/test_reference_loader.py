@@ -13,46 +13,27 @@ import zlib
 
 import numpy as np
 import pytest
-from reference_model import gelu, reference_forward, reference_state_dict
+import tensormoe
+from helpers import BACKENDS, float64_on, to_numpy
+from reference_model import reference_forward, reference_state_dict
 from test_reference_model import CASES
 
-from tensormoe.layer import layer_from_config
-from tensormoe.reference import SOURCES, read_state_dict
-from tensormoe.routing import batch_norm, layer_norm
-from tensormoe.routing.gates import ACTIVATIONS
+from tensormoe.frameworks import get_ops
+from tensormoe.reference import SOURCES, from_reference, read_state_dict
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 # over-complete Tucker ranks (the reference's own test and README use them) warn: expected here
 pytestmark = pytest.mark.filterwarnings("ignore::tensormoe.network.factorizations.RankWarning")
 
 
-def _forward(checkpoint, x, training):
-    """The layers the checkpoint describes, on NumPy in float64, and the BatchNorm states after the call."""
-    x3 = x[:, None, :] if x.ndim == 2 else x
-    coefficients, states = [], []
-    for h in range(len(checkpoint.configs[0]["expert_dims"])):
-        logits = x3 @ checkpoint.params[0][f"gate_{h}"]
-        if checkpoint.gate_norm_state is None:
-            logits = layer_norm(logits)
-        else:
-            logits, state = batch_norm(logits, checkpoint.gate_norm_state[h], training=training)
-            states.append(state)
-        coefficients.append(ACTIVATIONS[checkpoint.configs[0]["gate"]](logits))
-    z = x3
-    if checkpoint.input_ln is not None:
-        weight, bias = checkpoint.input_ln
-        z = layer_norm(x3) * weight + bias
-    for k, (config, params) in enumerate(zip(checkpoint.configs, checkpoint.params)):
-        layer = layer_from_config({**config, "gate_norm": None, "dtype": "float64"})
-        params = {**layer.params, **params}  # the second layer's gates: not in the reference, unused here
-        z = layer.apply(params, gelu(z) if k else z, coefficients)
-    return (z[:, 0] if checkpoint.squeeze_tokens and z.shape[1] == 1 else z), states
+def _place(place):
+    """A ``ReferenceCheckpoint.names`` place as a ``ReferenceModel.params`` name."""
+    return place.replace("layers[0].", "first.").replace("layers[1].", "second.")
 
 
 @pytest.mark.parametrize("version, kwargs, act, tokens", CASES)
-def test_every_version_maps_every_tensor_and_computes_the_reference(version, kwargs, act, tokens):
-    rng = np.random.default_rng(zlib.crc32(f"{version}{kwargs}".encode()))
-    state = reference_state_dict(version, **kwargs, rng=rng)
+def test_every_version_maps_every_tensor_by_name(version, kwargs, act, tokens):
+    state = reference_state_dict(version, **kwargs, rng=np.random.default_rng(zlib.crc32(version.encode())))
     checkpoint = read_state_dict(state, gate=act)
     assert checkpoint.source == version
     assert set(checkpoint.names) == set(state)  # nothing dropped
@@ -66,17 +47,59 @@ def test_every_version_maps_every_tensor_and_computes_the_reference(version, kwa
             assert getattr(checkpoint.gate_norm_state[int(level)], field) is state[name]
         else:
             assert checkpoint.input_ln[("input_ln.weight", "input_ln.bias").index(place)] is state[name]
-    x = rng.normal(size=(5, kwargs["input_dim"]))
-    xt = rng.normal(size=(2, tokens, kwargs["input_dim"]))
-    for inputs in (x, xt):
-        for training in (True, False):
-            want, want_stats = reference_forward(version, state, inputs, training=training, act=act)
-            got, stats = _forward(checkpoint, inputs, training)
-            np.testing.assert_allclose(got, want, **TOL)
-            for h, s in enumerate(stats):
-                np.testing.assert_allclose(s.mean, want_stats[f"bn.{h}.running_mean"], **TOL)
-                np.testing.assert_allclose(s.var, want_stats[f"bn.{h}.running_var"], **TOL)
-                assert int(s.count) == int(want_stats[f"bn.{h}.num_batches_tracked"])
+
+
+#: the cases run on JAX too (each compiles its own plans there): every version and feature at least once
+JAX_CASES = {
+    "MMoE.TuckerMMoE-expert_dims=[32]-ranks=[8,8,8]",
+    "MMoE.TTMMoE-expert_dims=[32,2]-ranks=[[4,32,4],[4,32,4],[4,4,4],[4,8,4]]-hierarchy=2",
+    "MuMoE.CPMuMoE-expert_dims=[5]-ranks=5-hierarchy=1-second_dim=4-apply_ln=True",
+    "MuMoE.TRMuMoE-expert_dims=[5,3]-ranks=[[3,None,2],[2,None,4],[4,None,3],[3,None,3]]-hierarchy=2-second_dim=3-normalization=ln-use_bias=False",
+}
+BACKEND_CASES = [
+    pytest.param(b, *case.values, id=f"{b}-{case.id}")
+    for b in BACKENDS for case in CASES if b != "jax" or case.id in JAX_CASES
+]
+
+
+def test_the_jax_cases_exist():
+    assert JAX_CASES <= {case.id for case in CASES}
+
+
+@pytest.mark.parametrize("backend, version, kwargs, act, tokens", BACKEND_CASES)
+def test_loaded_checkpoint_computes_the_reference_in_training_and_evaluation(backend, version, kwargs, act, tokens):
+    rng = np.random.default_rng(zlib.crc32(f"{version}{kwargs}".encode()))
+    state = reference_state_dict(version, **kwargs, rng=rng)
+    inputs = [rng.normal(size=(5, kwargs["input_dim"])), rng.normal(size=(2, tokens, kwargs["input_dim"]))]
+    if backend == "jax":
+        inputs = inputs[1:]  # each shape compiles the plans anew
+    with tensormoe.backend_context(backend), float64_on(backend):
+        model = from_reference(state, gate=act, dtype="float64")
+        ops = get_ops(backend)
+        stats = model.state
+        want_stats = {k: v for k, v in state.items() if k.startswith("bn.")}
+        for x in inputs:  # train on 2-D, then 3-D input; evaluate both: the statistics carry over
+            for training in (True, False):
+                got, stats = model.apply(model.params, ops.asarray(x, "float64"), state=stats, training=training)
+                want, want_stats = reference_forward(version, state, x, training=training, act=act,
+                                                     running_stats=want_stats)
+                got = to_numpy(got)
+                assert got.shape == (*x.shape[:-1], want.shape[-1])  # tensormoe's [..., O]
+                np.testing.assert_allclose(got.reshape(want.shape), want, **TOL)
+                _record(version, "output", np.max(np.abs(got.reshape(want.shape) - want)), backend)
+                for h, s in enumerate(stats or ()):
+                    np.testing.assert_allclose(to_numpy(s.mean), want_stats[f"bn.{h}.running_mean"], **TOL)
+                    np.testing.assert_allclose(to_numpy(s.var), want_stats[f"bn.{h}.running_var"], **TOL)
+                    assert int(to_numpy(s.count)) == int(want_stats[f"bn.{h}.num_batches_tracked"])
+
+
+#: measured max |difference| per (version, what, backend), printed by the last test of the module
+MEASURED = {}
+
+
+def _record(version, what, value, backend):
+    key = (version, what, backend)
+    MEASURED[key] = max(MEASURED.get(key, 0.0), float(value))
 
 
 def test_sources_are_the_reference_versions():

@@ -64,6 +64,9 @@ class JaxOps(Ops):
             return jax.random.normal(key, shape, dtype=like.dtype), rng
         return super().normal(rng, shape, like)
 
+    def gelu(self, x: Any) -> Any:
+        return jax.nn.gelu(x, approximate=False)
+
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
 

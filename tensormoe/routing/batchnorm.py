@@ -38,11 +38,16 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+from collections.abc import Mapping, Sequence
+
 from .._array import dtype_name
 from ..frameworks import Ops, get_ops
 from ..validation import check_array, check_bool, check_positive_real, describe
+from .gates import activate
+from .levels import level_params
+from .routers import DenseRouter
 
-__all__ = ["EPS", "MOMENTUM", "BatchNormState", "batch_norm", "batch_norm_state"]
+__all__ = ["EPS", "MOMENTUM", "BatchNormState", "batch_norm", "batch_norm_state", "gate_coefficients"]
 
 MOMENTUM = 0.1
 """The weight of each batch in the running statistics (PyTorch's and the reference's default).
@@ -207,3 +212,46 @@ def batch_norm(
         mean, var = xp.astype(state.mean, work.dtype), xp.astype(state.var, work.dtype)
         out = (work - mean) / xp.sqrt(var + eps)
     return (xp.astype(out, z.dtype) if half else out), state
+
+
+def gate_coefficients(
+    ops: Ops,
+    routers: Sequence[Any],
+    params: Mapping[str, Any],
+    in_dim: int,
+    expert_dims: Sequence[int],
+    x: Any,
+    states: Sequence[BatchNormState],
+    *,
+    training: bool,
+) -> tuple[list[Any], tuple[BatchNormState, ...]]:
+    """Each level's coefficients ``activation(batch_norm(x @ gate_h))`` and the levels' states after the call.
+
+    The BatchNorm-gated MMoE's gating: ``routers`` are the layer's dense routers
+    (without a normalisation of their own), ``params`` the layer's parameters
+    (``gate_h``, or ``gate_down_h`` and ``gate_up_h``), ``x[..., in_dim]`` the
+    input whose rows (every leading axis) form the batch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensormoe.frameworks import get_ops
+    >>> ops, router = get_ops("numpy"), DenseRouter("softmax", norm=None)
+    >>> params = {"gate_0": np.array([[1.0, 0.0], [0.0, 0.0]])}
+    >>> (a,), (state,) = gate_coefficients(ops, [router], params, 2, [2], np.array([[2.0, 0.0], [4.0, 0.0]]),
+    ...                                    [batch_norm_state(2, "float64", ops)], training=False)
+    >>> a.round(3).tolist(), state.count.tolist()
+    ([[0.881, 0.119], [0.982, 0.018]], 0)
+    """
+    if len(states) != len(expert_dims):
+        raise ValueError(f"states must hold one BatchNormState per level ({len(expert_dims)}); got {len(states)}")
+    coefficients, updated = [], []
+    for h, (router, p, state) in enumerate(zip(routers, level_params(routers, params, in_dim, expert_dims), states)):
+        if type(router) is not DenseRouter or router.norm is not None:
+            raise ValueError(
+                f"routers[{h}]={router!r} cannot take a BatchNorm of its logits; expected a DenseRouter with norm=None"
+            )
+        logits, state = batch_norm(router.project(p, "gate", x), state, training=training, ops=ops)
+        coefficients.append(activate(router.activation, logits, ops))
+        updated.append(state)
+    return coefficients, tuple(updated)
