@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensormoe
 from helpers import BACKENDS, float64_on, to_numpy
-from reference_model import reference_forward, reference_state_dict
+from reference_model import reference_directional_derivative, reference_forward, reference_state_dict
 from test_reference_model import CASES
 
 from tensormoe.frameworks import get_ops
@@ -202,3 +202,68 @@ def test_gate_is_checked_and_torch_tensors_are_read_without_copies():
     assert checkpoint.dtype == "float64" and checkpoint.configs[0]["gate"] == "softmax"
     with pytest.raises(ValueError, match="gate='relu' is not a gate activation"):
         read_state_dict(state, gate="relu")
+
+
+#: JAX differentiates one case (its first call compiles the whole forward and backward): BatchNorm in training,
+#: apply_ln and a two-layer block
+JAX_GRADIENT_CASE = "MuMoE.CPMuMoE-expert_dims=[5]-ranks=5-hierarchy=1-second_dim=4-apply_ln=True"
+GRADIENT_CASES = [
+    pytest.param(b, *case.values, id=f"{b}-{case.id}")
+    for b in ("pytorch", "jax") if b in BACKENDS
+    for case in CASES if b == "pytorch" or case.id == JAX_GRADIENT_CASE
+]
+
+
+def _gradient(backend, model, params, x, cotangent, training):
+    """``d sum(cotangent * y) / d (params, x)`` by the backend's autodiff."""
+    shape = cotangent.shape
+    if backend == "pytorch":
+        import torch
+
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        xt = torch.tensor(x, requires_grad=True)
+        y, _ = model.apply(leaves, xt, state=model.state, training=training)
+        grads = torch.autograd.grad((y.reshape(shape) * torch.tensor(cotangent)).sum(), [*leaves.values(), xt])
+        return dict(zip([*leaves, "x"], (g.numpy() for g in grads)))
+    import jax
+    import jax.numpy as jnp
+
+    def loss(p, xx):
+        return (model.apply(p, xx, state=model.state, training=training)[0].reshape(shape) * cotangent).sum()
+
+    gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(dict(params), jnp.asarray(x))
+    return {**{k: np.asarray(v) for k, v in gp.items()}, "x": np.asarray(gx)}
+
+
+@pytest.mark.parametrize("backend, version, kwargs, act, tokens", GRADIENT_CASES)
+def test_gradients_equal_the_reference_directional_derivative(backend, version, kwargs, act, tokens):
+    """Every parameter's and the input's gradient, along a random direction, in training (3-D x) and evaluation."""
+    rng = np.random.default_rng(zlib.crc32(f"grad{version}{kwargs}".encode()))
+    state = reference_state_dict(version, **kwargs, rng=rng)
+    names = read_state_dict(state, gate=act).names
+    with tensormoe.backend_context(backend), float64_on(backend):
+        model = from_reference(state, gate=act, dtype="float64")
+        for training, x in ((True, rng.normal(size=(3, tokens, kwargs["input_dim"]))),
+                            (False, rng.normal(size=(4, kwargs["input_dim"])))):
+            want_y, _ = reference_forward(version, state, x, training=training, act=act)
+            cotangent = rng.normal(size=want_y.shape)
+            direction = {k: rng.normal(size=np.shape(v)) for k, v in state.items() if not k.startswith("bn.")}
+            direction["x"] = rng.normal(size=x.shape)
+            want, err = reference_directional_derivative(version, state, x, cotangent=cotangent, direction=direction,
+                                                         training=training, act=act)
+            grads = _gradient(backend, model, model.params, x, cotangent, training)
+            ours = {_place(names[k]) if k != "x" else "x": v for k, v in direction.items()}
+            products = [grads[k] * v for k, v in ours.items()]
+            scale = sum(float(np.abs(p).sum()) for p in products)
+            got = sum(float(p.sum()) for p in products)
+            assert set(grads) == set(ours)  # a gradient for every parameter and the input
+            assert abs(got - want) <= 1e-9 * scale + 10 * err, (got, want, err, scale)
+            _record(version, "gradient", abs(got - want) / scale, backend)
+
+
+def test_zz_report_measured_differences(capsys):
+    """Print the measured max differences (outputs: absolute; gradients: relative to sum |g v|) of this run."""
+    with capsys.disabled():
+        for (version, what, backend), value in sorted(MEASURED.items()):
+            print(f"\n  {version:16s} {what:8s} {backend:8s} {value:.1e}", end="")
+    assert all(np.isfinite(v) for v in MEASURED.values())
