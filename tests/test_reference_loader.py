@@ -8,6 +8,7 @@ computing the layers it describes with tensormoe's public pieces (the layer with
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 
@@ -51,6 +52,7 @@ def test_every_version_maps_every_tensor_by_name(version, kwargs, act, tokens):
 
 #: the cases run on JAX too (each compiles its own plans there): every version and feature at least once
 JAX_CASES = {
+    "MMoE.CPMMoE-expert_dims=[32,2]-rank=32-hierarchy=2",
     "MMoE.TuckerMMoE-expert_dims=[32]-ranks=[8,8,8]",
     "MMoE.TTMMoE-expert_dims=[32,2]-ranks=[[4,32,4],[4,32,4],[4,4,4],[4,8,4]]-hierarchy=2",
     "MuMoE.CPMuMoE-expert_dims=[5]-ranks=5-hierarchy=1-second_dim=4-apply_ln=True",
@@ -261,9 +263,14 @@ def test_gradients_equal_the_reference_directional_derivative(backend, version, 
             _record(version, "gradient", abs(got - want) / scale, backend)
 
 
-def test_zz_report_measured_differences(capsys):
-    """Print the measured max differences (outputs: absolute; gradients: relative to sum |g v|) of this run."""
-    with capsys.disabled():
-        for (version, what, backend), value in sorted(MEASURED.items()):
-            print(f"\n  {version:16s} {what:8s} {backend:8s} {value:.1e}", end="")
-    assert all(np.isfinite(v) for v in MEASURED.values())
+def test_zz_measured_differences_are_reported_on_request(capsys):
+    """The measured max differences of this run (outputs: absolute; gradients: relative to ``sum |g v|``).
+
+    Printed with ``TENSORMOE_REPORT_REFERENCE=1`` (run the whole module: the other tests record them).
+    """
+    assert all(np.isfinite(v) and v < 1e-9 for v in MEASURED.values())
+    if os.environ.get("TENSORMOE_REPORT_REFERENCE"):
+        with capsys.disabled():
+            print()
+            for (version, what, backend), value in sorted(MEASURED.items()):
+                print(f"  {version:16s} {what:8s} {backend:8s} {value:.1e}")
