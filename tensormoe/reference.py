@@ -478,6 +478,19 @@ class ReferenceModel:
             size 1, its ``MuMoE`` returns ``[B, 1, O]`` for ``[B, I]``.
         state : tuple of BatchNormState or None
             The statistics after the call (updated in training).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.zeros
+        >>> model = from_reference({"factors.0": np.ones((3, 2)), "factors.1": np.ones((4, 2)),
+        ...                         "factors.2": np.ones((6, 2)), "projs.0": np.eye(4, 3),
+        ...                         "bn.0.running_mean": z(3), "bn.0.running_var": np.ones(3),
+        ...                         "bn.0.num_batches_tracked": np.array(0)}, dtype="float64")
+        >>> x = np.random.default_rng(0).normal(size=(5, 4))
+        >>> y, state = model.apply(model.params, x, training=True)
+        >>> y.shape, state[0].mean.round(3).tolist(), int(state[0].count)
+        ((5, 6), [-0.08, -0.031, 0.01], 1)
         """
         training = check_bool(training, "training")
         ops = get_ops(self.backend)
