@@ -105,7 +105,7 @@ class ReferenceCheckpoint:
     configs : tuple of dict
         One tensormoe layer configuration per layer (two for a ``MuMoE`` with
         ``second_dim``): ``"class"`` and the constructor arguments, as
-        :meth:`tensormoe.MMoE.config` writes them.
+        a layer's ``config()`` writes them.
     params : tuple of dict
         Per layer, tensormoe parameter name -> the checkpoint's array
         (``factor_k``, ``core``, ``gate_h``).  The second layer has no gates in the
@@ -460,12 +460,12 @@ class ReferenceModel:
         Parameters
         ----------
         params : mapping
-            As :attr:`params` (the model's own, or any of the same names and shapes).
+            As ``ReferenceModel.params`` (the model's own, or any of the same names and shapes).
         x : array ``[..., I]``
             Input of the model's backend and dtype.  Every leading axis is a row of
             the BatchNorm's batch (the reference's ``B * T``).
         state : tuple of BatchNormState, optional
-            Running statistics of BatchNorm gates (default: :attr:`state`).
+            Running statistics of BatchNorm gates (default: the model's ``state``).
         training : bool
             BatchNorm gates: normalise with the batch statistics and return the
             updated state (the reference's ``module.train()``), or with the running
