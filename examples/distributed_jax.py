@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     # -- model: the MMoE (a tensormoe.jax pytree) and a linear head, in one pytree
     ranks = args.rank if args.format != "tucker" else [min(args.rank, args.experts), args.rank, args.rank]
-    layer = wrap(tensormoe.layer.make_layer(args.format, x_train.shape[1], args.hidden, [args.experts], ranks,
+    layer = wrap(tensormoe.layers.make_layer(args.format, x_train.shape[1], args.hidden, [args.experts], ranks,
                                             router="top2" if args.router == "top2" else None, seed=0))
     key = jax.random.PRNGKey(0)
     head = {"w": jax.random.normal(key, (args.hidden, 10)) / np.sqrt(args.hidden), "b": jnp.zeros(10)}

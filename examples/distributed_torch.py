@@ -94,7 +94,7 @@ def mmoe_layer(args: argparse.Namespace, in_dim: int) -> tensormoe.MMoE:
     if args.format == "tucker":
         ranks = [min(args.rank, args.experts), args.rank, args.rank]
     router = "top2" if args.router == "top2" else None
-    return tensormoe.layer.make_layer(args.format, in_dim, args.hidden, [args.experts], ranks, router=router, seed=0)
+    return tensormoe.layers.make_layer(args.format, in_dim, args.hidden, [args.experts], ranks, router=router, seed=0)
 
 
 class Routed(nn.Module):

@@ -121,7 +121,7 @@ def train_torch(kind: str, data: Data, config: dict[str, Any], args: argparse.Na
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     if kind == "mmoe":
-        hidden = tmt.wrap(tensormoe.layer.layer_from_config(config))
+        hidden = tmt.wrap(tensormoe.layers.layer_from_config(config))
     else:
         hidden = torch.nn.Linear(data.x_train.shape[1], HIDDEN)
     head = torch.nn.Linear(HIDDEN, CLASSES)
@@ -181,7 +181,7 @@ def train_jax(kind: str, data: Data, config: dict[str, Any], args: argparse.Name
                 "b": jnp.asarray(rng.uniform(-bound, bound, n_out), jnp.float32)}
 
     if kind == "mmoe":
-        hidden: Any = tmj.wrap(tensormoe.layer.layer_from_config(config))
+        hidden: Any = tmj.wrap(tensormoe.layers.layer_from_config(config))
     else:
         hidden = dense(data.x_train.shape[1], HIDDEN)
     model = {"hidden": hidden, "head": dense(HIDDEN, CLASSES)}

@@ -26,7 +26,7 @@ from .backend import (
 from .compress import Compressed, from_dense, from_linear
 from .network.contraction import Plan, get_plan
 from .network.factorizations import CP, TR, TT, Factorization, Tucker
-from .layer import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
+from .layers import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
 from .ranks import Match, match_rank, match_ranks
 from .routing import (
     DenseRouter,
@@ -54,6 +54,7 @@ COMPAT_MODULES = {
     "contraction": "network.contraction",
     "factorizations": "network.factorizations",
     "gates": "routing.gates",
+    "layer": "layers",
     "lowering": "network.lowering",
     "ops": "frameworks",
     "routers": "routing",

@@ -53,6 +53,7 @@ from typing import Any
 
 from .network.contraction import Plan, get_plan
 from .network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
+from .layers.config import parse_expert_dims
 from .routing import DenseRouter
 
 __all__ = [
@@ -249,14 +250,6 @@ class Cost:
         return self.flops / self.linear_flops
 
 
-def _expert_dims(expert_dims: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(expert_dims, int) and not isinstance(expert_dims, bool):
-        expert_dims = [expert_dims]
-    if isinstance(expert_dims, (str, bytes)) or not isinstance(expert_dims, Sequence) or not expert_dims:
-        raise TypeError(f"expert_dims must be a positive integer or a non-empty list of them; got {expert_dims!r}")
-    return tuple(check_positive_int(n, f"expert_dims[{k}]") for k, n in enumerate(expert_dims))
-
-
 def make_factorization(
     kind: str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], ranks: Any, *, bias: bool = True
 ) -> Factorization:
@@ -284,7 +277,7 @@ def make_factorization(
         raise ValueError(f"kind={kind!r} is not a factorization; expected one of {sorted(FACTORIZATIONS)}")
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be True or False; got {bias!r}")
-    experts = _expert_dims(expert_dims)
+    experts = parse_expert_dims(expert_dims)
     dims = (
         *experts,
         check_positive_int(in_dim, "in_dim") + int(bias),
@@ -351,7 +344,7 @@ def _gate_shapes(in_dim: int, expert_dims: int | Sequence[int], gate_rank: int |
     in_dim = check_positive_int(in_dim, "in_dim")
     rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
     router = DenseRouter(rank=rank)
-    return [list(router.param_shapes(in_dim, n).values()) for n in _expert_dims(expert_dims)]
+    return [list(router.param_shapes(in_dim, n).values()) for n in parse_expert_dims(expert_dims)]
 
 
 def gate_params(in_dim: int, expert_dims: int | Sequence[int], gate_rank: int | None = None) -> int:

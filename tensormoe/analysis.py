@@ -73,7 +73,7 @@ import opt_einsum
 
 from .routing import gates as _gates
 from . import routing as _routers
-from .layer import MMoE, layer_from_config
+from .layers import MMoE, layer_from_config
 from ._array import backend_of, dtype_name, to_numpy
 from .frameworks import get_ops
 from .validation import check_index, describe, is_int

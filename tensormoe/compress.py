@@ -37,7 +37,7 @@ from ._array import backend_of, to_numpy
 from .backend import backend_context
 from .network.contraction import contract
 from .network.factorizations import Factorization, check_positive_int
-from .layer import MMoE, make_layer
+from .layers import MMoE, make_layer
 from .frameworks import get_ops
 from .ranks import match_rank
 

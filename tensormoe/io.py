@@ -8,7 +8,7 @@ natively:
   ``state_dict`` (``params.factor_0``, ..., ``params.core`` for Tucker,
   ``params.gate_0``, ...), each in its own dtype, ``bfloat16`` included;
 * the metadata ``format`` (``"tensormoe"``), ``version`` and ``config``, the
-  layer's configuration (:meth:`tensormoe.layer.MMoE.config`) as JSON.
+  layer's configuration (:meth:`tensormoe.layers.MMoE.config`) as JSON.
 
 So ``module.load_state_dict(safetensors.torch.load_file(path))`` loads a file
 into a module, and ``safetensors.numpy.load_file(path)`` reads its arrays.  A
@@ -67,7 +67,8 @@ import safetensors.numpy
 from . import validation as _v
 from ._array import backend_of, dtype_name, to_numpy
 from .backend import backend_context, get_backend
-from .layer import LAYERS, MMoE, convert_params
+from .layers import MMoE, convert_params
+from .layers.mmoe import LAYERS
 from .frameworks import get_ops
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "layer_from_file", "read_config", "save"]
@@ -239,7 +240,7 @@ class _File:
                         "tensors", max_bytes)
 
     def build(self, dtype: str, max_bytes: int | None) -> MMoE:
-        """The layer the configuration describes, refused before anything is drawn if it is larger than the file."""
+        """The layer the configuration describes, without parameters; refused if it is larger than the file."""
         kwargs = {k: v for k, v in self.config.items() if k != "class"}
         name = self.config.get("class")
         if not isinstance(name, str) or name not in _CLASSES or "max_bytes" in kwargs:
@@ -250,7 +251,7 @@ class _File:
         stored = sum(math.prod(shape) for shape in self.shapes.values())
         bound = min(_v.memory_limit(max_bytes), max(stored, 1) * _v.ITEMSIZE[dtype])
         try:
-            layer = _CLASSES[name](**{**kwargs, "dtype": dtype}, max_bytes=bound)
+            layer = _CLASSES[name](**{**kwargs, "dtype": dtype}, max_bytes=bound, init=False)
         except (TypeError, ValueError, OverflowError) as err:
             raise self.error(
                 f"its configuration does not build a layer of the {stored:,} parameters it stores ({err})"

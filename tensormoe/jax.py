@@ -6,7 +6,7 @@ core, gates) and whose static part is the functional layer
 straight through ``jax.jit`` and differentiated with ``jax.grad``; gradients
 come back as a layer of the same structure, and an optimizer step is a
 ``jax.tree_util.tree_map``.  The forward is the functional layer's own
-(:meth:`tensormoe.layer.MMoE.apply` with ``backend="jax"``), whatever the global
+(:meth:`tensormoe.layers.MMoE.apply` with ``backend="jax"``), whatever the global
 backend flag says.
 
 The static part compares equal between layers of the same configuration (seed
@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 
-from . import layer as _layer
+from . import layers as _layer
 from ._array import dtype_name
 from .backend import backend_context, load
 
@@ -196,12 +196,30 @@ class MMoE:
             return self.layer.init(seed)
 
     # -- forward ---------------------------------------------------------------------
-    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
-        """The factorized forward pass with this layer's parameters (see :meth:`tensormoe.layer.MMoE.apply`)."""
-        return self.apply(self.params, x, coefficients)
+    def __call__(self, x: Any, coefficients: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+        """The factorized forward pass with this layer's parameters (see :meth:`tensormoe.layers.MMoE.apply`).
 
-    def apply(self, params: Mapping[str, Any], x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+        Keyword arguments (``routing``, ``mask``, ``training``, ``rng``,
+        ``return_routing``) are passed on to :meth:`apply`.
+        """
+        return self.apply(self.params, x, coefficients, **kwargs)
+
+    def apply(
+        self,
+        params: Mapping[str, Any],
+        x: Any,
+        coefficients: Sequence[Any] | None = None,
+        *,
+        routing: Sequence[Any] | None = None,
+        mask: Any = None,
+        training: bool = False,
+        rng: Any = None,
+        return_routing: bool = False,
+    ) -> Any:
         """The functional forward ``y = f(params, x)``: jit it, differentiate it with respect to ``params``.
+
+        ``routing``, ``mask``, ``training`` (with ``rng``, a JAX key or an integer
+        seed) and ``return_routing`` are as in :meth:`tensormoe.layers.MMoE.apply`.
 
         Examples
         --------
@@ -210,7 +228,20 @@ class MMoE:
         >>> jax.jit(layer.apply)(layer.params, jnp.ones((2, 4))).shape
         (2, 3)
         """
-        return self.layer.apply(params, x, coefficients, backend=_BACKEND)
+        return self.layer.apply(params, x, coefficients, routing=routing, mask=mask, training=training, rng=rng,
+                                return_routing=return_routing, backend=_BACKEND)
+
+    def route(self, x: Any, *, mask: Any = None, training: bool = False, rng: Any = None) -> tuple[Any, ...]:
+        """Route ``x`` through every level, with the auxiliary losses (see :meth:`tensormoe.layers.MMoE.route`).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> (r,) = CPMMoE(4, 3, [5], rank=2, router="top2").route(jnp.ones((6, 4)))
+        >>> r.indices.shape, round(float(r.load.sum()), 6)
+        ((6, 2), 1.0)
+        """
+        return self.layer.route(self.params, x, mask=mask, training=training, rng=rng, backend=_BACKEND)
 
     def coefficients(self, x: Any) -> list[Any]:
         """The gates' expert coefficients of every level, ``[..., N_h]`` each.
@@ -224,8 +255,13 @@ class MMoE:
         """
         return self.layer.coefficients(self.params, x, backend=_BACKEND)
 
-    def dense_forward(self, x: Any, coefficients: Sequence[Any] | None = None) -> Any:
+    def dense_forward(
+        self, x: Any, coefficients: Sequence[Any] | None = None, *, routing: Sequence[Any] | None = None,
+        mask: Any = None, training: bool = False, rng: Any = None,
+    ) -> Any:
         """The reference forward through the reconstructed weight tensor (tests, small layers).
+
+        Keyword arguments as in :meth:`apply`.
 
         Examples
         --------
@@ -233,7 +269,8 @@ class MMoE:
         >>> CPMMoE(4, 3, [5], rank=2).dense_forward(jnp.ones((2, 4))).shape
         (2, 3)
         """
-        return self.layer.dense_forward(self.params, x, coefficients, backend=_BACKEND)
+        return self.layer.dense_forward(self.params, x, coefficients, routing=routing, mask=mask, training=training,
+                                        rng=rng, backend=_BACKEND)
 
     def dense_weight(self) -> Any:
         """The reconstructed ``W[N_1, ..., N_H, I(+1), O]`` (small layers only).
@@ -291,8 +328,6 @@ class CPMMoE(MMoE):
 
     core_class = _layer.CPMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, rank: int, **kwargs: Any) -> None:
-        super().__init__(in_dim, out_dim, expert_dims, rank=rank, **kwargs)
 
 
 class TuckerMMoE(MMoE):
@@ -306,8 +341,6 @@ class TuckerMMoE(MMoE):
 
     core_class = _layer.TuckerMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, **kwargs: Any) -> None:
-        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
 
 
 class TTMMoE(MMoE):
@@ -321,8 +354,6 @@ class TTMMoE(MMoE):
 
     core_class = _layer.TTMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, **kwargs: Any) -> None:
-        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
 
 
 class TRMMoE(MMoE):
@@ -336,8 +367,6 @@ class TRMMoE(MMoE):
 
     core_class = _layer.TRMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, **kwargs: Any) -> None:
-        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, **kwargs)
 
 
 _LAYERS: dict[str, type[MMoE]] = {cls.core_class.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}

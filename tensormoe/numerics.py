@@ -1,7 +1,7 @@
 """Rounding-error bounds of the factorized forward pass, for every floating-point dtype.
 
-The factorized forward (:meth:`~tensormoe.layer.MMoE.apply`) and the dense reference
-(:meth:`~tensormoe.layer.MMoE.dense_forward`) compute the same multilinear polynomial of
+The factorized forward (:meth:`~tensormoe.layers.MMoE.apply`) and the dense reference
+(:meth:`~tensormoe.layers.MMoE.dense_forward`) compute the same multilinear polynomial of
 the coefficients, the input and the factors; they only sum its terms in another
 order.  With the standard model of floating-point arithmetic
 (``fl(a op b) = (a op b)(1 + d)``, ``|d| <= u``, the unit roundoff of the dtype),
@@ -75,7 +75,7 @@ def rounding_count(layer: Any, rows: int = 1, path: str = "factorized") -> int:
     rows : int
         Rows of the input batch (the contraction path may depend on it).
     path : {"factorized", "dense"}
-        :meth:`~tensormoe.layer.MMoE.apply`, or :meth:`~tensormoe.layer.MMoE.dense_forward`
+        :meth:`~tensormoe.layers.MMoE.apply`, or :meth:`~tensormoe.layers.MMoE.dense_forward`
         (which also reconstructs ``W``).
 
     Examples
@@ -137,12 +137,12 @@ def forward_error_bound(
         The input, of any backend.
     coefficients : list of arrays ``[..., N_h]``
         The expert coefficients the forward used (e.g. from
-        :meth:`~tensormoe.layer.MMoE.coefficients`), of any backend.
+        :meth:`~tensormoe.layers.MMoE.coefficients`), of any backend.
     dtype : str, optional
         The dtype the forward ran in (default: the layer's).
     path : {"factorized", "dense"}
-        Bound the error of :meth:`~tensormoe.layer.MMoE.apply` or of
-        :meth:`~tensormoe.layer.MMoE.dense_forward`.
+        Bound the error of :meth:`~tensormoe.layers.MMoE.apply` or of
+        :meth:`~tensormoe.layers.MMoE.dense_forward`.
     n : int, optional
         The rounding count to use instead of :func:`rounding_count` (e.g. for
         a reference computed another way).

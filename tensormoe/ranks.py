@@ -41,7 +41,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .accounting import Cost, _expert_dims, factorization_cost, gate_params, linear_params, make_factorization
+from .accounting import Cost, factorization_cost, gate_params, linear_params, make_factorization
+from .layers import make_layer, parse_expert_dims
 from .network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
 
 __all__ = ["KINDS", "Match", "match_rank", "match_ranks", "minimum_params", "resolve_budget"]
@@ -99,7 +100,7 @@ def resolve_budget(
                 f"budget={budget!r} as a float is a fraction of the dense tensor; expected a value in (0, 1] "
                 "(give an int for a number of parameters)"
             )
-        dense = math.prod(_expert_dims(expert_dims)) * (in_dim + int(bias)) * out_dim
+        dense = math.prod(parse_expert_dims(expert_dims)) * (in_dim + int(bias)) * out_dim
         return max(1, math.floor(float(budget) * dense))
     raise TypeError(
         f"budget must be an int, a float in (0, 1] or 'linear'; got {budget!r} of type {type(budget).__name__}"
@@ -210,8 +211,6 @@ class Match:
         >>> layer.factorization.bonds, layer.n_params
         ((2, 2, 27, 2), 1990)
         """
-        from .layer import make_layer
-
         if "bias" in kwargs and kwargs["bias"] != self.bias:
             raise ValueError(f"bias={kwargs['bias']!r} contradicts the match, made with bias={self.bias}")
         kwargs["bias"] = self.bias
@@ -266,7 +265,7 @@ def _params_of(
         raise ValueError(f"bond_rank applies to 'tt' and 'tr' only; got bond_rank={bond_rank!r} with kind={kind!r}")
     if not isinstance(count_gates, bool):
         raise TypeError(f"count_gates must be True or False; got {count_gates!r}")
-    experts = _expert_dims(expert_dims)
+    experts = parse_expert_dims(expert_dims)
     gates = gate_params(in_dim, experts) if count_gates else 0
     dims = make_factorization("cp", in_dim, out_dim, experts, 1, bias=bias).dims
     ranks_of, top = _family(kind, dims, bond_rank)

@@ -3,7 +3,7 @@
 Each module holds its factors and gates as :class:`torch.nn.Parameter` in a
 :class:`torch.nn.ParameterDict` keyed like the functional layer's parameters
 (``params.factor_0``, ..., ``params.gate_0`` in the ``state_dict``), and its
-forward is the functional layer's own forward (:meth:`tensormoe.layer.MMoE.apply`),
+forward is the functional layer's own forward (:meth:`tensormoe.layers.MMoE.apply`),
 called with ``backend="pytorch"``: one planned contraction, autograd flowing
 through it, whatever the global backend flag says.  Nothing here re-implements
 the math.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layer as _layer
+from . import layers as _layer
 from ._array import dtype_name
 from .backend import backend_context
 
@@ -114,8 +114,18 @@ class MMoE(nn.Module):
         # the ParameterDict's own storage: its items() costs a few microseconds per forward
         return dict(self.params._parameters)
 
-    def forward(self, x: torch.Tensor, coefficients: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """The factorized forward pass ``y[..., out_dim]`` (see :meth:`tensormoe.layer.MMoE.apply`).
+    def forward(
+        self,
+        x: torch.Tensor,
+        coefficients: Sequence[torch.Tensor] | None = None,
+        *,
+        routing: Sequence[Any] | None = None,
+        mask: torch.Tensor | None = None,
+        training: bool = False,
+        rng: Any = None,
+        return_routing: bool = False,
+    ) -> Any:
+        """The factorized forward pass ``y[..., out_dim]`` (see :meth:`tensormoe.layers.MMoE.apply`).
 
         Parameters
         ----------
@@ -123,6 +133,10 @@ class MMoE(nn.Module):
             On the module's device, in its dtype.
         coefficients : list of torch.Tensor ``[..., N_h]``, optional
             Expert coefficients to use instead of the gates'.
+        routing, mask, training, rng, return_routing
+            As in :meth:`tensormoe.layers.MMoE.apply`: a routing from
+            :meth:`route` to use, a padding mask, the routers' training noise
+            (``training=True`` with ``rng``), and ``(y, routing)`` returned.
 
         Examples
         --------
@@ -134,7 +148,21 @@ class MMoE(nn.Module):
         >>> torch.allclose(layer(torch.ones(2, 4), [onehot]), torch.ones(2, 5) @ layer.expert_weight(4))
         True
         """
-        return self.layer.apply(self._params(), x, coefficients, backend=_BACKEND)
+        return self.layer.apply(self._params(), x, coefficients, routing=routing, mask=mask, training=training, rng=rng,
+                                return_routing=return_routing, backend=_BACKEND)
+
+    def route(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, training: bool = False,
+              rng: Any = None) -> tuple[Any, ...]:
+        """Route ``x`` through every level, with the auxiliary losses (see :meth:`tensormoe.layers.MMoE.route`).
+
+        Examples
+        --------
+        >>> import torch
+        >>> (r,) = CPMMoE(4, 3, [5], rank=2, router="top2").route(torch.ones(6, 4))
+        >>> r.indices.shape, float(r.load.sum())
+        (torch.Size([6, 2]), 1.0)
+        """
+        return self.layer.route(self._params(), x, mask=mask, training=training, rng=rng, backend=_BACKEND)
 
     def coefficients(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The gates' expert coefficients of every level, ``[..., N_h]`` each.
@@ -148,8 +176,19 @@ class MMoE(nn.Module):
         """
         return self.layer.coefficients(self._params(), x, backend=_BACKEND)
 
-    def dense_forward(self, x: torch.Tensor, coefficients: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def dense_forward(
+        self,
+        x: torch.Tensor,
+        coefficients: Sequence[torch.Tensor] | None = None,
+        *,
+        routing: Sequence[Any] | None = None,
+        mask: torch.Tensor | None = None,
+        training: bool = False,
+        rng: Any = None,
+    ) -> torch.Tensor:
         """The reference forward through the reconstructed weight tensor (tests, small layers).
+
+        Keyword arguments as in :meth:`forward`.
 
         Examples
         --------
@@ -159,7 +198,8 @@ class MMoE(nn.Module):
         >>> torch.allclose(layer.dense_forward(x), layer(x), atol=1e-5)
         True
         """
-        return self.layer.dense_forward(self._params(), x, coefficients, backend=_BACKEND)
+        return self.layer.dense_forward(self._params(), x, coefficients, routing=routing, mask=mask, training=training,
+                                        rng=rng, backend=_BACKEND)
 
     def dense_weight(self) -> torch.Tensor:
         """The reconstructed ``W[N_1, ..., N_H, I(+1), O]`` (differentiable; small layers only).
@@ -172,7 +212,7 @@ class MMoE(nn.Module):
         return self.layer.factorization.to_dense(self._params(), backend=_BACKEND)
 
     def expert_weight(self, index: int | Sequence[int]) -> torch.Tensor:
-        """One expert's ``[I(+1), O]`` matrix without building ``W`` (see :meth:`tensormoe.layer.MMoE.expert_weight`).
+        """One expert's ``[I(+1), O]`` matrix without building ``W`` (see :meth:`tensormoe.layers.MMoE.expert_weight`).
 
         Examples
         --------
@@ -183,7 +223,7 @@ class MMoE(nn.Module):
 
     # -- description -----------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The functional layer's configuration (:meth:`tensormoe.layer.MMoE.config`), dtype as the parameters are now.
+        """The functional layer's configuration (:meth:`tensormoe.layers.MMoE.config`), dtype as the parameters are now.
 
         Examples
         --------
@@ -269,9 +309,6 @@ class CPMMoE(MMoE):
 
     core_class = _layer.CPMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, rank: int, *, device: Any = None, **kwargs: Any):
-        super().__init__(in_dim, out_dim, expert_dims, rank=rank, device=device, **kwargs)
-
     @property
     def rank(self) -> int:
         """The CP rank.
@@ -295,8 +332,6 @@ class TuckerMMoE(MMoE):
 
     core_class = _layer.TuckerMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, *, device: Any = None, **kwargs: Any):
-        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, device=device, **kwargs)
 
 
 class TTMMoE(MMoE):
@@ -310,8 +345,6 @@ class TTMMoE(MMoE):
 
     core_class = _layer.TTMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, *, device: Any = None, **kwargs: Any):
-        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, device=device, **kwargs)
 
 
 class TRMMoE(MMoE):
@@ -325,8 +358,6 @@ class TRMMoE(MMoE):
 
     core_class = _layer.TRMMoE
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: Any, ranks: Any, *, device: Any = None, **kwargs: Any):
-        super().__init__(in_dim, out_dim, expert_dims, ranks=ranks, device=device, **kwargs)
 
 
 _MODULES: dict[str, type[MMoE]] = {cls.core_class.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}
@@ -397,8 +428,19 @@ class MMoEMLP(nn.Module):
             if name not in factors:  # the routers' parameters
                 value.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, mask: torch.Tensor | None = None, training: bool = False, rng: Any = None,
+        return_routing: bool = False,
+    ) -> Any:
         """``second(activation(first(x, a)), a)`` with ``a = first.coefficients(x)``.
+
+        With the default dense routers and no ``mask``, ``a`` is the first layer's
+        dense coefficients; otherwise (top-k, expert choice, Soft MoE, a mask,
+        ``return_routing=True``) the first layer routes once
+        (:meth:`MMoE.route`, with ``mask``, ``training`` and ``rng``) and both
+        layers run the routed forward with that routing; ``return_routing=True``
+        returns ``(y, routing)``.  While :func:`tensormoe.analysis.intervene`
+        acts on the block, the coefficients it gives are used (as with dense routers).
 
         Examples
         --------
@@ -408,9 +450,19 @@ class MMoEMLP(nn.Module):
         >>> a = mlp.first.coefficients(x)
         >>> torch.allclose(mlp(x), mlp.second(torch.nn.functional.gelu(mlp.first(x, a)), a))
         True
+        >>> top = MMoEMLP(CPMMoE(8, 16, [4], rank=2, router="top1"), CPMMoE(16, 8, [4], rank=2, router="top1"))
+        >>> y, (r,) = top(x, return_routing=True)
+        >>> y.shape, r.indices.shape
+        (torch.Size([3, 8]), torch.Size([3, 1]))
         """
-        a = self.first.coefficients(x)
-        return self.second(self.activation(self.first(x, a)), a)
+        # an intervention (tensormoe.analysis.intervene) replaces the first layer's coefficients: they are used then
+        replaced = "coefficients" in vars(self.first)
+        if (self.first.layer.spec.dense_routing or replaced) and mask is None and not return_routing:
+            a = self.first.coefficients(x)
+            return self.second(self.activation(self.first(x, a)), a)
+        routing = self.first.route(x, mask=mask, training=training, rng=rng)
+        y = self.second(self.activation(self.first(x, routing=routing)), routing=routing)
+        return (y, routing) if return_routing else y
 
     def coefficients(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The shared expert coefficients (the first layer's gates).

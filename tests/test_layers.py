@@ -209,3 +209,59 @@ def test_random_parameters_see_every_bond(kind):
                 swapped = {**params, f"factor_{k}": np.swapaxes(params[f"factor_{k}"], 0, 2)}
                 same = np.allclose(layer.dense_weight(swapped), layer.dense_weight(params))
                 assert same == (fill == "init"), (fill, k)
+
+
+# -- layers built without parameters ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cp", "tucker", "tt", "tr"])
+def test_a_layer_built_without_parameters_runs_once_given_them(kind, backend):
+    """init=False draws nothing; the parameters assigned afterwards give the forward of a drawn layer."""
+    from helpers import random_params
+
+    from tensormoe.layers import make_layer
+
+    drawn = make_layer(kind, 4, 3, [5, 2], 2, router=["top2", "entmax15"], seed=3)
+    empty = make_layer(kind, 4, 3, [5, 2], 2, router=["top2", "entmax15"], seed=3, init=False)
+    assert empty.params == {} and empty.param_shapes() == drawn.param_shapes()
+    assert empty.n_params == drawn.n_params
+    x = get_ops().asarray(np.random.default_rng(0).normal(size=(6, 4)), "float32")
+    with pytest.raises(ValueError, match="init=False"):
+        empty(x)
+    params = random_params(drawn, 7)
+    empty.params = params
+    np.testing.assert_array_equal(to_numpy(empty(x)), to_numpy(drawn.apply(params, x)))
+
+
+def test_loading_a_file_draws_no_parameters(tmp_path, monkeypatch):
+    """tensormoe.io.layer_from_file builds the layer with init=False: the drawing code never runs."""
+    from tensormoe import io
+    from tensormoe.layers import mmoe
+
+    layer = tensormoe.TTMMoE(4, 3, [5], ranks=2, router="top1", seed=2)
+    path = str(tmp_path / "w.safetensors")
+    io.save(layer, path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("layer_from_file drew parameters")
+
+    monkeypatch.setattr(mmoe, "init_params", refuse)
+    loaded = io.layer_from_file(path, backend="numpy")
+    for name, value in layer.params.items():
+        np.testing.assert_array_equal(loaded.params[name], value)
+
+
+def test_parameter_counts_include_every_router_parameter():
+    """n_params counts top-k's gate_noise and Soft MoE's [I, S] gate, from the routers' own shapes."""
+    from tensormoe.routing import SoftRouter, TopKRouter
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        in_dim, out_dim, n, rank, slots = (int(v) for v in rng.integers(1, 7, size=5))
+        base = tensormoe.CPMMoE(in_dim, out_dim, [n], rank=rank, gate_norm=None)
+        factors = rank * (n + in_dim + 1 + out_dim)
+        assert base.n_params == factors + in_dim * n
+        top = tensormoe.CPMMoE(in_dim, out_dim, [n], rank=rank, router=TopKRouter(k=1))
+        assert top.n_params == factors + 2 * in_dim * n
+        soft = tensormoe.CPMMoE(in_dim, out_dim, [n], rank=rank, router=SoftRouter(slots_per_expert=slots))
+        assert soft.n_params == factors + in_dim * n * slots

@@ -182,8 +182,8 @@ def test_the_site_loads_mathjax_from_itself(built_site):
 
 
 def test_api_page_shows_the_signature_of_cpmmoe(pages):
-    page = pages("api/layer/")
-    signature = page["signatures"].get("tensormoe.layer.CPMMoE")
+    page = pages("api/layers.mmoe/")
+    signature = page["signatures"].get("tensormoe.layers.mmoe.CPMMoE")
     assert signature is not None, sorted(page["signatures"])
     assert re.match(r"^CPMMoE\(\s*in_dim", signature), signature
     assert "rank" in signature and "expert_dims" in signature
@@ -200,7 +200,7 @@ def test_pycon_copy_buttons_copy_only_the_code(pages):
 
 
 @pytest.mark.parametrize(
-    "path", ["", "getting-started/", "guides/factorizations/", "guides/choosing/", "examples/", "api/layer/"]
+    "path", ["", "getting-started/", "guides/factorizations/", "guides/choosing/", "examples/", "api/layers.mmoe/"]
 )
 def test_no_horizontal_overflow_at_1280_px(pages, path):
     page = pages(path)

@@ -4,7 +4,7 @@ Docstrings in tensormoe follow the numpydoc convention and refer to other
 objects with Sphinx roles (``:class:`MMoE```, ``:meth:`MMoE.apply```,
 ``:func:`get_plan```).  mkdocstrings does not know these roles; this extension
 rewrites each one, before the docstring is rendered, into a Markdown
-cross-reference to the fully qualified name (``[MMoE][tensormoe.layer.MMoE]``),
+cross-reference to the fully qualified name (``[MMoE][tensormoe.layers.mmoe.MMoE]``),
 resolved in the scope of the object that carries the docstring, exactly as
 Python would resolve the name there.
 

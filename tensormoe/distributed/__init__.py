@@ -56,7 +56,7 @@ import sys
 from typing import Any
 
 from ..network.factorizations import CP, TT, Factorization, Tucker
-from ..layer import MMoE, make_layer
+from ..layers import MMoE, make_layer
 from ..validation import check_positive_int, is_int
 
 __all__ = ["default_rank_index", "local_layer", "rank_axes", "rank_index_size", "rank_sharding", "with_rank"]

@@ -145,7 +145,7 @@ def rank_parallel(
 
     The returned function takes the layer placed with :func:`rank_sharding` (or
     its ``params`` dict) and the input, and returns what
-    :meth:`tensormoe.layer.MMoE.apply` returns (``mask``, ``training``, ``rng``
+    :meth:`tensormoe.layers.MMoE.apply` returns (``mask``, ``training``, ``rng``
     and ``return_routing`` are passed on).  Jit it and differentiate it as
     usual (keyword arguments static: ``jax.jit(f, static_argnames="return_routing")``);
     gradients come back as a layer with the same shardings.

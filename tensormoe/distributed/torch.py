@@ -248,7 +248,7 @@ class RankParallel(nn.Module):
     ) -> Any:
         """The layer's output ``y[..., out_dim]`` (and the routing), summed over the workers' shares.
 
-        Arguments as :meth:`tensormoe.layer.MMoE.apply`.  ``x`` (and ``rng`` for
+        Arguments as :meth:`tensormoe.layers.MMoE.apply`.  ``x`` (and ``rng`` for
         training noise) must be the same on every worker.
 
         Examples

@@ -38,7 +38,7 @@ class Routing(NamedTuple):
     Leading axes follow the routed input ``x[..., I]``.  Which fields are set
     depends on the router: ``indices`` is set by sparse (top-k) routers,
     ``dispatch`` by Soft MoE; the statistics are set by :meth:`Router.__call__`,
-    :meth:`tensormoe.layer.MMoE.route` and ``apply(..., return_routing=True)``.
+    :meth:`tensormoe.layers.MMoE.route` and ``apply(..., return_routing=True)``.
 
     Attributes
     ----------
