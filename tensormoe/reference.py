@@ -68,8 +68,8 @@ import numpy as np
 from ._array import dtype_name, to_numpy
 from .backend import get_backend
 from .frameworks import get_ops
-from .layer import MMoE, layer_from_config
-from .routing.batchnorm import EPS, BatchNormState, gate_coefficients
+from .layers import MMoE, layer_from_config
+from .routing.batchnorm import EPS, BatchNormState
 from .routing.gates import ACTIVATIONS
 from .validation import check_bool, check_choice, check_dtype, describe
 
@@ -497,18 +497,17 @@ class ReferenceModel:
         first_layer = self.layers[0]
         parts = self._split(params)
         if self.gate_norm == "batchnorm":
-            state = self.state if state is None else state
-            coefficients, state = gate_coefficients(
-                ops, first_layer.routers, parts[0], first_layer.in_dim, first_layer.expert_dims, x, state,
-                training=training,
+            coefficients, state = first_layer.coefficients(
+                parts[0], x, norm_state=self.state if state is None else state, training=training,
+                return_norm_state=True, backend=self.backend,
             )
         else:
-            coefficients = first_layer.coefficients(parts[0], x)
+            coefficients = first_layer.coefficients(parts[0], x, backend=self.backend)
         if "input_ln.weight" in params:  # apply_ln: only the experts read LayerNorm(x)
             x = ops.layer_norm(x, EPS) * params["input_ln.weight"] + params["input_ln.bias"]
-        y = first_layer.apply(parts[0], x, coefficients)
+        y = first_layer.apply(parts[0], x, coefficients, backend=self.backend)
         if len(self.layers) > 1:
-            y = self.layers[1].apply(parts[1], ops.gelu(y), coefficients)
+            y = self.layers[1].apply(parts[1], ops.gelu(y), coefficients, backend=self.backend)
         return y, state
 
     def __call__(self, x: Any, *, training: bool = False) -> Any:
@@ -574,9 +573,8 @@ def from_reference(
     dtype = checkpoint.dtype if dtype is None else check_dtype(dtype)
     layers, params = [], {}
     for k, (config, loaded) in enumerate(zip(checkpoint.configs, checkpoint.params)):
-        norm = "layernorm" if config["gate_norm"] == "layernorm" else None  # BatchNorm: gate_coefficients
-        with_backend = {**config, "gate_norm": norm, "dtype": dtype}
-        layer = layer_from_config(with_backend)
+        # the second layer's gates are never read (it takes the first layer's coefficients)
+        layer = layer_from_config({**config, "gate_norm": None if k else config["gate_norm"], "dtype": dtype})
         own = {name: ops.asarray(to_numpy(value), dtype) for name, value in loaded.items()}
         if k:
             own.update({name: ops.asarray(np.zeros(shape), dtype) for name, shape in layer.param_shapes().items()
@@ -594,6 +592,7 @@ def from_reference(
                            ops.asarray(np.asarray(to_numpy(s.count), dtype=np.int64)))
             for s in checkpoint.gate_norm_state
         )
+        layers[0].norm_state = state  # the first layer alone computes the checkpoint's gates too
     return ReferenceModel(
         source=checkpoint.source,
         layers=tuple(layers),

@@ -413,12 +413,11 @@ class Factorization:
                 )
         count, dense = self.n_params(), math.prod(self.dims)
         if count > dense:
-            warnings.warn(
+            _warn(
                 f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {count:,} "
                 f"factorized parameters, {count / dense:.3g}x the {dense:,} entries of the dense tensor they stand "
                 "for; expected fewer (smaller ranks save parameters, these save nothing)",
                 OverparameterizedWarning,
-                stacklevel=4,  # check_size <- MMoE.__init__ <- the layer class <- the caller
             )
 
     # -- counting ------------------------------------------------------------------

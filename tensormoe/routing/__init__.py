@@ -22,7 +22,7 @@ Examples
 [[1, 2]]
 """
 
-from .batchnorm import BatchNormState, batch_norm, batch_norm_state
+from .batchnorm import BatchNormState, batch_norm, batch_norm_state, gate_coefficients
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .levels import Dispatch, check_routing, combine, dispatch, level_params, route, training_noise
 from .losses import aux_loss
@@ -53,6 +53,7 @@ __all__ = [
     "combine",
     "dispatch",
     "entmax15",
+    "gate_coefficients",
     "get_router",
     "group_shape",
     "layer_norm",
