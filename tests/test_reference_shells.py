@@ -79,7 +79,7 @@ def test_functional_layer_with_batchnorm_gates_on_every_backend(backend):
         np.testing.assert_allclose(to_numpy(y2).reshape(want.shape),
                                    reference_forward("MMoE.CPMMoE", state, x, training=False,
                                                      running_stats=want_stats)[0], **TOL)
-        with pytest.raises(ValueError, match="pass return_norm_state=True"):
+        with pytest.raises(ValueError, match="needs return_norm_state=True"):
             layer.apply(layer.params, xb, training=True)
 
 

@@ -376,8 +376,8 @@ class MMoE:
                          return_norm_state: bool) -> tuple[list[Any], tuple]:
         if training and not return_norm_state:
             raise ValueError(
-                "training=True with gate_norm='batchnorm' updates the running statistics: pass "
-                "return_norm_state=True and keep the state it returns (tensormoe.torch keeps it in buffers)"
+                "training=True with gate_norm='batchnorm' needs return_norm_state=True: the call updates the running "
+                "statistics, which the caller keeps (tensormoe.torch keeps them in buffers, tensormoe.jax passes them)"
             )
         state = self._norm_state_for(ops, norm_state, x)
         return _routing.gate_coefficients(ops, self.routers, params, self.in_dim, self.expert_dims, x, state,
