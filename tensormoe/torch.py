@@ -61,6 +61,11 @@ class MMoE(nn.Module):
         Its ``params`` are this module's parameters.
     params : torch.nn.ParameterDict
         Factors (and the Tucker core) and one gate ``gate_h[in_dim, N_h]`` per level.
+    norms : torch.nn.ModuleList
+        With ``gate_norm="batchnorm"`` only: each level's running statistics as
+        buffers (``norms.h.running_mean``, ``running_var``,
+        ``num_batches_tracked``); training mode (``module.train()``) normalises
+        with the batch's statistics and updates them, evaluation mode uses them.
 
     Examples
     --------
@@ -427,6 +432,10 @@ class MMoEMLP(nn.Module):
         Modules with the same ``expert_dims`` and ``first.out_dim == second.in_dim``.
     activation : callable
         Elementwise nonlinearity between them (default GELU).
+    apply_ln : bool
+        The reference's ``apply_ln``: a LayerNorm with weight and bias
+        (``input_ln``, ``eps=1e-5``) of the input that only the experts read; the
+        gates still read the input itself.
 
     Examples
     --------

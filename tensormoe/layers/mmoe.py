@@ -89,8 +89,13 @@ class MMoE:
         mode gets one extra row).
     gate : {"entmax15", "softmax", "sparsemax"}
         Activation producing each level's coefficients.
-    gate_norm : {"layernorm", None}
-        Normalisation of the gate logits before the activation.
+    gate_norm : {"layernorm", None, "batchnorm"}
+        Normalisation of the gate logits before the activation: per row
+        (``"layernorm"``), none, or over the batch with running statistics for
+        evaluation (``"batchnorm"``, the reference implementation's default; see
+        :mod:`tensormoe.routing.batchnorm`), which the layer holds in
+        ``norm_state`` and :meth:`apply` takes and returns (``norm_state=``,
+        ``return_norm_state=``).  ``"batchnorm"`` needs the default dense routers.
     router : str, Router or sequence of them, optional
         How each level routes (:mod:`tensormoe.routing`): a name
         (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
