@@ -128,3 +128,10 @@ def test_core_shape_middle_that_disagrees_warns_and_is_not_read():
 def test_invalid_core_shapes_keep_their_errors(ranks, error, message):
     with pytest.raises(error, match=message):
         TT([7, 5, 6], ranks, 1)
+
+
+def test_cp_takes_the_reference_wrappers_ranks_keyword():
+    assert tensormoe.CPMMoE(4, 8, [32], ranks=16).config() == tensormoe.CPMMoE(4, 8, [32], rank=16).config()
+    for kwargs in ({}, {"rank": 2, "ranks": 2}):
+        with pytest.raises(TypeError, match=r"CPMMoE takes the CP rank as rank= \(or ranks=.*expected exactly one"):
+            tensormoe.CPMMoE(4, 8, [32], **kwargs)

@@ -885,7 +885,8 @@ class CPMMoE(MMoE):
     """MMoE layer whose weight tensor is a CP tensor of rank ``rank``.
 
     Cost of the forward pass: ``B * R * (sum N_h + I + O)`` multiply-adds.
-    See :class:`MMoE` for the other parameters.
+    See :class:`MMoE` for the other parameters.  ``ranks=R`` is accepted for
+    ``rank=R`` (the reference implementation's ``MuMoE`` wrapper calls it so).
 
     Examples
     --------
@@ -893,10 +894,18 @@ class CPMMoE(MMoE):
     >>> layer = CPMMoE(in_dim=16, out_dim=8, expert_dims=[32], rank=4)
     >>> layer(np.zeros((3, 16), dtype="float32")).shape
     (3, 8)
+    >>> CPMMoE(16, 8, [32], ranks=4).rank
+    4
     """
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], rank: int, **kwargs: Any) -> None:
-        self._rank = rank
+    def __init__(self, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], rank: int | None = None,
+                 *, ranks: int | None = None, **kwargs: Any) -> None:
+        if (rank is None) == (ranks is None):
+            raise TypeError(
+                f"CPMMoE takes the CP rank as rank= (or ranks=, the reference's name); got rank={rank!r} and "
+                f"ranks={ranks!r}: expected exactly one"
+            )
+        self._rank = rank if ranks is None else ranks
         super().__init__(in_dim, out_dim, expert_dims, **kwargs)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
