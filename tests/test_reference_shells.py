@@ -127,3 +127,42 @@ def test_torch_buffers_move_with_the_module_and_survive_a_state_dict_round_trip(
     assert torch.equal(copy.eval()(x), layer.eval()(x))
     assert int(copy.norms[0].num_batches_tracked) == 1
     assert layer.double().norms[0].running_mean.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", tensormoe.available_backends())
+@pytest.mark.parametrize("suffix", ["safetensors", "npz"])
+def test_running_statistics_are_saved_and_loaded_with_the_weights(backend, suffix, tmp_path):
+    rng = np.random.default_rng(5)
+    with tensormoe.backend_context(backend):
+        ops = tensormoe.frameworks.get_ops(backend)
+        layer = tensormoe.TRMMoE(4, 3, [5, 2], ranks=2, gate_norm="batchnorm")
+        layer.params = {**layer.params, "gate_0": ops.asarray(rng.normal(size=(4, 5)), "float32")}
+        x = ops.asarray(rng.normal(size=(7, 4)), "float32")
+        _, layer.norm_state = layer.apply(None, x, training=True, return_norm_state=True)
+        layer.norm_state = tuple(s._replace(count=s.count + 41) for s in layer.norm_state)
+        path = tmp_path / f"w.{suffix}"
+        tensormoe.io.save(layer, path)
+        fresh = tensormoe.io.load(tensormoe.TRMMoE(4, 3, [5, 2], ranks=2, gate_norm="batchnorm"), path)
+        rebuilt = tensormoe.io.layer_from_file(path)
+        for other in (fresh, rebuilt):
+            for mine, theirs in zip(layer.norm_state, other.norm_state):
+                np.testing.assert_array_equal(to_numpy(theirs.mean), to_numpy(mine.mean))
+                np.testing.assert_array_equal(to_numpy(theirs.var), to_numpy(mine.var))
+                assert int(to_numpy(theirs.count)) == 42
+            np.testing.assert_array_equal(to_numpy(other(x)), to_numpy(layer(x)))  # evaluation: the statistics
+
+
+def test_torch_buffers_are_saved_and_loaded(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tensormoe.torch import TRMMoE
+
+    module = TRMMoE(4, 3, [5], ranks=2, gate_norm="batchnorm")
+    with torch.no_grad():
+        module.params["gate_0"].normal_()
+    module(torch.randn(9, 4))
+    tensormoe.io.save(module, tmp_path / "m.safetensors")
+    other = tensormoe.io.load(TRMMoE(4, 3, [5], ranks=2, gate_norm="batchnorm"), tmp_path / "m.safetensors")
+    for name, value in module.named_buffers():
+        assert torch.equal(dict(other.named_buffers())[name], value), name
+    with pytest.raises(ValueError, match=r"gate_norm='batchnorm' \(the layer has 'layernorm'\)"):
+        tensormoe.io.load(TRMMoE(4, 3, [5], ranks=2), tmp_path / "m.safetensors")
