@@ -129,8 +129,11 @@ def test_torch_buffers_move_with_the_module_and_survive_a_state_dict_round_trip(
     assert layer.double().norms[0].running_mean.dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", tensormoe.available_backends())
-@pytest.mark.parametrize("suffix", ["safetensors", "npz"])
+@pytest.mark.parametrize(
+    "backend, suffix",
+    # JAX: one format (each new layer compiles there); the formats differ in the file, not the backend
+    [(b, f) for b in tensormoe.available_backends() for f in ("safetensors", "npz") if b != "jax" or f == "npz"],
+)
 def test_running_statistics_are_saved_and_loaded_with_the_weights(backend, suffix, tmp_path):
     rng = np.random.default_rng(5)
     with tensormoe.backend_context(backend):
