@@ -223,7 +223,7 @@ class MMoE:
         ``routing``, ``mask``, ``training`` (with ``rng``, a JAX key or an integer
         seed) and ``return_routing`` are as in :meth:`tensormoe.layers.MMoE.apply`.
         With ``gate_norm="batchnorm"`` the running statistics are explicit state:
-        pass them as ``norm_state`` (default: :attr:`norm_state`) and, in training,
+        pass them as ``norm_state`` (default: ``norm_state``) and, in training,
         take the updated ones back with ``return_norm_state=True``:
         ``y, state = layer.apply(params, x, norm_state=state, training=True, return_norm_state=True)``.
 

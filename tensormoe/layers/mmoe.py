@@ -53,7 +53,7 @@ GATE_NORMS = [*_routing.gates.NORMS, "batchnorm"]
 
 ``"batchnorm"`` normalises each expert's logit over the batch, with running
 statistics for evaluation (:mod:`tensormoe.routing.batchnorm`; the reference
-implementation's default); the layer then holds them in :attr:`MMoE.norm_state`.
+implementation's default); the layer then holds them in ``MMoE.norm_state``.
 
 Examples
 --------
@@ -646,7 +646,7 @@ class MMoE:
             Also return the routing (with its auxiliary losses): ``(y, routing)``.
         norm_state : tuple of BatchNormState, optional
             With ``gate_norm="batchnorm"``: the running statistics to use (default:
-            :attr:`norm_state`).  ``training=True`` normalises with the batch's
+            ``norm_state``).  ``training=True`` normalises with the batch's
             statistics (every leading axis of ``x`` is a row) and updates them.
         return_norm_state : bool
             With ``gate_norm="batchnorm"``: return ``(y, norm_state)``, the statistics
