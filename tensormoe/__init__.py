@@ -6,16 +6,17 @@ contraction planned once by opt_einsum.  The same code runs on NumPy, PyTorch
 and JAX, chosen by one flag (:func:`set_backend`, :func:`backend_context`, or the
 ``TENSORMOE_BACKEND`` environment variable).
 
-Importing tensormoe imports neither PyTorch nor JAX.  The submodules that are not
-needed by the core (:mod:`tensormoe.io`, :mod:`tensormoe.torch`, :mod:`tensormoe.jax`,
-:mod:`tensormoe.cli`, :mod:`tensormoe.numerics`) are imported on first use as
-attributes: ``tensormoe.io.load(...)`` works after ``import tensormoe``, and only
-``tensormoe.torch`` / ``tensormoe.jax`` import their framework.
+Importing tensormoe imports neither PyTorch nor JAX.  The subpackages and
+modules not needed by the core (:mod:`tensormoe.torch`, :mod:`tensormoe.jax`, the
+old paths such as ``tensormoe.io`` that re-export :mod:`tensormoe.tools.io`) are
+imported on first use as attributes: ``tensormoe.io.load(...)`` works after
+``import tensormoe``, and only ``tensormoe.torch`` / ``tensormoe.jax`` import
+their framework.
 """
 
 import importlib as _importlib
 
-from .accounting import Cost
+from .tools.accounting import Cost
 from .backend import (
     BackendNotAvailableError,
     available_backends,
@@ -23,11 +24,11 @@ from .backend import (
     get_backend,
     set_backend,
 )
-from .compress import Compressed, from_dense, from_linear
+from .tools.compress import Compressed, from_dense, from_linear
 from .network.contraction import Plan, get_plan
 from .network.factorizations import CP, TR, TT, Factorization, Tucker
 from .layers import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
-from .ranks import Match, match_rank, match_ranks
+from .tools.ranks import Match, match_rank, match_ranks
 from .routing import (
     DenseRouter,
     ExpertChoiceRouter,
@@ -46,11 +47,19 @@ from .routing import (
 __version__ = "0.1.0"
 
 #: Submodules imported when first used as an attribute (PEP 562), not by ``import tensormoe``.
-_LAZY_SUBMODULES = ("cli", "frameworks", "io", "jax", "network", "numerics", "routing", "torch")
+_LAZY_SUBMODULES = ("frameworks", "jax", "layers", "network", "routing", "tools", "torch")
 
 #: The module paths of earlier versions, kept as modules that only re-export: old path -> new home
 #: (ARCHITECTURE.md lists them; like the submodules above they load when first used as an attribute).
 COMPAT_MODULES = {
+    "accounting": "tools.accounting",
+    "analysis": "tools.analysis",
+    "cli": "tools.cli",
+    "compress": "tools.compress",
+    "io": "tools.io",
+    "numerics": "tools.numerics",
+    "plots": "tools.plots",
+    "ranks": "tools.ranks",
     "contraction": "network.contraction",
     "factorizations": "network.factorizations",
     "gates": "routing.gates",

@@ -1,7 +1,7 @@
-"""``python -m tensormoe``: the ``tensormoe`` command line (see :mod:`tensormoe.cli`)."""
+"""``python -m tensormoe``: the ``tensormoe`` command line (see :mod:`tensormoe.tools.cli`)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -335,7 +335,7 @@ class MMoE:
     def __repr__(self) -> str:
         return repr(self.layer)
 
-    # -- io protocol (tensormoe.io) ------------------------------------------------
+    # -- io protocol (tensormoe.tools.io) ------------------------------------------------
     def _assign_params(self, arrays: dict[str, Any]) -> None:
         dtypes = {name: value.dtype for name, value in self.params.items()}
         self.params = {name: jax.numpy.asarray(arrays[name], dtype=dtypes[name]) for name in self.params}

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from . import layers as _layer
-from . import reference as _reference
 from ._array import dtype_name, to_numpy
 from .backend import backend_context
 from .routing.batchnorm import BatchNormState
+from .tools import reference as _reference
 
 __all__ = ["CPMMoE", "MMoE", "MMoEMLP", "MuMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "from_reference", "wrap"]
 
@@ -317,7 +317,7 @@ class MMoE(nn.Module):
         """
         return repr(self.layer).split("(", 1)[1][:-1]
 
-    # -- io protocol (tensormoe.io) ------------------------------------------------
+    # -- io protocol (tensormoe.tools.io) ------------------------------------------------
     def _assign_params(self, arrays: dict[str, Any]) -> None:
         with torch.no_grad():
             for name, value in arrays.items():
@@ -424,7 +424,7 @@ class MMoEMLP(nn.Module):
     second layer's own gates (every router parameter: ``gate_h``, or
     ``gate_down_h`` and ``gate_up_h`` with ``gate_rank``, ``gate_noise_h``) are
     unused: they stay in its parameters (so each layer remains complete, e.g. for
-    :mod:`tensormoe.io`) but are frozen (``requires_grad=False``).
+    :mod:`tensormoe.tools.io`) but are frozen (``requires_grad=False``).
 
     Parameters
     ----------
@@ -489,7 +489,7 @@ class MMoEMLP(nn.Module):
         ``return_routing=True``) the first layer routes once
         (:meth:`MMoE.route`, with ``mask``, ``training`` and ``rng``) and both
         layers run the routed forward with that routing; ``return_routing=True``
-        returns ``(y, routing)``.  While :func:`tensormoe.analysis.intervene`
+        returns ``(y, routing)``.  While :func:`tensormoe.tools.analysis.intervene`
         acts on the block, the coefficients it gives are used (as with dense routers).
 
         Examples
@@ -505,7 +505,7 @@ class MMoEMLP(nn.Module):
         >>> y.shape, r.indices.shape
         (torch.Size([3, 8]), torch.Size([3, 1]))
         """
-        # an intervention (tensormoe.analysis.intervene) replaces the first layer's coefficients: they are used then
+        # an intervention (tensormoe.tools.analysis.intervene) replaces the first layer's coefficients: they are used then
         replaced = "coefficients" in vars(self.first)
         if (self.first.layer.spec.dense_routing or replaced) and mask is None and not return_routing:
             a = self.first.coefficients(x)
@@ -609,7 +609,7 @@ def MuMoE(  # noqa: N802  (the reference's name)
     if not second_dim:
         raise ValueError(
             "apply_ln=True without second_dim: tensormoe's LayerNorm of the experts' input belongs to the two-layer "
-            "block (MMoEMLP); load such a checkpoint with tensormoe.reference.from_reference"
+            "block (MMoEMLP); load such a checkpoint with tensormoe.tools.reference.from_reference"
         )
     # the second layer's gates are never read (it takes the first layer's coefficients): no statistics for them
     second = MuMoE_layer(output_dim, second_dim, **{**common, "gate_norm": None})
@@ -622,12 +622,12 @@ def from_reference(
 ) -> nn.Module:
     """A reference muMoE checkpoint as a module: :class:`MMoE`, or :class:`MMoEMLP` for a two-layer block.
 
-    Every tensor is read by name and shape (:func:`tensormoe.reference.read_state_dict`:
+    Every tensor is read by name and shape (:func:`tensormoe.tools.reference.read_state_dict`:
     anything else is refused, naming it): the factors and gates, the BatchNorm
     statistics into the module's buffers (train/eval then follow
     ``module.train()``/``.eval()`` as in the reference), ``input_ln`` into the
     block's LayerNorm.  A single layer with ``apply_ln`` is not a module here: use
-    :func:`tensormoe.reference.from_reference`.
+    :func:`tensormoe.tools.reference.from_reference`.
 
     Parameters
     ----------
@@ -656,7 +656,7 @@ def from_reference(
     if checkpoint.input_ln is not None and len(checkpoint.configs) == 1:
         raise ValueError(
             "the checkpoint has input_ln.* but no second layer: a single layer whose experts read LayerNorm(x) is "
-            "not a tensormoe.torch module; load it with tensormoe.reference.from_reference"
+            "not a tensormoe.torch module; load it with tensormoe.tools.reference.from_reference"
         )
     classes = {cls.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}
     modules = []

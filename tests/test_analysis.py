@@ -9,7 +9,7 @@ import pytest
 from helpers import BACKENDS, exact_forward, to_numpy
 
 import tensormoe
-from tensormoe import analysis
+from tensormoe.tools import analysis
 from tensormoe.ops import get_ops
 
 FORMATS = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensormoe import accounting
+from tensormoe.tools import accounting
 from tensormoe.cli import main
 from tensormoe.ranks import match_ranks
 
@@ -170,7 +170,7 @@ def test_help_has_usage_examples_and_describes_every_option(argv, capsys):
 
 
 def test_every_option_has_a_help_text():
-    from tensormoe.cli import _parser
+    from tensormoe.tools.cli import _parser
 
     parsers, undocumented = [_parser()], []
     while parsers:

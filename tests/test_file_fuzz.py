@@ -135,7 +135,7 @@ class Child:
 
     def __init__(self, folder):
         import tensormoe
-        from tensormoe import io
+        from tensormoe.tools import io
         from tensormoe.layer import layer_from_config
 
         self.folder, self.io = folder, io

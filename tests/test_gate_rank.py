@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensormoe
-from tensormoe import io
+from tensormoe.tools import io
 from tensormoe.accounting import cost as config_cost
 from tensormoe.layer import LAYERS, layer_from_config, make_layer
 from tensormoe.ops import get_ops

@@ -16,7 +16,7 @@ import pytest
 from helpers import BACKENDS, to_numpy
 
 import tensormoe
-from tensormoe import io
+from tensormoe.tools import io
 from tensormoe.layer import layer_from_config
 from tensormoe.ops import get_ops
 

@@ -235,7 +235,7 @@ def test_a_layer_built_without_parameters_runs_once_given_them(kind, backend):
 
 def test_loading_a_file_draws_no_parameters(tmp_path, monkeypatch):
     """tensormoe.io.layer_from_file builds the layer with init=False: the drawing code never runs."""
-    from tensormoe import io
+    from tensormoe.tools import io
     from tensormoe.layers import mmoe
 
     layer = tensormoe.TTMMoE(4, 3, [5], ranks=2, router="top1", seed=2)

@@ -19,7 +19,7 @@ def test_io_is_an_attribute_after_import_and_imports_no_framework():
         "import sys, tensormoe\n"
         "assert 'io' in dir(tensormoe)\n"
         "load = tensormoe.io.load\n"
-        "assert load.__module__ == 'tensormoe.io', load.__module__\n"
+        "assert load.__module__ == 'tensormoe.tools.io', load.__module__\n"
         "assert tensormoe.numerics.__name__ == 'tensormoe.numerics'\n"
         "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)\n"
     )

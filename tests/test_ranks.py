@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensormoe
-from tensormoe import ranks
+from tensormoe.tools import ranks
 from tensormoe.accounting import make_factorization
 
 

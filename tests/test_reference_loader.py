@@ -1,4 +1,4 @@
-"""Reference checkpoints (issue 14): ``tensormoe.reference.read_state_dict`` maps every tensor, refuses the rest.
+"""Reference checkpoints (issue 14): ``tensormoe.tools.reference.read_state_dict`` maps every tensor, refuses the rest.
 
 The checkpoints come from ``tests/reference_model.py`` (every reference version, its exact names and
 shapes, every tensor random); the expected outputs from its float64 forward.  The mapping is checked by
@@ -20,7 +20,7 @@ from reference_model import reference_directional_derivative, reference_forward,
 from test_reference_model import CASES
 
 from tensormoe.frameworks import get_ops
-from tensormoe.reference import SOURCES, from_reference, read_state_dict
+from tensormoe.tools.reference import SOURCES, from_reference, read_state_dict
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 # over-complete Tucker ranks (the reference's own test and README use them) warn: expected here

@@ -16,12 +16,12 @@ from test_reference_model import CASES
 
 import tensormoe
 from helpers import float64_on, to_numpy
-from tensormoe.reference import read_state_dict
+from tensormoe.tools.reference import read_state_dict
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 pytestmark = pytest.mark.filterwarnings("ignore::tensormoe.network.factorizations.RankWarning")
 
-#: the cases a torch module holds: all but a single layer with apply_ln (tensormoe.reference.from_reference has it)
+#: the cases a torch module holds: all but a single layer with apply_ln (tensormoe.tools.reference.from_reference has it)
 TORCH_CASES = [c for c in CASES if not (c.values[1].get("apply_ln") and not c.values[1].get("second_dim"))]
 
 

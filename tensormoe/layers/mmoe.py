@@ -803,7 +803,7 @@ class MMoE:
     def cost(self, batch_size: int = 1) -> Any:
         """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
 
-        Returns a frozen :class:`tensormoe.accounting.Cost`; its FLOPs come from
+        Returns a frozen :class:`tensormoe.tools.accounting.Cost`; its FLOPs come from
         the same plan as :meth:`plan`, and the gates are counted separately.
 
         Examples
@@ -813,7 +813,7 @@ class MMoE:
         >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
         (True, True)
         """
-        from ..accounting import factorization_cost  # the tools sit above the layers
+        from ..tools.accounting import factorization_cost  # the tools sit above the layers
 
         return factorization_cost(
             self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,

@@ -65,13 +65,13 @@ from typing import Any
 
 import numpy as np
 
-from ._array import dtype_name, to_numpy
-from .backend import get_backend
-from .frameworks import get_ops
-from .layers import MMoE, layer_from_config
-from .routing.batchnorm import EPS, BatchNormState
-from .routing.gates import ACTIVATIONS
-from .validation import check_bool, check_choice, check_dtype, describe
+from .._array import dtype_name, to_numpy
+from ..backend import get_backend
+from ..frameworks import get_ops
+from ..layers import MMoE, layer_from_config
+from ..routing.batchnorm import EPS, BatchNormState
+from ..routing.gates import ACTIVATIONS
+from ..validation import check_bool, check_choice, check_dtype, describe
 
 __all__ = ["SOURCES", "ReferenceCheckpoint", "ReferenceModel", "from_reference", "read_state_dict"]
 
