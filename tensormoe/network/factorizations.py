@@ -660,7 +660,11 @@ class Tucker(Factorization):
 
         Examples
         --------
-        >>> Tucker([32, 2, 5, 8], ranks=[8, 8, 8, 8], n_expert_modes=2).essential_ranks()
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", RankWarning)  # over-complete: it says so
+        ...     wide = Tucker([32, 2, 5, 8], ranks=[8, 8, 8, 8], n_expert_modes=2)
+        >>> wide.essential_ranks()
         [8, 2, 5, 8]
         >>> Tucker([9, 9, 9], ranks=[1, 2, 9], n_expert_modes=1).essential_ranks()
         [1, 2, 2]
