@@ -331,7 +331,8 @@ class _RunningStats(nn.Module):
     def __init__(self, state: BatchNormState, device: Any) -> None:
         super().__init__()
         for name, value in zip(("running_mean", "running_var", "num_batches_tracked"), state):
-            self.register_buffer(name, torch.as_tensor(to_numpy(value), device=device))
+            # a copy: the functional layer's state (shared by copies of it) is never written through a buffer
+            self.register_buffer(name, torch.tensor(np.array(to_numpy(value)), device=device))
 
 
 class CPMMoE(MMoE):

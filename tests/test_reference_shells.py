@@ -169,3 +169,18 @@ def test_torch_buffers_are_saved_and_loaded(tmp_path):
         assert torch.equal(dict(other.named_buffers())[name], value), name
     with pytest.raises(ValueError, match=r"gate_norm='batchnorm' \(the layer has 'layernorm'\)"):
         tensormoe.io.load(TRMMoE(4, 3, [5], ranks=2), tmp_path / "m.safetensors")
+
+
+def test_a_module_trains_its_own_statistics_not_its_functional_layers():
+    torch = pytest.importorskip("torch")
+    from tensormoe.torch import CPMMoE
+
+    with tensormoe.backend_context("pytorch"):
+        core = tensormoe.CPMMoE(4, 3, [5], rank=2, gate_norm="batchnorm", seed=1)
+        core.params = {**core.params, "gate_0": torch.randn(4, 5)}
+    before = [to_numpy(a).copy() for a in core.norm_state[0]]
+    module = CPMMoE.from_layer(core)
+    module(torch.randn(8, 4))
+    assert int(module.norms[0].num_batches_tracked) == 1
+    for old, now in zip(before, core.norm_state[0]):
+        np.testing.assert_array_equal(to_numpy(now), old)

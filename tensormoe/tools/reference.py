@@ -525,6 +525,11 @@ class ReferenceModel:
         return self.apply(self.params, x, training=training)[0]
 
 
+def _copy(value: Any) -> np.ndarray:
+    # the model's arrays are its own: never views of the checkpoint's (a framework may share NumPy's memory)
+    return np.array(to_numpy(value), copy=True)
+
+
 def from_reference(
     state_dict: Mapping[str, Any],
     *,
@@ -575,20 +580,20 @@ def from_reference(
     for k, (config, loaded) in enumerate(zip(checkpoint.configs, checkpoint.params)):
         # the second layer's gates are never read (it takes the first layer's coefficients)
         layer = layer_from_config({**config, "gate_norm": None if k else config["gate_norm"], "dtype": dtype})
-        own = {name: ops.asarray(to_numpy(value), dtype) for name, value in loaded.items()}
+        own = {name: ops.asarray(_copy(value), dtype) for name, value in loaded.items()}
         if k:
             own.update({name: ops.asarray(np.zeros(shape), dtype) for name, shape in layer.param_shapes().items()
                         if name not in own})
         layer.params = own
         layers.append(layer)
         params.update({f"{('first.', 'second.')[k]}{name}": value for name, value in loaded.items()})
-    params = {name: ops.asarray(to_numpy(value), dtype) for name, value in params.items()}
+    params = {name: ops.asarray(_copy(value), dtype) for name, value in params.items()}
     if checkpoint.input_ln is not None:
-        params["input_ln.weight"], params["input_ln.bias"] = (ops.asarray(to_numpy(v), dtype) for v in checkpoint.input_ln)
+        params["input_ln.weight"], params["input_ln.bias"] = (ops.asarray(_copy(v), dtype) for v in checkpoint.input_ln)
     state = None
     if checkpoint.gate_norm_state is not None:
         state = tuple(
-            BatchNormState(ops.asarray(to_numpy(s.mean), dtype), ops.asarray(to_numpy(s.var), dtype),
+            BatchNormState(ops.asarray(_copy(s.mean), dtype), ops.asarray(_copy(s.var), dtype),
                            ops.asarray(np.asarray(to_numpy(s.count), dtype=np.int64)))
             for s in checkpoint.gate_norm_state
         )
