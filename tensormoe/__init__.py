@@ -16,7 +16,8 @@ their framework.
 
 import importlib as _importlib
 
-from .tools.accounting import Cost
+from ._compat import COMPAT_MODULES, install as _install_compat
+from ._version import __version__  # noqa: F401 - the package version, one home in _version.py
 from .backend import (
     BackendNotAvailableError,
     available_backends,
@@ -24,11 +25,10 @@ from .backend import (
     get_backend,
     set_backend,
 )
-from .tools.compress import Compressed, from_dense, from_linear
+from .layers import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
+from .layers.accounting import Cost
 from .network.contraction import Plan, get_plan
 from .network.factorizations import CP, TR, TT, Factorization, Tucker
-from .layers import CPMMoE, MMoE, TRMMoE, TTMMoE, TuckerMMoE, convert_params
-from .tools.ranks import Match, match_rank, match_ranks
 from .routing import (
     DenseRouter,
     ExpertChoiceRouter,
@@ -43,31 +43,12 @@ from .routing import (
     softmax,
     sparsemax,
 )
-
-__version__ = "0.1.0"
+from .tools.compress import Compressed, from_dense, from_linear
+from .tools.ranks import Match, match_rank, match_ranks
 
 #: Submodules imported when first used as an attribute (PEP 562), not by ``import tensormoe``.
 _LAZY_SUBMODULES = ("frameworks", "jax", "layers", "network", "routing", "tools", "torch")
-
-#: The module paths of earlier versions, kept as modules that only re-export: old path -> new home
-#: (ARCHITECTURE.md lists them; like the submodules above they load when first used as an attribute).
-COMPAT_MODULES = {
-    "accounting": "tools.accounting",
-    "analysis": "tools.analysis",
-    "cli": "tools.cli",
-    "compress": "tools.compress",
-    "io": "tools.io",
-    "numerics": "tools.numerics",
-    "plots": "tools.plots",
-    "ranks": "tools.ranks",
-    "contraction": "network.contraction",
-    "factorizations": "network.factorizations",
-    "gates": "routing.gates",
-    "layer": "layers",
-    "lowering": "network.lowering",
-    "ops": "frameworks",
-    "routers": "routing",
-}
+_install_compat()  # the module paths of earlier versions (tensormoe.layer, ...): see _compat.py
 
 
 def __getattr__(name: str):
@@ -82,17 +63,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CP",
-    "CPMMoE",
-    "DenseRouter",
-    "ExpertChoiceRouter",
     "TR",
-    "TRMMoE",
     "TT",
-    "TTMMoE",
-    "TopKRouter",
     "BackendNotAvailableError",
+    "CPMMoE",
     "Compressed",
     "Cost",
+    "DenseRouter",
+    "ExpertChoiceRouter",
     "Factorization",
     "MMoE",
     "Match",
@@ -100,6 +78,9 @@ __all__ = [
     "Router",
     "Routing",
     "SoftRouter",
+    "TRMMoE",
+    "TTMMoE",
+    "TopKRouter",
     "Tucker",
     "TuckerMMoE",
     "aux_loss",

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensormoe
-from tensormoe.tools import accounting
+from tensormoe.layers import accounting
 from tensormoe.layer import make_layer
 
 

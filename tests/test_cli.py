@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensormoe.tools import accounting
+from tensormoe.layers import accounting
 from tensormoe.cli import main
 from tensormoe.ranks import match_ranks
 

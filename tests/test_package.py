@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pathlib
 import subprocess
@@ -39,6 +40,8 @@ def test_licence_changelog_and_citation_exist_and_agree_with_pyproject():
     assert 'license = "MIT"' in pyproject and 'license-files = ["LICENSE"]' in pyproject
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     version = tensormoe.__version__
-    assert f'version = "{version}"' in pyproject
+    # one home for the version: tensormoe/_version.py, which pyproject.toml reads
+    assert 'dynamic = ["version"' in pyproject and 'version = { attr = "tensormoe._version.__version__" }' in pyproject
+    assert importlib.metadata.version("tensormoe") == version  # the installed metadata agrees
     assert f"version: {version}" in (ROOT / "CITATION.cff").read_text()
     assert f"## {version}" in (ROOT / "CHANGELOG.md").read_text()

@@ -55,9 +55,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..network.factorizations import CP, TT, Factorization, Tucker
 from ..layers import MMoE, make_layer
-from ..validation import check_positive_int, is_int
+from ..network.factorizations import CP, TT, Factorization, Tucker
+from ..validation import check_positive_int
 
 __all__ = ["default_rank_index", "local_layer", "rank_axes", "rank_index_size", "rank_sharding", "with_rank"]
 
@@ -79,10 +79,6 @@ def _factorization(layer: Any) -> Factorization:
     return layer if isinstance(layer, Factorization) else _core(layer).factorization
 
 
-def _n_rank_indices(f: Factorization) -> int:
-    return 1 if isinstance(f, CP) else f.order
-
-
 def default_rank_index(layer: Any) -> int:
     """The rank index :func:`rank_sharding` splits unless told otherwise.
 
@@ -100,19 +96,13 @@ def default_rank_index(layer: Any) -> int:
     >>> default_rank_index(tensormoe.CPMMoE(8, 4, [6], rank=4)), default_rank_index(tensormoe.TTMMoE(8, 4, [6], ranks=3))
     (0, 2)
     """
-    f = _factorization(layer)
-    return 0 if isinstance(f, CP) else f.order - 1
+    return _factorization(layer).default_rank_index()
 
 
 def _checked_index(f: Factorization, rank_index: Any) -> int:
-    if rank_index is None:
-        return default_rank_index(f)
-    count = _n_rank_indices(f)
-    if not is_int(rank_index) or not 0 <= rank_index < count:
-        raise ValueError(
-            f"rank_index={rank_index!r} does not name a rank of {f!r}; expected an integer in [0, {count})"
-        )
-    return int(rank_index)
+    k = f.default_rank_index() if rank_index is None else rank_index
+    f.rank_axes(k)  # raises on an index that names no rank
+    return int(k)
 
 
 def rank_index_size(layer: Any, rank_index: int | None = None) -> int:
@@ -174,9 +164,7 @@ def rank_axes(layer: Any, rank_index: int | None = None) -> dict[str, int]:
     >>> rank_axes(tensormoe.TRMMoE(8, 4, [6], ranks=2), rank_index=0)
     {'factor_0': 0, 'factor_2': 2}
     """
-    f = _factorization(layer)
-    letter = f.rank_symbol(_checked_index(f, rank_index))
-    return {name: letters.index(letter) for name, letters in f.network().items() if letter in letters}
+    return _factorization(layer).rank_axes(rank_index)
 
 
 def _local_ranks(f: Factorization, k: int, size: int) -> Any:

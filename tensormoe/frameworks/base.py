@@ -12,7 +12,6 @@ import numpy as np
 
 from .._array import dtype_name, to_numpy
 from . import _kernels
-from ..network.contraction import execute
 
 __all__ = ["Ops", "namespace"]
 
@@ -360,18 +359,6 @@ class Ops:
         True
         """
         return fn
-
-    def contract(self, equation: str, operands: list[Any], optimize: str = "auto", batch: str | None = None) -> Any:
-        """Contract ``operands`` along ``equation`` with the cached plan of their shapes (:func:`tensormoe.network.contraction.execute`).
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from tensormoe.frameworks import get_ops
-        >>> get_ops("numpy").contract("ab,bc->ac", [np.ones((5, 3)), np.ones((3, 4))], batch="a").shape
-        (5, 4)
-        """
-        return execute(self, equation, operands, optimize, batch)
 
     def tune(self, plan: Any, operands: list[Any]) -> None:
         """Time the candidate programs of a contraction plan once, on stand-ins of ``operands``.

@@ -5,6 +5,8 @@
 * :mod:`~tensormoe.layers.params`: parameter shapes (from the factorization's
   network and the routers), drawing, conversion between backends;
 * :mod:`~tensormoe.layers.forward`: the forward as pure functions;
+* :mod:`~tensormoe.layers.accounting`: parameters, FLOPs, memory and
+  communication of a layer, from its network (what :meth:`MMoE.cost` reports);
 * :mod:`~tensormoe.layers.mmoe`: :class:`MMoE` and its four formats, built by
   name (:func:`make_layer`) or from a configuration (:func:`layer_from_config`).
 

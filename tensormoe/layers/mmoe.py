@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import routing as _routing
 from .. import validation as _v
@@ -32,6 +32,7 @@ from ..network.contraction import Plan, check_optimizer, get_plan
 from ..network.factorizations import CP, TR, TT, Factorization, Tucker
 from ..validation import check_positive_int
 from . import forward as _forward
+from .accounting import factorization_cost
 from .config import LayerSpec, parse_expert_dims
 from .params import ParamStore, convert_params, init_params, param_shapes
 
@@ -61,6 +62,26 @@ Examples
 [None, 'layernorm', 'batchnorm']
 """
 
+
+class Checked(NamedTuple):
+    """A call's checked arguments: the framework code, the parameters, the input and the coefficients (or None)."""
+
+    ops: Ops
+    params: Mapping[str, Any]
+    x: Any
+    coefficients: list[Any] | None
+
+
+class Prepared(NamedTuple):
+    """:class:`Checked`, plus the checked routing, the mask as 0/1 and the training noise (each None if absent)."""
+
+    ops: Ops
+    params: Mapping[str, Any]
+    x: Any
+    coefficients: list[Any] | None
+    routing: Any
+    mask: Any
+    noise: Any
 
 
 def _ops(backend: str | None) -> Ops:
@@ -452,7 +473,7 @@ class MMoE:
             compiled = self._compiled[key] = ops.compile(functools.partial(function, ops, self.spec))
         return compiled(*args)
 
-    def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> tuple:
+    def _checked(self, params: Any, x: Any, coefficients: Any = None, backend: str | None = None) -> Checked:
         ops = _ops(backend)
         params = self._params_for(params, ops.name, any_dtype=backend is not None)
         # inputs must match the parameters in use (a torch module cast with .half() included)
@@ -470,7 +491,7 @@ class MMoE:
                 _v.check_finite(a, ops, f"coefficients[{h}]")
             for name, value in params.items():
                 _v.check_finite(value, ops, f"params[{name!r}]")
-        return ops, params, x, coefficients
+        return Checked(ops, params, x, coefficients)
 
     def _finite_result(self, ops: Ops, out: Any, method: str) -> Any:
         """``out`` unchanged; with ``check_finite`` raise if it is not finite (finite inputs overflowed)."""
@@ -489,8 +510,8 @@ class MMoE:
         value = params.get(name) if isinstance(params, Mapping) else None
         return self.dtype if value is None or not hasattr(value, "dtype") else dtype_name(value)
 
-    def _prepared(self, params: Any, x: Any, coefficients: Any, routing: Any, mask: Any, training: Any,
-                  rng: Any, backend: str | None = None) -> tuple:
+    def _prepared(self, params: Any, x: Any, *, coefficients: Any, routing: Any, mask: Any, training: Any,
+                  rng: Any, backend: str | None) -> Prepared:
         """Checked inputs, plus the routing, the mask as 0/1 and the training noise (if any)."""
         ops, params, x, coefficients = self._checked(params, x, coefficients, backend)
         if not isinstance(training, bool):
@@ -510,7 +531,7 @@ class MMoE:
         noise = None
         if training and coefficients is None and routing is None:
             noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x)
-        return ops, params, x, coefficients, routing, mask, noise
+        return Prepared(ops, params, x, coefficients, routing, mask, noise)
 
     def coefficients(
         self, params: Mapping[str, Any] | None, x: Any, *, norm_state: Any = None, training: bool = False,
@@ -598,7 +619,9 @@ class MMoE:
         >>> top.indices.shape, dense.weights.shape, round(float(top.load.sum()), 6)
         ((5, 2), (5, 4), 1.0)
         """
-        ops, params, x, _, _, mask, noise = self._prepared(params, x, None, None, mask, training, rng, backend)
+        ops, params, x, _, _, mask, noise = self._prepared(
+            params, x, coefficients=None, routing=None, mask=mask, training=training, rng=rng, backend=backend
+        )
         return self._run(_forward.route, ops, params, x, mask, noise)
 
     def apply(
@@ -671,7 +694,7 @@ class MMoE:
         (2, 3)
         """
         ops, params, x, coefficients, routing, mask, noise = self._prepared(
-            params, x, coefficients, routing, mask, training, rng, backend
+            params, x, coefficients=coefficients, routing=routing, mask=mask, training=training, rng=rng, backend=backend
         )
         if self.gate_norm == "batchnorm" and coefficients is None and routing is None:
             if mask is not None or return_routing:
@@ -750,7 +773,7 @@ class MMoE:
         True
         """
         ops, params, x, coefficients, routing, mask, noise = self._prepared(
-            params, x, coefficients, routing, mask, training, rng, backend
+            params, x, coefficients=coefficients, routing=routing, mask=mask, training=training, rng=rng, backend=backend
         )
         return self._finite_result(
             ops, self._run(_forward.dense_forward, ops, params, x, coefficients, routing, mask, noise), "dense_forward"
@@ -803,7 +826,7 @@ class MMoE:
     def cost(self, batch_size: int = 1) -> Any:
         """Parameters, FLOPs and peak intermediate of this layer, next to a linear layer's.
 
-        Returns a frozen :class:`tensormoe.tools.accounting.Cost`; its FLOPs come from
+        Returns a frozen :class:`tensormoe.layers.accounting.Cost`; its FLOPs come from
         the same plan as :meth:`plan`, and the gates are counted separately.
 
         Examples
@@ -813,7 +836,6 @@ class MMoE:
         >>> c.params == layer.n_params, c.forward_flops == layer.plan(8).flops
         (True, True)
         """
-        from ..tools.accounting import factorization_cost  # the tools sit above the layers
 
         return factorization_cost(
             self.factorization, batch_size, bias=self.bias, backend=get_backend(), dtype=self.dtype,

@@ -184,6 +184,52 @@ class Factorization:
     #: the einsum letter of the batch index
     batch_symbol = opt_einsum.get_symbol(0)
 
+    @property
+    def n_rank_indices(self) -> int:
+        """How many rank indices the format has (CP: one, shared by every factor; the others: one per mode).
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).n_rank_indices, TT([8, 5, 6], ranks=2, n_expert_modes=1).n_rank_indices
+        (1, 3)
+        """
+        return self.order
+
+    def default_rank_index(self) -> int:
+        """The rank index rank parallelism splits unless told otherwise: the last one (CP: its only rank).
+
+        Tucker: the output mode's rank; TT and TR: the bond between the input and the output core.
+
+        Examples
+        --------
+        >>> Tucker([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).default_rank_index()
+        2
+        """
+        return self.n_rank_indices - 1
+
+    def rank_axes(self, rank_index: int | None = None) -> dict[str, int]:
+        """The parameters that carry rank index ``rank_index`` (default :meth:`default_rank_index`), and on which axis.
+
+        Read from :meth:`network`: the parameters that hold the rank's letter.
+
+        Raises
+        ------
+        ValueError
+            If ``rank_index`` names no rank of the format.
+
+        Examples
+        --------
+        >>> Tucker([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).rank_axes()
+        {'factor_2': 1, 'core': 2}
+        """
+        if rank_index is None:
+            rank_index = self.default_rank_index()
+        if not is_int(rank_index) or not 0 <= rank_index < self.n_rank_indices:
+            raise ValueError(f"rank_index={rank_index!r} does not name a rank of {self!r}; expected an integer in "
+                             f"[0, {self.n_rank_indices})")
+        letter = self.rank_symbol(int(rank_index))
+        return {name: letters.index(letter) for name, letters in self.network().items() if letter in letters}
+
     def network(self) -> dict[str, str]:
         """Map each parameter name to the einsum letters of its axes.
 
@@ -562,6 +608,18 @@ class CP(Factorization):
 
     name = "cp"
     _rank_argument = "rank"
+
+
+    @property
+    def n_rank_indices(self) -> int:
+        """One: every factor shares the rank.
+
+        Examples
+        --------
+        >>> CP([8, 5, 6], rank=3, n_expert_modes=1).n_rank_indices
+        1
+        """
+        return 1
 
     def __init__(self, dims: Sequence[int], rank: int, n_expert_modes: int) -> None:
         super().__init__(dims, n_expert_modes)

@@ -321,7 +321,7 @@ def _entmax15_step(z: Any, t: Any, ops: Ops, member: Any = None) -> tuple[Any, .
     """
     xp = ops.xp
     if member is None:  # the search: no gradient, relu is the cheapest mask (np.where is slow)
-        d = xp.clip(z - t, min=0.0)
+        d = xp.maximum(z - t, 0)
         k = xp.astype(xp.sum(d > 0, axis=-1, keepdims=True), z.dtype)
     else:
         d = (z - t) * xp.astype(member, z.dtype)

@@ -2,7 +2,7 @@
 
 ``tensormoe ranks --in 768 --out 768 --experts 64 --budget linear`` prints, for
 each factorization, the ranks that fit the budget (:mod:`tensormoe.tools.ranks`) and
-what they cost (:mod:`tensormoe.tools.accounting`): parameters and forward FLOPs next
+what they cost (:mod:`tensormoe.layers.accounting`): parameters and forward FLOPs next
 to a linear layer's and a dense MMoE layer's, and the largest intermediate.
 
 ``--sweep`` measures the relative reconstruction error of a tensor against rank
@@ -29,6 +29,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from .._version import __version__
+from ..backend import backend_context
+from ..layers import accounting
+from ..network.contraction import check_optimizer
+from .compress import from_dense
+from .ranks import match_rank, minimum_params, resolve_budget
 
 __all__ = ["main"]
 
@@ -263,9 +270,7 @@ def _dims(args: argparse.Namespace, tensor: np.ndarray | None) -> tuple[int, int
 
 def _synthetic(dims: Sequence[int], rank: int, noise: float, seed: int) -> np.ndarray:
     """A CP tensor of rank ``rank`` with Gaussian factors, plus ``noise`` times its norm of Gaussian noise."""
-    import tensorly as tl
-
-    from ..backend import backend_context
+    import tensorly as tl  # TensorLy loads only for a synthetic tensor
 
     rng = np.random.default_rng(seed)
     factors = [rng.normal(size=(d, rank)) for d in dims]
@@ -283,10 +288,6 @@ def _default_sweep(rank: int) -> list[int]:
 
 
 def _ranks_command(args: argparse.Namespace, out: Any) -> int:
-    from . import accounting
-    from ..network.contraction import check_optimizer
-    from .ranks import match_rank, minimum_params, resolve_budget
-
     if args.sweep and args.tensor is None and args.synthetic is None:
         raise _UsageError("--sweep needs a tensor: --tensor FILE.npy or --synthetic R")
     if (args.tensor is not None or args.synthetic is not None) and not args.sweep:
@@ -379,9 +380,6 @@ def _ranks_command(args: argparse.Namespace, out: Any) -> int:
 
 
 def _sweep(tensor: np.ndarray, matches: dict, args: argparse.Namespace, bias: bool) -> dict:
-    from ..backend import backend_context
-    from .compress import from_dense
-
     results: dict[str, list] = {}
     todo = {kind: args.sweep_ranks or _default_sweep(match.rank) for kind, match in matches.items()}
     bar = _progress(sum(map(len, todo.values())), "decompositions", args.quiet)
@@ -515,8 +513,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.version:
-            from .. import __version__
-
             print(f"tensormoe {__version__}")
             return 0
         if args.command is None:

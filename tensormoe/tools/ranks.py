@@ -12,7 +12,7 @@ A budget is a number of trainable parameters, given as
 ``r = 1, 2, ...`` whose parameter count never decreases with ``r``; the match
 is the *largest* ``r`` whose layer has at most ``budget`` parameters — as close
 to the budget as the family allows, never above it.  Counts come from
-:mod:`tensormoe.tools.accounting` (factors, Tucker core, the bias row, and the gates
+:mod:`tensormoe.layers.accounting` (factors, Tucker core, the bias row, and the gates
 ``in_dim x N_h`` unless ``count_gates=False``).  The families:
 
 * **CP**: the rank ``R``.  In closed form,
@@ -41,8 +41,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .accounting import Cost, factorization_cost, gate_params, linear_params, make_factorization
 from ..layers import make_layer, parse_expert_dims
+from ..layers.accounting import Cost, factorization_cost, gate_params, linear_params, make_factorization
 from ..network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
 
 __all__ = ["KINDS", "Match", "match_rank", "match_ranks", "minimum_params", "resolve_budget"]
@@ -59,7 +59,7 @@ Examples
 
 
 def resolve_budget(
-    budget: int | float | str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], *, bias: bool = True
+    budget: float | str, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], *, bias: bool = True
 ) -> int:
     """The parameter count a budget stands for.
 
@@ -191,7 +191,7 @@ class Match:
         return make_factorization(self.kind, self.in_dim, self.out_dim, self.expert_dims, self.ranks, bias=self.bias)
 
     def cost(self, batch_size: int = 1, optimize: str = "auto") -> Cost:
-        """The matched layer's :class:`~tensormoe.tools.accounting.Cost`.
+        """The matched layer's :class:`~tensormoe.layers.accounting.Cost`.
 
         Examples
         --------
@@ -281,7 +281,7 @@ def match_rank(
     in_dim: int,
     out_dim: int,
     expert_dims: int | Sequence[int],
-    budget: int | float | str = "linear",
+    budget: float | str = "linear",
     *,
     bias: bool = True,
     count_gates: bool = True,
@@ -367,7 +367,7 @@ def match_ranks(
     in_dim: int,
     out_dim: int,
     expert_dims: int | Sequence[int],
-    budget: int | float | str = "linear",
+    budget: float | str = "linear",
     *,
     kinds: Sequence[str] = KINDS,
     bias: bool = True,

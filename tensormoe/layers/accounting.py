@@ -38,7 +38,7 @@ the factor parameters hold that row (they are part of ``factor_params``).
 
 The one-line view::
 
-    >>> from tensormoe.tools.accounting import cost
+    >>> from tensormoe.layers.accounting import cost
     >>> c = cost("cp", 768, 768, [64], 256, batch_size=64)
     >>> c.params, c.linear_params
     (459008, 590592)
@@ -53,8 +53,8 @@ from typing import Any
 
 from ..network.contraction import Plan, get_plan
 from ..network.factorizations import FACTORIZATIONS, Factorization, check_positive_int
-from ..layers.config import parse_expert_dims
 from ..routing import DenseRouter
+from .config import parse_expert_dims
 
 __all__ = [
     "Cost",
@@ -462,11 +462,9 @@ def rank_parallel_bytes(factorization: Factorization, batch_size: int = 1, *, dt
     >>> rank_parallel_bytes(t, 10) == 4 * (10 * (8 + 32) + 32 * 4 + 17 * 4)  # + the expert and input factors
     True
     """
-    from ..distributed import rank_axes
-
     batch_size = check_positive_int(batch_size, "batch_size")
     experts = factorization.dims[: factorization.n_expert_modes]
-    split = rank_axes(factorization)
+    split = factorization.rank_axes()
     replicated = sum(math.prod(shape) for name, shape in factorization.param_shapes().items() if name not in split)
     return (batch_size * (factorization.dims[-1] + sum(experts)) + replicated) * _itemsize(dtype)
 
