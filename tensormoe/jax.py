@@ -37,7 +37,7 @@ from typing import Any
 import jax
 
 from . import layers as _layer
-from ._array import dtype_name
+from ._array import dtype_name, to_numpy
 from .backend import backend_context, load
 
 __all__ = ["CPMMoE", "MMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "wrap"]
@@ -215,11 +215,17 @@ class MMoE:
         training: bool = False,
         rng: Any = None,
         return_routing: bool = False,
+        norm_state: Any = None,
+        return_norm_state: bool = False,
     ) -> Any:
         """The functional forward ``y = f(params, x)``: jit it, differentiate it with respect to ``params``.
 
         ``routing``, ``mask``, ``training`` (with ``rng``, a JAX key or an integer
         seed) and ``return_routing`` are as in :meth:`tensormoe.layers.MMoE.apply`.
+        With ``gate_norm="batchnorm"`` the running statistics are explicit state:
+        pass them as ``norm_state`` (default: ``norm_state``) and, in training,
+        take the updated ones back with ``return_norm_state=True``:
+        ``y, state = layer.apply(params, x, norm_state=state, training=True, return_norm_state=True)``.
 
         Examples
         --------
@@ -229,7 +235,26 @@ class MMoE:
         (2, 3)
         """
         return self.layer.apply(params, x, coefficients, routing=routing, mask=mask, training=training, rng=rng,
-                                return_routing=return_routing, backend=_BACKEND)
+                                return_routing=return_routing, norm_state=norm_state,
+                                return_norm_state=return_norm_state, backend=_BACKEND)
+
+    @property
+    def norm_state(self) -> tuple[Any, ...] | None:
+        """BatchNorm gates: the layer's running statistics as JAX arrays (``None`` for other gates).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> layer = CPMMoE(4, 3, [5], rank=2, gate_norm="batchnorm")
+        >>> y, state = layer.apply(layer.params, jnp.ones((6, 4)), norm_state=layer.norm_state, training=True,
+        ...                        return_norm_state=True)
+        >>> [int(s.count) for s in state], CPMMoE(4, 3, [5], rank=2).norm_state
+        ([1], None)
+        """
+        state = self.layer.norm_state
+        if state is None:
+            return None
+        return tuple(type(s)(*(jax.numpy.asarray(to_numpy(a)) for a in s)) for s in state)
 
     def route(self, x: Any, *, mask: Any = None, training: bool = False, rng: Any = None) -> tuple[Any, ...]:
         """Route ``x`` through every level, with the auxiliary losses (see :meth:`tensormoe.layers.MMoE.route`).

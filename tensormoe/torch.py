@@ -29,17 +29,20 @@ Examples
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import layers as _layer
-from ._array import dtype_name
+from ._array import dtype_name, to_numpy
 from .backend import backend_context
+from .routing.batchnorm import BatchNormState
+from .tools import reference as _reference
 
-__all__ = ["CPMMoE", "MMoE", "MMoEMLP", "TRMMoE", "TTMMoE", "TuckerMMoE", "wrap"]
+__all__ = ["CPMMoE", "MMoE", "MMoEMLP", "MuMoE", "TRMMoE", "TTMMoE", "TuckerMMoE", "from_reference", "wrap"]
 
 _BACKEND = "pytorch"
 
@@ -58,6 +61,11 @@ class MMoE(nn.Module):
         Its ``params`` are this module's parameters.
     params : torch.nn.ParameterDict
         Factors (and the Tucker core) and one gate ``gate_h[in_dim, N_h]`` per level.
+    norms : torch.nn.ModuleList
+        With ``gate_norm="batchnorm"`` only: each level's running statistics as
+        buffers (``norms.h.running_mean``, ``running_var``,
+        ``num_batches_tracked``); training mode (``module.train()``) normalises
+        with the batch's statistics and updates them, evaluation mode uses them.
 
     Examples
     --------
@@ -81,6 +89,19 @@ class MMoE(nn.Module):
         # the functional layer's own parameters are these Parameters (no second copy)
         layer.params = dict(self.params)
         self.layer = layer
+        if layer.gate_norm == "batchnorm":
+            # one module of buffers per level: state_dict keys norms.{h}.running_mean / running_var / num_batches_tracked
+            self.norms = nn.ModuleList(_RunningStats(state, device) for state in layer.norm_state)
+
+    def _norm_state(self) -> tuple[BatchNormState, ...]:
+        return tuple(BatchNormState(m.running_mean, m.running_var, m.num_batches_tracked) for m in self.norms)
+
+    def _keep_norm_state(self, state: Sequence[BatchNormState]) -> None:
+        with torch.no_grad():
+            for module, level in zip(self.norms, state):
+                module.running_mean.copy_(level.mean)
+                module.running_var.copy_(level.var)
+                module.num_batches_tracked.copy_(level.count)
 
     @classmethod
     def from_layer(cls, layer: _layer.MMoE, device: Any = None) -> MMoE:
@@ -148,6 +169,8 @@ class MMoE(nn.Module):
         >>> torch.allclose(layer(torch.ones(2, 4), [onehot]), torch.ones(2, 5) @ layer.expert_weight(4))
         True
         """
+        if self.layer.gate_norm == "batchnorm" and coefficients is None and routing is None:
+            coefficients = self.coefficients(x)  # BatchNorm gates: train/eval follow module.train()/.eval()
         return self.layer.apply(self._params(), x, coefficients, routing=routing, mask=mask, training=training, rng=rng,
                                 return_routing=return_routing, backend=_BACKEND)
 
@@ -174,6 +197,12 @@ class MMoE(nn.Module):
         >>> a.shape
         torch.Size([2, 5])
         """
+        if self.layer.gate_norm == "batchnorm":
+            a, state = self.layer.coefficients(self._params(), x, norm_state=self._norm_state(), training=self.training,
+                                               return_norm_state=True, backend=_BACKEND)
+            if self.training:
+                self._keep_norm_state(state)
+            return a
         return self.layer.coefficients(self._params(), x, backend=_BACKEND)
 
     def dense_forward(
@@ -296,6 +325,16 @@ class MMoE(nn.Module):
                 target.copy_(torch.as_tensor(value).to(device=target.device, dtype=target.dtype))
 
 
+class _RunningStats(nn.Module):
+    """One level's BatchNorm statistics as buffers, named as ``torch.nn.BatchNorm1d`` names them."""
+
+    def __init__(self, state: BatchNormState, device: Any) -> None:
+        super().__init__()
+        for name, value in zip(("running_mean", "running_var", "num_batches_tracked"), state):
+            # a copy: the functional layer's state (shared by copies of it) is never written through a buffer
+            self.register_buffer(name, torch.tensor(np.array(to_numpy(value)), device=device))
+
+
 class CPMMoE(MMoE):
     """CP MMoE layer as a module; arguments as :class:`tensormoe.CPMMoE`, plus ``device``.
 
@@ -394,6 +433,10 @@ class MMoEMLP(nn.Module):
         Modules with the same ``expert_dims`` and ``first.out_dim == second.in_dim``.
     activation : callable
         Elementwise nonlinearity between them (default GELU).
+    apply_ln : bool
+        The reference's ``apply_ln``: a LayerNorm with weight and bias
+        (``input_ln``, ``eps=1e-5``) of the input that only the experts read; the
+        gates still read the input itself.
 
     Examples
     --------
@@ -408,6 +451,8 @@ class MMoEMLP(nn.Module):
         first: MMoE,
         second: MMoE,
         activation: Callable[[torch.Tensor], torch.Tensor] = nn.functional.gelu,
+        *,
+        apply_ln: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("first", first), ("second", second)):
@@ -423,6 +468,12 @@ class MMoEMLP(nn.Module):
         self.first = first
         self.second = second
         self.activation = activation
+        if not isinstance(apply_ln, bool):
+            raise TypeError(f"apply_ln must be True or False; got {apply_ln!r}")
+        # apply_ln: a LayerNorm (weight and bias) of the input that only the experts read: the gates read x
+        first_param = next(iter(first.params.values()))
+        self.input_ln = (nn.LayerNorm(first.in_dim, eps=1e-5, device=first_param.device, dtype=first_param.dtype)
+                         if apply_ln else None)
         factors = second.layer.factorization.param_shapes()
         for name, value in second.params.items():
             if name not in factors:  # the routers' parameters
@@ -459,10 +510,13 @@ class MMoEMLP(nn.Module):
         replaced = "coefficients" in vars(self.first)
         if (self.first.layer.spec.dense_routing or replaced) and mask is None and not return_routing:
             a = self.first.coefficients(x)
-            return self.second(self.activation(self.first(x, a)), a)
+            return self.second(self.activation(self.first(self._experts_input(x), a)), a)
         routing = self.first.route(x, mask=mask, training=training, rng=rng)
-        y = self.second(self.activation(self.first(x, routing=routing)), routing=routing)
+        y = self.second(self.activation(self.first(self._experts_input(x), routing=routing)), routing=routing)
         return (y, routing) if return_routing else y
+
+    def _experts_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_ln is None else self.input_ln(x)
 
     def coefficients(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The shared expert coefficients (the first layer's gates).
@@ -475,3 +529,158 @@ class MMoEMLP(nn.Module):
         [torch.Size([3, 4])]
         """
         return self.first.coefficients(x)
+
+
+#: the reference's normalization= values -> gate_norm
+_NORMALIZATION = {"bn": "batchnorm", "ln": "layernorm"}
+
+
+def MuMoE(  # noqa: N802  (the reference's name)
+    MuMoE_layer: type[MMoE],  # noqa: N803
+    input_dim: int,
+    output_dim: int,
+    expert_dims: Sequence[int],
+    ranks: Any,
+    second_dim: int = 0,
+    normalization: str = "bn",
+    act: Any = "entmax15",
+    use_bias: bool = True,
+    hierarchy: int = 1,
+    apply_ln: bool = False,
+    *,
+    device: Any = None,
+    dtype: str = "float32",
+) -> nn.Module:
+    """The reference implementation's ``MuMoE`` wrapper, with its arguments, as tensormoe modules.
+
+    For code written for the reference's ``MuMoE.py``: the same signature (the
+    layer class first), giving an :class:`MMoE` module, or an :class:`MMoEMLP`
+    with ``second_dim > 0`` (GELU between the layers, the second reusing the
+    first's coefficients) or ``apply_ln`` (the experts read ``LayerNorm(x)``, the
+    gates ``x``).
+
+    Parameters
+    ----------
+    MuMoE_layer : class
+        :class:`CPMMoE` (the reference's ``CPMuMoE``), :class:`TRMMoE` (its
+        ``TRMuMoE``), or another layer class of this module.
+    input_dim, output_dim, expert_dims, second_dim, hierarchy
+        As the reference's.
+    ranks : int or list
+        The CP rank, or the layer class's ``ranks`` (reference spellings accepted).
+    normalization : {"bn", "ln"}
+        ``gate_norm="batchnorm"`` or ``"layernorm"``.
+    act : str or callable
+        The gate activation: a name, or a function named ``entmax15``, ``softmax``
+        or ``sparsemax`` (such as the ``entmax`` package's ``entmax15``).
+    use_bias : bool
+        ``bias``.
+    apply_ln : bool
+        The experts read a LayerNorm (with weight and bias) of the input.
+    device, dtype
+        Of the parameters.
+
+    Returns
+    -------
+    MMoE or MMoEMLP
+        Outputs ``[..., O]``: the reference's ``MuMoE`` returns ``[B, 1, O]`` for
+        ``[B, I]`` inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = MuMoE(input_dim=4, output_dim=8, MuMoE_layer=CPMMoE, expert_dims=[6], ranks=3)
+    >>> model(torch.randn(5, 4)).shape, model.layer.gate_norm
+    (torch.Size([5, 8]), 'batchnorm')
+    >>> block = MuMoE(CPMMoE, 4, 16, [6], 3, second_dim=4, normalization="ln", apply_ln=True)
+    >>> type(block).__name__, block(torch.randn(2, 3, 4)).shape
+    ('MMoEMLP', torch.Size([2, 3, 4]))
+    """
+    if not (isinstance(MuMoE_layer, type) and issubclass(MuMoE_layer, MMoE) and MuMoE_layer is not MMoE):
+        raise TypeError(f"MuMoE_layer must be a tensormoe.torch layer class such as CPMMoE or TRMMoE; got {MuMoE_layer!r}")
+    if normalization not in _NORMALIZATION:
+        raise ValueError(f"normalization={normalization!r} is not supported; expected 'bn' or 'ln'")
+    gate = getattr(act, "__name__", act)
+    rank = {"rank": ranks} if MuMoE_layer.core_class is _layer.CPMMoE else {"ranks": ranks}
+    common = dict(expert_dims=expert_dims, hierarchy=hierarchy, bias=use_bias, gate=gate,
+                  gate_norm=_NORMALIZATION[normalization], dtype=dtype, device=device, **rank)
+    first = MuMoE_layer(input_dim, output_dim, **common)
+    if not second_dim and not apply_ln:
+        return first
+    if not second_dim:
+        raise ValueError(
+            "apply_ln=True without second_dim: tensormoe's LayerNorm of the experts' input belongs to the two-layer "
+            "block (MMoEMLP); load such a checkpoint with tensormoe.tools.reference.from_reference"
+        )
+    # the second layer's gates are never read (it takes the first layer's coefficients): no statistics for them
+    second = MuMoE_layer(output_dim, second_dim, **{**common, "gate_norm": None})
+    return MMoEMLP(first, second, apply_ln=apply_ln)
+
+
+def from_reference(
+    state_dict: Mapping[str, Any], *, gate: str = "entmax15", prefix: str = "", dtype: str | None = None,
+    device: Any = None,
+) -> nn.Module:
+    """A reference muMoE checkpoint as a module: :class:`MMoE`, or :class:`MMoEMLP` for a two-layer block.
+
+    Every tensor is read by name and shape (:func:`tensormoe.tools.reference.read_state_dict`:
+    anything else is refused, naming it): the factors and gates, the BatchNorm
+    statistics into the module's buffers (train/eval then follow
+    ``module.train()``/``.eval()`` as in the reference), ``input_ln`` into the
+    block's LayerNorm.  A single layer with ``apply_ln`` is not a module here: use
+    :func:`tensormoe.tools.reference.from_reference`.
+
+    Parameters
+    ----------
+    state_dict : mapping of str to array
+        The reference module's ``state_dict()``.
+    gate : {"entmax15", "softmax", "sparsemax"}
+        The reference module's ``act``.
+    prefix : str
+        Read only the names under this prefix.
+    dtype : str, optional
+        Default: the checkpoint's.
+    device : torch.device or str, optional
+
+    Examples
+    --------
+    >>> import torch
+    >>> state = {"factors.0": torch.randn(6, 3), "factors.1": torch.randn(5, 3), "factors.2": torch.randn(8, 3),
+    ...          "projs.0": torch.randn(4, 6), "bn.0.running_mean": torch.zeros(6),
+    ...          "bn.0.running_var": torch.ones(6), "bn.0.num_batches_tracked": torch.tensor(0)}
+    >>> model = from_reference(state).eval()
+    >>> model(torch.randn(2, 4)).shape, sorted(model.state_dict())[:3]
+    (torch.Size([2, 8]), ['norms.0.num_batches_tracked', 'norms.0.running_mean', 'norms.0.running_var'])
+    """
+    checkpoint = _reference.read_state_dict(state_dict, gate=gate, prefix=prefix)
+    dtype = checkpoint.dtype if dtype is None else dtype
+    if checkpoint.input_ln is not None and len(checkpoint.configs) == 1:
+        raise ValueError(
+            "the checkpoint has input_ln.* but no second layer: a single layer whose experts read LayerNorm(x) is "
+            "not a tensormoe.torch module; load it with tensormoe.tools.reference.from_reference"
+        )
+    classes = {cls.__name__: cls for cls in (CPMMoE, TuckerMMoE, TTMMoE, TRMMoE)}
+    modules = []
+    for k, (config, params) in enumerate(zip(checkpoint.configs, checkpoint.params)):
+        kwargs = {key: value for key, value in config.items() if key != "class"}
+        if k:
+            kwargs["gate_norm"] = None  # the second layer's gates are never read
+        module = classes[config["class"]](**kwargs, dtype=dtype, device=device)
+        arrays = {name: to_numpy(value) for name, value in params.items()}
+        if k:  # not in the reference: zeros, frozen by MMoEMLP
+            arrays.update({name: np.zeros(shape) for name, shape in module.layer.param_shapes().items()
+                           if name not in arrays})
+        module._assign_params(arrays)
+        modules.append(module)
+    first = modules[0]
+    if checkpoint.gate_norm_state is not None:
+        first._keep_norm_state(tuple(BatchNormState(*(torch.as_tensor(to_numpy(a)) for a in s))
+                                     for s in checkpoint.gate_norm_state))
+    if len(modules) == 1:
+        return first
+    block = MMoEMLP(first, modules[1], apply_ln=checkpoint.input_ln is not None)
+    if checkpoint.input_ln is not None:
+        with torch.no_grad():
+            for target, value in zip((block.input_ln.weight, block.input_ln.bias), checkpoint.input_ln):
+                target.copy_(torch.as_tensor(to_numpy(value)))
+    return block

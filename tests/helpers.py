@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 import tensormoe
@@ -87,3 +89,15 @@ def random_params(layer, seed):
 def parameter_sets(layer, seed):
     """Both kinds of parameters a forward property is checked with: ``{"init": ..., "random": ...}``."""
     return {"init": random_gates(layer, seed), "random": random_params(layer, seed)}
+
+
+@contextlib.contextmanager
+def float64_on(backend):
+    """Inside: float64 arrays work on ``backend`` (JAX's 64-bit mode on for the block only; the JAX tests keep it off)."""
+    if backend != "jax":
+        yield
+        return
+    import jax
+
+    with jax.enable_x64(True):
+        yield

@@ -59,15 +59,14 @@ BAD = [
     (lambda: tensormoe.CPMMoE(4, 3, [4], rank=2, init_std=-1), ValueError, "init_std must be a positive"),
     (lambda: tensormoe.CPMMoE(4, 3, [4], rank=2, bias=1), TypeError, "bias must be True or False"),
     (lambda: tensormoe.CPMMoE(4, 3, [4], rank=2, optimize="fastest"), ValueError, "optimize='fastest' is not a known"),
-    (lambda: tensormoe.TuckerMMoE(4, 3, [4], ranks=[2, 6, 2]), ValueError, r"ranks\[1\]=6 exceeds the size 5"),
     (lambda: tensormoe.TuckerMMoE(4, 3, [4], ranks=[2, 2]), ValueError, "ranks must have one entry per mode"),
     (lambda: tensormoe.TTMMoE(4, 3, [4], ranks=[2, 2, 2, 1]), ValueError, "TT boundary ranks must be 1; got r_0=2"),
     (lambda: tensormoe.TTMMoE(4, 3, [4], ranks=[2, 2, 2, 2, 2, 2]), ValueError, "ranks must be an integer or a list"),
     (lambda: tensormoe.TRMMoE(4, 3, [4], ranks=[2, 3, 4, 5]), ValueError, "TR boundary ranks must be equal"),
     (lambda: tensormoe.TRMMoE(4, 3, [4], ranks=[[2, 4, 3], [4, 5, 2], [2, 3, 2]]), ValueError,
      r"ranks\[1\]\[0\]=4 must equal ranks\[0\]\[2\]=3"),
-    (lambda: tensormoe.TRMMoE(4, 3, [4], ranks=[[2, 9, 3], [3, 5, 2], [2, 3, 2]]), ValueError,
-     r"ranks\[0\]\[1\]=9 must equal the size 4"),
+    (lambda: tensormoe.TRMMoE(4, 3, [4], ranks=[[2, 0, 3], [3, 5, 2], [2, 3, 2]]), ValueError,
+     r"ranks\[0\]\[1\] must be a positive integer; got 0"),
     (lambda: tensormoe.TTMMoE(4, 3, [4], ranks="3"), TypeError, "ranks must be an integer or a sequence"),
 ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numbers
 import types
 from typing import Any
@@ -160,6 +162,20 @@ class Ops:
         xp = self.xp
         centred = x - xp.mean(x, axis=-1, keepdims=True)
         return centred / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+
+    def gelu(self, x: Any) -> Any:
+        """The exact GELU ``x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2`` (``torch.nn.GELU()``, not its tanh form).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tensormoe.frameworks import get_ops
+        >>> get_ops("numpy").gelu(np.array([-1.0, 0.0, 1.0])).round(6).tolist()
+        [-0.158655, 0.0, 0.841345]
+        """
+        # NumPy has no erf: math.erf per entry, in float64, cast back
+        erf = np.vectorize(math.erf, otypes=[np.float64])(np.asarray(x, dtype=np.float64) / math.sqrt(2.0))
+        return (0.5 * np.asarray(x, dtype=np.float64) * (1.0 + erf)).astype(x.dtype)
 
     def count_nonfinite(self, x: Any) -> int:
         """Number of NaN and infinite entries of ``x`` (a Python int).

@@ -70,6 +70,9 @@ class JaxOps(Ops):
             return jax.random.uniform(key, shape, dtype=like.dtype), rng
         return super().uniform(rng, shape, like)
 
+    def gelu(self, x: Any) -> Any:
+        return jax.nn.gelu(x, approximate=False)
+
     def stop_gradient(self, x: Any) -> Any:
         return jax.lax.stop_gradient(x)
 

@@ -146,6 +146,9 @@ class TorchOps(Ops):
     def layer_norm(self, x: Any, eps: float) -> Any:
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
 
+    def gelu(self, x: Any) -> Any:
+        return torch.nn.functional.gelu(x)
+
     def top_k(self, x: Any, k: int) -> tuple[Any, Any]:
         n = x.shape[-1]
         if 4 * k > n:

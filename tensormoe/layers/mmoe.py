@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from .. import routing as _routing
 from .. import validation as _v
 from .._array import dtype_name
+from .._array import to_numpy as _to_numpy
 from ..backend import canonical_name, get_backend
 from ..frameworks import Ops, get_ops
 from ..network.contraction import Plan, check_optimizer, get_plan
@@ -42,10 +43,24 @@ __all__ = [
     "TRMMoE",
     "TTMMoE",
     "TuckerMMoE",
+    "GATE_NORMS",
     "convert_params",
     "layer_from_config",
     "make_layer",
 ]
+
+GATE_NORMS = [*_routing.gates.NORMS, "batchnorm"]
+"""The layers' ``gate_norm=`` values: the routers' per-row normalisations and ``"batchnorm"``.
+
+``"batchnorm"`` normalises each expert's logit over the batch, with running
+statistics for evaluation (:mod:`tensormoe.routing.batchnorm`; the reference
+implementation's default); the layer then holds them in ``MMoE.norm_state``.
+
+Examples
+--------
+>>> GATE_NORMS
+[None, 'layernorm', 'batchnorm']
+"""
 
 
 class Checked(NamedTuple):
@@ -95,8 +110,13 @@ class MMoE:
         mode gets one extra row).
     gate : {"entmax15", "softmax", "sparsemax"}
         Activation producing each level's coefficients.
-    gate_norm : {"layernorm", None}
-        Normalisation of the gate logits before the activation.
+    gate_norm : {"layernorm", None, "batchnorm"}
+        Normalisation of the gate logits before the activation: per row
+        (``"layernorm"``), none, or over the batch with running statistics for
+        evaluation (``"batchnorm"``, the reference implementation's default; see
+        :mod:`tensormoe.routing.batchnorm`), which the layer holds in
+        ``norm_state`` and :meth:`apply` takes and returns (``norm_state=``,
+        ``return_norm_state=``).  ``"batchnorm"`` needs the default dense routers.
     router : str, Router or sequence of them, optional
         How each level routes (:mod:`tensormoe.routing`): a name
         (``"entmax15"``, ``"softmax"``, ``"sparsemax"``, ``"top1"``, ``"top2"``,
@@ -210,9 +230,16 @@ class MMoE:
         self.expert_dims = parse_expert_dims(expert_dims, hierarchy)
         self.bias = _v.check_bool(bias, "bias")
         self.gate = _v.check_choice(gate, "gate", sorted(_routing.gates.ACTIVATIONS), what="a gate activation")
-        self.gate_norm = _v.check_choice(gate_norm, "gate_norm", list(_routing.gates.NORMS))
+        self.gate_norm = _v.check_choice(gate_norm, "gate_norm", GATE_NORMS)
+        if self.gate_norm == "batchnorm" and router is not None:
+            raise ValueError(
+                f"gate_norm='batchnorm' normalises the logits of the layer's own dense gates; got router={router!r}: "
+                "expected router=None"
+            )
         self.gate_rank = None if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
-        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, gate_norm, self.gate_rank,
+        # the routers' own normalisation (a BatchNorm is the layer's: it keeps running statistics)
+        self._router_norm = None if self.gate_norm == "batchnorm" else self.gate_norm
+        self.routers = _routing.resolve_routers(router, self.expert_dims, gate, self._router_norm, self.gate_rank,
                                                 in_dim=self.in_dim, out_dim=self.out_dim)
         self._router_arg = list(router) if isinstance(router, Sequence) and not isinstance(router, str) else router
         self.init_std = (
@@ -234,6 +261,7 @@ class MMoE:
         self._compiled: dict[tuple[str, str], Any] = {}
         if _v.check_bool(init, "init"):
             self.params = self.init(self.seed)
+        self.norm_state = self.init_norm_state() if self.gate_norm == "batchnorm" else None
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:
         raise NotImplementedError
@@ -345,6 +373,45 @@ class MMoE:
         """
         seed = self.seed if seed is None else _v.check_nonnegative_int(seed, "seed")
         return init_params(self.spec, init_std=self.init_std, dtype=self.dtype, seed=seed)
+
+    def init_norm_state(self, backend: str | None = None) -> tuple[_routing.BatchNormState, ...]:
+        """Fresh BatchNorm statistics of every level (mean 0, variance 1, count 0), for ``gate_norm="batchnorm"``.
+
+        Examples
+        --------
+        >>> layer = CPMMoE(4, 3, [5, 2], rank=2, gate_norm="batchnorm")
+        >>> [s.var.tolist() for s in layer.init_norm_state()]
+        [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0]]
+        """
+        if self.gate_norm != "batchnorm":
+            raise ValueError(f"init_norm_state: the layer has gate_norm={self.gate_norm!r}; expected 'batchnorm'")
+        ops = _ops(backend)
+        return tuple(_routing.batch_norm_state(n, self.dtype, ops) for n in self.expert_dims)
+
+    def _norm_state_for(self, ops: Ops, state: Any, like: Any) -> tuple:
+        """The statistics to normalise with: ``state`` as given, or the layer's own on ``ops``'s backend."""
+        if state is not None:
+            if not isinstance(state, (tuple, list)) or len(state) != len(self.expert_dims):
+                raise TypeError(
+                    f"norm_state must be a tuple of {len(self.expert_dims)} BatchNormState (one per level, e.g. "
+                    f"layer.norm_state); got {_v.describe(state)}"
+                )
+            return tuple(state)
+        own = self.norm_state
+        if ops.is_array(own[0].mean):
+            return own
+        return tuple(_routing.BatchNormState(*(ops.asarray(_to_numpy(a), like=like) for a in s)) for s in own)
+
+    def _batchnorm_gates(self, ops: Ops, params: Mapping[str, Any], x: Any, norm_state: Any, training: bool,
+                         return_norm_state: bool) -> tuple[list[Any], tuple]:
+        if training and not return_norm_state:
+            raise ValueError(
+                "training=True with gate_norm='batchnorm' needs return_norm_state=True: the call updates the running "
+                "statistics, which the caller keeps (tensormoe.torch keeps them in buffers, tensormoe.jax passes them)"
+            )
+        state = self._norm_state_for(ops, norm_state, x)
+        return _routing.gate_coefficients(ops, self.routers, params, self.in_dim, self.expert_dims, x, state,
+                                          training=training)
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         """Raise if ``params`` does not have exactly this layer's names and shapes.
@@ -474,7 +541,10 @@ class MMoE:
             noise = _routing.training_noise(ops, self.routers, self.expert_dims, lead, rng, like=x, training=training)
         return Prepared(ops, params, x, coefficients, routing, mask, noise)
 
-    def coefficients(self, params: Mapping[str, Any] | None, x: Any, *, backend: str | None = None) -> list[Any]:
+    def coefficients(
+        self, params: Mapping[str, Any] | None, x: Any, *, norm_state: Any = None, training: bool = False,
+        return_norm_state: bool = False, backend: str | None = None,
+    ) -> Any:
         """Expert coefficients of every level, ``[..., N_h]`` each (zero for unselected experts).
 
         With the default dense routers the rows sum to one; top-k levels give
@@ -487,6 +557,8 @@ class MMoE:
             Parameters (``None``: the layer's own).
         x : array of shape [..., in_dim]
             Input of the current backend and the layer's dtype.
+        norm_state, training, return_norm_state
+            BatchNorm gates (``gate_norm="batchnorm"``) only, as in :meth:`apply`.
         backend : str, optional
             Compute on this backend instead of the current one (see :meth:`apply`).
 
@@ -505,6 +577,13 @@ class MMoE:
             raise ValueError("a ProductKeyRouter selects pairs of experts: per-level coefficients do not describe them; "
                              "use layer.route(params, x) and tensormoe.routing.pair_to_dense")
         ops, params, x, _ = self._checked(params, x, backend=backend)
+        if self.gate_norm == "batchnorm":
+            coefficients, state = self._batchnorm_gates(ops, params, x, norm_state, _v.check_bool(training, "training"),
+                                                        return_norm_state)
+            coefficients = self._finite_result(ops, coefficients, "coefficients")
+            return (coefficients, state) if return_norm_state else coefficients
+        if norm_state is not None or return_norm_state:
+            raise ValueError(f"norm_state and return_norm_state need gate_norm='batchnorm'; the layer has {self.gate_norm!r}")
         return self._finite_result(ops, self._run(_forward.coefficients, ops, params, x), "coefficients")
 
     def route(
@@ -570,6 +649,8 @@ class MMoE:
         training: bool = False,
         rng: Any = None,
         return_routing: bool = False,
+        norm_state: Any = None,
+        return_norm_state: bool = False,
         backend: str | None = None,
     ) -> Any:
         """The factorized forward pass: ``y[..., out_dim]`` from ``x[..., in_dim]``.
@@ -605,6 +686,14 @@ class MMoE:
             policy's draws (in either mode).
         return_routing : bool
             Also return the routing (with its auxiliary losses): ``(y, routing)``.
+        norm_state : tuple of BatchNormState, optional
+            With ``gate_norm="batchnorm"``: the running statistics to use (default:
+            ``norm_state``).  ``training=True`` normalises with the batch's
+            statistics (every leading axis of ``x`` is a row) and updates them.
+        return_norm_state : bool
+            With ``gate_norm="batchnorm"``: return ``(y, norm_state)``, the statistics
+            after the call; required with ``training=True``, whose update would
+            otherwise be lost.
         backend : str, optional
             Compute on this backend whatever the global flag says (the
             framework shells :mod:`tensormoe.torch` and :mod:`tensormoe.jax`
@@ -626,6 +715,18 @@ class MMoE:
         ops, params, x, coefficients, routing, mask, noise = self._prepared(
             params, x, coefficients=coefficients, routing=routing, mask=mask, training=training, rng=rng, backend=backend
         )
+        if self.gate_norm == "batchnorm" and coefficients is None and routing is None:
+            if mask is not None or return_routing:
+                raise ValueError("mask= and return_routing= need routers; gate_norm='batchnorm' uses the dense gates")
+            coefficients, state = self._batchnorm_gates(ops, params, x, norm_state, training, return_norm_state)
+            y = self._run(_forward.forward, ops, params, x, coefficients, None, None, None)
+            y = self._finite_result(ops, y, "apply")
+            return (y, state) if return_norm_state else y
+        if return_norm_state:
+            raise ValueError(
+                "return_norm_state=True returns BatchNorm statistics: it needs gate_norm='batchnorm' and the gates "
+                f"(no coefficients= or routing=); the layer has gate_norm={self.gate_norm!r}"
+            )
         if return_routing:
             if coefficients is not None:
                 raise ValueError("return_routing=True needs the routers: it cannot be used with coefficients=")
@@ -807,12 +908,14 @@ class MMoE:
 
     def __repr__(self) -> str:
         default = all(
-            isinstance(r, _routing.DenseRouter) and (r.activation, r.norm, r.rank) == (self.gate, self.gate_norm, self.gate_rank)
+            isinstance(r, _routing.DenseRouter) and (r.activation, r.norm, r.rank) == (self.gate, self._router_norm, self.gate_rank)
             for r in self.routers
         )
         routing = f"gate={self.gate!r}" if default else f"router={[r.name for r in self.routers]!r}"
         if self.gate_rank is not None:
             routing += f", gate_rank={self.gate_rank}"
+        if self.gate_norm == "batchnorm":
+            routing += ", gate_norm='batchnorm'"
         return (
             f"{type(self).__name__}(in_dim={self.in_dim}, out_dim={self.out_dim}, "
             f"expert_dims={list(self.expert_dims)}, {self._rank_repr()}, bias={self.bias}, {routing})"
@@ -826,7 +929,8 @@ class CPMMoE(MMoE):
     """MMoE layer whose weight tensor is a CP tensor of rank ``rank``.
 
     Cost of the forward pass: ``B * R * (sum N_h + I + O)`` multiply-adds.
-    See :class:`MMoE` for the other parameters.
+    See :class:`MMoE` for the other parameters.  ``ranks=R`` is accepted for
+    ``rank=R`` (the reference implementation's ``MuMoE`` wrapper calls it so).
 
     Examples
     --------
@@ -834,10 +938,18 @@ class CPMMoE(MMoE):
     >>> layer = CPMMoE(in_dim=16, out_dim=8, expert_dims=[32], rank=4)
     >>> layer(np.zeros((3, 16), dtype="float32")).shape
     (3, 8)
+    >>> CPMMoE(16, 8, [32], ranks=4).rank
+    4
     """
 
-    def __init__(self, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], rank: int, **kwargs: Any) -> None:
-        self._rank = rank
+    def __init__(self, in_dim: int, out_dim: int, expert_dims: int | Sequence[int], rank: int | None = None,
+                 *, ranks: int | None = None, **kwargs: Any) -> None:
+        if (rank is None) == (ranks is None):
+            raise TypeError(
+                f"CPMMoE takes the CP rank as rank= (or ranks=, the reference's name); got rank={rank!r} and "
+                f"ranks={ranks!r}: expected exactly one"
+            )
+        self._rank = rank if ranks is None else ranks
         super().__init__(in_dim, out_dim, expert_dims, **kwargs)
 
     def _make_factorization(self, dims: tuple[int, ...]) -> Factorization:

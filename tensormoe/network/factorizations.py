@@ -19,6 +19,7 @@ mode (``in_dim + 1`` when the layer has a bias) and the output mode.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,10 +39,21 @@ from ..validation import (
     is_int,
 )
 
-__all__ = ["CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS", "OverparameterizedWarning"]
+__all__ = [
+    "CP", "TR", "TT", "Factorization", "Tucker", "FACTORIZATIONS", "OverparameterizedWarning", "RankWarning",
+]
 
 #: Most elements one parameter may have (NumPy cannot address more bytes than 2**63).
 _MAX_ELEMENTS = 2**60
+_PACKAGE = __name__.split(".")[0]
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside tensormoe (whichever path built the object)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: _warn's caller
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == _PACKAGE:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class OverparameterizedWarning(UserWarning):
@@ -59,6 +71,36 @@ class OverparameterizedWarning(UserWarning):
     ...     CP([8, 5, 6], rank=100, n_expert_modes=1).check_size()
     >>> caught[0].category.__name__
     'OverparameterizedWarning'
+    """
+
+
+class RankWarning(UserWarning):
+    """Warned when ranks are accepted as the reference implementation reads them, not as they are written.
+
+    Two spellings of the reference muMoE implementation give it:
+
+    * Tucker ranks above their mode's size (an over-complete factor ``[d_k, R_k]``
+      with ``R_k > d_k``): the tensor is the same as with smaller ranks, so some
+      parameters are redundant; the message says how many.
+    * A TT/TR core shape ``[r_k, n_k, r_k+1]`` whose middle entry ``n_k`` is not
+      the mode's size: only the bonds ``r_k`` and ``r_k+1`` are read (the
+      reference overwrites ``n_k`` with the mode size).  ``None`` there is read
+      the same way, silently.
+
+    Silence it with ``warnings.simplefilter("ignore", RankWarning)``, or turn it
+    into an error with ``"error"``.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     Tucker([32, 5, 8], ranks=[8, 8, 8], n_expert_modes=1).ranks
+    (8, 8, 8)
+    >>> print(caught[0].message)  # doctest: +NORMALIZE_WHITESPACE
+    ranks=[8, 8, 8] with dims=[32, 5, 8]: ranks[1]=8 exceeds the size 5 of mode 1 (an over-complete factor);
+    the tensor is the one ranks=[8, 5, 8] give, so 207 of the 872 factorized parameters are redundant;
+    expected at most ranks=[8, 5, 8] to hold none
     """
 
 
@@ -466,12 +508,11 @@ class Factorization:
                 )
         count, dense = self.n_params(), math.prod(self.dims)
         if count > dense:
-            warnings.warn(
+            _warn(
                 f"{self._rank_argument}={self.describe_ranks()!r} with dims={list(self.dims)} give {count:,} "
                 f"factorized parameters, {count / dense:.3g}x the {dense:,} entries of the dense tensor they stand "
                 "for; expected fewer (smaller ranks save parameters, these save nothing)",
                 OverparameterizedWarning,
-                stacklevel=4,  # check_size <- MMoE.__init__ <- the layer class <- the caller
             )
 
     # -- counting ------------------------------------------------------------------
@@ -666,7 +707,9 @@ class Tucker(Factorization):
         Mode sizes ``[N_1, ..., N_H, I, O]``.
     ranks : int or sequence of int
         One rank per mode; an integer is used for every mode and clipped to each
-        mode's size.  An explicit rank above its mode size is an error.
+        mode's size.  An explicit rank above its mode's size is kept as given (an
+        over-complete factor, as the reference implementation allows) with a
+        :class:`RankWarning` that counts the redundant parameters.
     n_expert_modes : int
         ``H``.
 
@@ -693,10 +736,55 @@ class Tucker(Factorization):
                     f"ranks must have one entry per mode ({self.order}: {self.n_expert_modes} expert modes, "
                     f"input, output); got {len(values)} entries {values!r}"
                 )
-            for k, (r, d) in enumerate(zip(values, self.dims)):
-                if r > d:
-                    raise ValueError(f"ranks[{k}]={r} exceeds the size {d} of mode {k}; expected at most {d}")
             self.ranks = tuple(values)
+            over = [k for k, (r, d) in enumerate(zip(values, self.dims)) if r > d]
+            if over:
+                self._warn_overcomplete(over)
+
+    def _warn_overcomplete(self, over: list[int]) -> None:
+        needed = self.essential_ranks()
+        shapes = dict(self.param_shapes(), core=tuple(needed))
+        shapes.update({f"factor_{k}": (d, r) for k, (d, r) in enumerate(zip(self.dims, needed))})
+        redundant = self.n_params() - sum(math.prod(s) for s in shapes.values())
+        which = ", ".join(f"ranks[{k}]={self.ranks[k]}" for k in over)
+        sizes = ", ".join(f"{self.dims[k]}" for k in over)
+        modes = ", ".join(str(k) for k in over)
+        plural = "s" if len(over) > 1 else ""
+        _warn(
+            f"ranks={list(self.ranks)} with dims={list(self.dims)}: {which} exceed{'s' if not plural else ''} "
+            f"the size{plural} {sizes} of mode{plural} {modes} ({'over-complete factors' if plural else 'an over-complete factor'}); the tensor is the one "
+            f"ranks={needed} give, so {redundant:,} of the {self.n_params():,} factorized parameters are redundant; "
+            f"expected at most ranks={needed} to hold none",
+            RankWarning,
+        )
+
+    def essential_ranks(self) -> list[int]:
+        """The smallest ranks that can hold every tensor these ranks can: ``R'_k = min(R_k, d_k, prod_{j != k} R'_j)``.
+
+        A factor ``[d_k, R_k]`` has rank at most ``d_k``, and the core's mode-``k``
+        unfolding at most the product of its other ranks, so larger ranks only add
+        redundant parameters.
+
+        Examples
+        --------
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", RankWarning)  # over-complete: it says so
+        ...     wide = Tucker([32, 2, 5, 8], ranks=[8, 8, 8, 8], n_expert_modes=2)
+        >>> wide.essential_ranks()
+        [8, 2, 5, 8]
+        >>> Tucker([9, 9, 9], ranks=[1, 2, 9], n_expert_modes=1).essential_ranks()
+        [1, 2, 2]
+        """
+        ranks = [min(r, d) for r, d in zip(self.ranks, self.dims)]
+        changed = True
+        while changed:
+            changed = False
+            for k in range(len(ranks)):
+                bound = math.prod(ranks[:k] + ranks[k + 1 :])
+                if ranks[k] > bound:
+                    ranks[k], changed = bound, True
+        return ranks
 
     def describe_ranks(self) -> list[int]:
         return list(self.ranks)
@@ -769,19 +857,29 @@ class _Chain(Factorization):
             raise ValueError(f"ranks given as core shapes must list {d} cores [r_k, n_k, r_k+1]; got {len(shapes)}")
         bonds: list[int] = []
         for k, shape in enumerate(shapes):
-            values = check_int_sequence(shape, f"ranks[{k}]", what="a core shape [r_k, n_k, r_k+1]")
-            if len(values) != 3:
-                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {values!r}")
-            if k and values[0] != bonds[-1]:
-                raise ValueError(f"ranks[{k}][0]={values[0]} must equal ranks[{k - 1}][2]={bonds[-1]} (shared bond)")
-            accepted = self._accepted_sizes(k)
-            if values[1] not in accepted:
-                alternative = f" (or in_dim={accepted[1]})" if len(accepted) > 1 and accepted[1] != accepted[0] else ""
-                raise ValueError(
-                    f"ranks[{k}][1]={values[1]} must equal the size {self.dims[k]} of mode {k}{alternative}"
-                )
-            bonds.extend(values[0::2] if not k else values[2:])
+            values = as_list(shape)
+            if values is None or len(values) != 3:
+                raise ValueError(f"ranks[{k}] must be a core shape [r_k, n_k, r_k+1]; got {shape!r}")
+            left, right = (check_positive_int(values[j], f"ranks[{k}][{j}]") for j in (0, 2))
+            if k and left != bonds[-1]:
+                raise ValueError(f"ranks[{k}][0]={left} must equal ranks[{k - 1}][2]={bonds[-1]} (shared bond)")
+            if values[1] is not None:
+                self._check_middle(k, check_positive_int(values[1], f"ranks[{k}][1]"), left, right)
+            bonds.extend([left, right] if not k else [right])
         return bonds
+
+    def _check_middle(self, k: int, size: int, left: int, right: int) -> None:
+        # the reference reads only the bonds of a core shape (it overwrites the middle entry
+        # with the mode size): a middle entry that disagrees is read the same way, with a warning
+        accepted = self._accepted_sizes(k)
+        if size not in accepted:
+            alternative = f" (or in_dim={accepted[1]})" if len(accepted) > 1 and accepted[1] != accepted[0] else ""
+            _warn(
+                f"ranks[{k}][1]={size} is not the size {self.dims[k]} of mode {k}{alternative}: only the bonds "
+                f"of a core shape [r_k, n_k, r_k+1] are read, so core {k} has shape {[left, self.dims[k], right]}; "
+                f"expected the mode size {self.dims[k]}{alternative} or None as the middle entry",
+                RankWarning,
+            )
 
     def _accepted_sizes(self, k: int) -> tuple[int, ...]:
         # the input mode may carry a bias row: a layer passes its in_dim, which core
@@ -824,7 +922,9 @@ class TT(_Chain):
     ranks : int, sequence of int, or sequence of core shapes
         An integer for every inner bond; ``d + 1`` bond ranks ``[1, r_1, ..., 1]``;
         the ``d - 1`` inner ones; or the reference style list of core shapes
-        ``[[1, N, r_1], [r_1, I, r_2], [r_2, O, 1]]``.
+        ``[[1, N, r_1], [r_1, I, r_2], [r_2, O, 1]]``, whose middle entries may
+        be ``None`` (only the bonds are read; a middle entry other than the mode's
+        size, or ``in_dim`` for the input mode, gives a :class:`RankWarning`).
     n_expert_modes : int
         ``H``.
 
@@ -863,7 +963,9 @@ class TR(_Chain):
         Mode sizes ``[N_1, ..., N_H, I, O]``.
     ranks : int, sequence of int, or sequence of core shapes
         An integer for every bond; ``d + 1`` bond ranks with ``r_0 = r_d``; ``d``
-        bond ranks ``r_0..r_{d-1}``; or a list of core shapes.
+        bond ranks ``r_0..r_{d-1}``; or a list of core shapes ``[r_k, n_k, r_k+1]``
+        (middle entries as for :class:`TT`: ``None``, the mode's size, or read
+        with a :class:`RankWarning`).
     n_expert_modes : int
         ``H``.
 
@@ -871,6 +973,8 @@ class TR(_Chain):
     --------
     >>> TR([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).bonds
     (2, 3, 4, 2)
+    >>> TR([8, 5, 6], ranks=[[4, None, 2], [2, None, 3], [3, None, 4]], n_expert_modes=1).bonds
+    (4, 2, 3, 4)
     """
 
     name = "tr"

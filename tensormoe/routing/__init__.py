@@ -2,6 +2,8 @@
 
 * :mod:`~tensormoe.routing.gates`: gate activations (softmax, 1.5-entmax,
   sparsemax) and the logit normalisation;
+* :mod:`~tensormoe.routing.batchnorm`: batch normalisation of the logits with
+  running statistics (the reference implementation's default);
 * :mod:`~tensormoe.routing.routers`: the routers of one expert level (dense,
   top-k with capacity and second-expert policies, expert choice, Soft MoE), the
   product-key router of two levels, and the registry of router names;
@@ -21,6 +23,7 @@ Examples
 [[1, 2]]
 """
 
+from .batchnorm import BatchNormState, batch_norm, batch_norm_state, gate_coefficients
 from .gates import entmax15, layer_norm, softmax, sparsemax
 from .levels import (
     Dispatch,
@@ -47,6 +50,7 @@ from .routers import (
 from .routing import Routing, group_shape, pair_to_dense
 
 __all__ = [
+    "BatchNormState",
     "DenseRouter",
     "Dispatch",
     "ExpertChoiceRouter",
@@ -56,10 +60,13 @@ __all__ = [
     "SoftRouter",
     "TopKRouter",
     "aux_loss",
+    "batch_norm",
+    "batch_norm_state",
     "check_routing",
     "combine",
     "dispatch",
     "entmax15",
+    "gate_coefficients",
     "get_router",
     "group_shape",
     "joint_levels",

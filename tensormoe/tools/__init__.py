@@ -1,6 +1,7 @@
 """Tools built on the layers: weights files, rank matching, compression, analysis, plots, the CLI.
 
 * :mod:`~tensormoe.tools.io`: safetensors and ``.npz`` weights files;
+* :mod:`~tensormoe.tools.reference`: checkpoints of the reference muMoE implementation;
 * :mod:`~tensormoe.tools.ranks`: ranks that fit a parameter budget;
 * :mod:`~tensormoe.tools.compress`: a dense weight tensor or linear layer compressed into a factorization;
 * :mod:`~tensormoe.tools.analysis`: expert usage, ablation, interventions, edits;

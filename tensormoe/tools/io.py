@@ -67,9 +67,10 @@ import safetensors.numpy
 from .. import validation as _v
 from .._array import backend_of, dtype_name, to_numpy
 from ..backend import backend_context, get_backend
+from ..frameworks import get_ops
 from ..layers import MMoE, convert_params
 from ..layers.mmoe import LAYERS
-from ..frameworks import get_ops
+from ..routing.batchnorm import BatchNormState
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "layer_from_file", "read_config", "save"]
 
@@ -105,6 +106,50 @@ _MUST_MATCH = (
     "class", "in_dim", "out_dim", "expert_dims", "rank", "ranks", "bias", "gate", "gate_norm", "router", "gate_rank"
 )
 _CLASSES = {cls.__name__: cls for cls in LAYERS.values()}
+
+
+#: the running statistics of BatchNorm gates (gate_norm="batchnorm"), stored next to the parameters as
+#: norm_{h}_mean, norm_{h}_var (the parameters' dtype) and norm_{h}_count (float64, exact to 2**53; shape (1,):
+#: safetensors stores no 0-d arrays)
+_NORM_FIELDS = ("mean", "var", "count")
+
+
+def _norm_shapes(core: MMoE) -> dict[str, tuple[int, ...]]:
+    if core.gate_norm != "batchnorm":
+        return {}
+    return {f"norm_{h}_{field}": ((1,) if field == "count" else (n,))
+            for h, n in enumerate(core.expert_dims) for field in _NORM_FIELDS}
+
+
+def _is_count(name: str) -> bool:
+    return name.startswith("norm_") and name.endswith("_count")
+
+
+def _norm_arrays(layer: Any, core: MMoE) -> dict[str, np.ndarray]:
+    """The running statistics a save writes: a torch module's buffers, else the functional layer's own."""
+    if core.gate_norm != "batchnorm":
+        return {}
+    state = layer._norm_state() if hasattr(layer, "_norm_state") else core.norm_state
+    return {f"norm_{h}_{field}": (np.asarray(to_numpy(value), dtype=np.float64).reshape(1) if field == "count"
+                                  else to_numpy(value))
+            for h, level in enumerate(state) for field, value in zip(_NORM_FIELDS, level)}
+
+
+def _assign_norm_state(layer: Any, core: MMoE, arrays: Mapping[str, np.ndarray], like: Any) -> None:
+    """Give ``layer`` the statistics in ``arrays`` (on the backend, device and dtype of ``like``)."""
+    if core.gate_norm != "batchnorm":
+        return
+    ops = get_ops(backend_of(like))
+    state = tuple(
+        BatchNormState(*(ops.asarray(np.asarray(arrays[f"norm_{h}_count"], dtype=np.int64).reshape(()), like=like)
+                         if field == "count" else ops.asarray(arrays[f"norm_{h}_{field}"], dtype_name(like), like=like)
+                         for field in _NORM_FIELDS))
+        for h in range(len(core.expert_dims))
+    )
+    if hasattr(layer, "_keep_norm_state"):
+        layer._keep_norm_state(state)  # a torch module: into its buffers
+    else:
+        core.norm_state = state
 
 
 def _core_and_params(layer: Any, argument: str = "layer") -> tuple[MMoE, Mapping[str, Any]]:
@@ -148,7 +193,10 @@ def save(layer: Any, path: str | os.PathLike, *, format: str | None = None) -> N
     Parameters
     ----------
     layer : tensormoe.MMoE, tensormoe.torch module or tensormoe.jax layer
-        Parameters may live on any backend and device, in any dtype.
+        Parameters may live on any backend and device, in any dtype.  With
+        ``gate_norm="batchnorm"`` its running statistics are written too (a torch
+        module's buffers; otherwise the functional layer's ``norm_state``), and
+        :func:`load` and :func:`layer_from_file` restore them.
     path : str or os.PathLike
         The file to write (no suffix is added).  It is written to a temporary
         file first and then moved into place, so an interrupted save never leaves
@@ -172,6 +220,9 @@ def save(layer: Any, path: str | os.PathLike, *, format: str | None = None) -> N
     config = layer.config() if hasattr(layer, "config") else core.config()
     dtypes = {name: dtype_name(value) for name, value in params.items()}
     arrays = {name: to_numpy(value) for name, value in params.items()}
+    norms = _norm_arrays(layer, core)
+    dtypes.update({name: "float64" if _is_count(name) else dtypes[next(iter(params))] for name in norms})
+    arrays.update(norms)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tensormoe-", suffix="." + format, dir=folder)
@@ -228,7 +279,7 @@ class _File:
         dtype = self.config.get("dtype")
         if dtype not in _v.FLOAT_DTYPES:
             raise self.error(f"its configuration has dtype={dtype!r}; expected one of {list(_v.FLOAT_DTYPES)}")
-        other = sorted({name for name, d in self.dtypes.items() if d != dtype})
+        other = sorted({name for name, d in self.dtypes.items() if d != ("float64" if _is_count(name) else dtype)})
         if other:
             raise self.error(
                 f"parameter {other[0]!r} is stored as {self.dtypes[other[0]]}; its configuration says dtype={dtype!r}"
@@ -268,7 +319,7 @@ class _File:
         ]
         if diffs:
             raise self.error("it holds another layer: " + ", ".join(diffs))
-        shapes = core.param_shapes()
+        shapes = {**core.param_shapes(), **_norm_shapes(core)}
         if set(self.shapes) != set(shapes):
             missing, extra = sorted(set(shapes) - set(self.shapes)), sorted(set(self.shapes) - set(shapes))
             raise self.error(
@@ -579,7 +630,8 @@ def load(layer: Any, path: str | os.PathLike, *, max_bytes: int | None = None) -
         # each array on its predecessor's backend, device and dtype
         layer.params = {name: ops.asarray(arrays[name], dtype_name(params[name]), like=params[name]) for name in params}
     else:
-        layer._assign_params(arrays)
+        layer._assign_params({name: arrays[name] for name in params})
+    _assign_norm_state(layer, core, arrays, next(iter(_core_and_params(layer)[1].values())))
     return layer
 
 
@@ -626,5 +678,7 @@ def layer_from_file(
                 dtype = "float32"
         layer = file.build(dtype, max_bytes)
         file.check_fits(layer)
-        layer.params = convert_params(file.read(), name, dtype)
+        arrays = file.read()
+        layer.params = convert_params({k: v for k, v in arrays.items() if k in layer.param_shapes()}, name, dtype)
+        _assign_norm_state(layer, layer, arrays, next(iter(layer.params.values())))
     return layer
