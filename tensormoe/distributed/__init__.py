@@ -99,12 +99,6 @@ def default_rank_index(layer: Any) -> int:
     return _factorization(layer).default_rank_index()
 
 
-def _checked_index(f: Factorization, rank_index: Any) -> int:
-    k = f.default_rank_index() if rank_index is None else rank_index
-    f.rank_axes(k)  # raises on an index that names no rank
-    return int(k)
-
-
 def rank_index_size(layer: Any, rank_index: int | None = None) -> int:
     """The size of rank index ``rank_index``: how many terms the weight tensor sums over it.
 
@@ -121,7 +115,7 @@ def rank_index_size(layer: Any, rank_index: int | None = None) -> int:
     4
     """
     f = _factorization(layer)
-    k = _checked_index(f, rank_index)
+    k = f.check_rank_index(rank_index)
     if isinstance(f, CP):
         return f.rank
     if isinstance(f, Tucker):
@@ -219,7 +213,7 @@ def local_layer(layer: Any, parts: int, rank_index: int | None = None) -> MMoE:
     """
     core = _core(layer)
     f = core.factorization
-    k = _checked_index(f, rank_index)
+    k = f.check_rank_index(rank_index)
     parts = check_positive_int(parts, "parts")
     size = rank_index_size(f, k)
     if size % parts:
@@ -244,7 +238,7 @@ def with_rank(layer: Any, rank_index: int, size: int) -> MMoE:
     """
     core = _core(layer)
     f = core.factorization
-    k = _checked_index(f, rank_index)
+    k = f.check_rank_index(rank_index)
     size = check_positive_int(size, "size")
     kwargs = {
         "bias": core.bias, "gate": core.gate, "gate_norm": core.gate_norm, "init_std": core.init_std,

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from ..routing import Routing
 from ..torch import MMoE as _Module
 from ..torch import wrap
-from . import _checked_index, local_layer, rank_axes, rank_index_size, with_rank
+from . import local_layer, rank_axes, rank_index_size, with_rank
 
 __all__ = ["RankParallel", "global_load", "rank_sharding"]
 
@@ -198,7 +198,7 @@ class RankParallel(nn.Module):
                 f"mesh must be a 1-D DeviceMesh; got {mesh!r} (for a larger mesh pass the sub-mesh mesh[name])"
             )
         self.mesh = mesh
-        self.rank_index = _checked_index(module.factorization, rank_index)
+        self.rank_index = module.factorization.check_rank_index(rank_index)
         self.parts = mesh.size()
         self.local = local_layer(module, self.parts, self.rank_index)
         placements = rank_sharding(module, mesh, None, self.rank_index)

@@ -207,6 +207,26 @@ class Factorization:
         """
         return self.n_rank_indices - 1
 
+    def check_rank_index(self, rank_index: int | None = None) -> int:
+        """``rank_index`` as an ``int`` once checked to name a rank of the format (default :meth:`default_rank_index`).
+
+        Raises
+        ------
+        ValueError
+            If ``rank_index`` names no rank of the format.
+
+        Examples
+        --------
+        >>> TT([8, 5, 6], ranks=2, n_expert_modes=1).check_rank_index(), CP([8, 5, 6], rank=3, n_expert_modes=1).check_rank_index(0)
+        (2, 0)
+        """
+        if rank_index is None:
+            return self.default_rank_index()
+        if not is_int(rank_index) or not 0 <= rank_index < self.n_rank_indices:
+            raise ValueError(f"rank_index={rank_index!r} does not name a rank of {self!r}; expected an integer in "
+                             f"[0, {self.n_rank_indices})")
+        return int(rank_index)
+
     def rank_axes(self, rank_index: int | None = None) -> dict[str, int]:
         """The parameters that carry rank index ``rank_index`` (default :meth:`default_rank_index`), and on which axis.
 
@@ -222,12 +242,7 @@ class Factorization:
         >>> Tucker([8, 5, 6], ranks=[2, 3, 4], n_expert_modes=1).rank_axes()
         {'factor_2': 1, 'core': 2}
         """
-        if rank_index is None:
-            rank_index = self.default_rank_index()
-        if not is_int(rank_index) or not 0 <= rank_index < self.n_rank_indices:
-            raise ValueError(f"rank_index={rank_index!r} does not name a rank of {self!r}; expected an integer in "
-                             f"[0, {self.n_rank_indices})")
-        letter = self.rank_symbol(int(rank_index))
+        letter = self.rank_symbol(self.check_rank_index(rank_index))
         return {name: letters.index(letter) for name, letters in self.network().items() if letter in letters}
 
     def network(self) -> dict[str, str]:
