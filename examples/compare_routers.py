@@ -286,11 +286,12 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
     import tensormoe
     from tensormoe.routing import aux_loss
 
-    x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in data)
+    data = tuple(torch.as_tensor(a) for a in data)
+    x_train, x_test, _, y_test = data
     in_dim, tokens = x_train.shape[-1], x_train.shape[-2]
     experts = experts_for(router_name, args.experts)
     if router_name in EXTERNAL:
-        return _run_peer(router_name, (x_train, x_test, y_train, y_test), args, seed, experts, bar)
+        return _run_peer(router_name, data, args, seed, experts, bar)
     router = make_router(router_name, len(experts))
     rank = rank_for_budget(router, args.budget, in_dim, args.hidden, experts)
     torch.manual_seed(seed)
@@ -298,7 +299,6 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
         layer = tensormoe.CPMMoE(in_dim, args.hidden, experts, rank=rank, router=router, seed=seed)
         params = {k: v.clone().requires_grad_(True) for k, v in layer.params.items()}
         head = torch.nn.Linear(tokens * args.hidden, 10)
-        optimizer = torch.optim.Adam([*params.values(), *head.parameters()], lr=args.lr)
         generator = np.random.default_rng(seed)
 
         def forward(x, training):
@@ -306,25 +306,9 @@ def run(router_name: str, data: tuple, args: argparse.Namespace, seed: int, bar=
             h, routing = layer.apply(params, x, training=training, rng=rng, return_routing=True)
             return head(torch.nn.functional.gelu(h).flatten(1)), routing
 
-        epoch_times = []
-        for _ in range(args.epochs):
-            order = torch.as_tensor(generator.permutation(len(x_train)))
-            start = time.perf_counter()
-            for batch in order.split(args.batch_size):
-                logits, routing = forward(x_train[batch], training=True)
-                loss = torch.nn.functional.cross_entropy(logits, y_train[batch])
-                loss = loss + aux_loss(routing, load_balancing=args.load_balancing, z=args.z_loss)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            epoch_times.append(time.perf_counter() - start)
-            if bar is not None:
-                bar.update()
-        with torch.no_grad():
-            forward(x_test, training=False)  # warm-up
-            start = time.perf_counter()
-            logits, routing = forward(x_test, training=False)
-            infer = time.perf_counter() - start
+        epoch_times = _train([*params.values(), *head.parameters()], forward, data, args, generator, bar,
+                             loss_of=lambda r: aux_loss(r, load_balancing=args.load_balancing, z=args.z_loss))
+        logits, routing, infer = _evaluate(forward, x_test)
         accuracy = float((logits.argmax(-1) == y_test).double().mean())
         entropy, active = usage(routing, experts, joint=router_name in JOINT)
     return {
@@ -363,6 +347,17 @@ def _train(params: list, forward, data: tuple, args: argparse.Namespace, generat
     return epoch_times
 
 
+def _evaluate(forward, x_test) -> tuple:
+    """``(logits, routing, seconds)`` of one timed forward over the test set, after a warm-up call."""
+    import torch
+
+    with torch.no_grad():
+        forward(x_test, training=False)  # warm-up
+        start = time.perf_counter()
+        logits, routing = forward(x_test, training=False)
+        return logits, routing, time.perf_counter() - start
+
+
 def _run_peer(router_name: str, data: tuple, args: argparse.Namespace, seed: int, experts: list[int], bar) -> dict:
     """:func:`run` for the ``peer`` row: PEER_pytorch's layer in the MoE layer's place, no routing losses."""
     import torch
@@ -378,11 +373,8 @@ def _run_peer(router_name: str, data: tuple, args: argparse.Namespace, seed: int
         return head(torch.nn.functional.gelu(h).flatten(1)), None
 
     epoch_times = _train([*model.parameters(), *head.parameters()], forward, data, args, generator, bar)
+    logits, _, infer = _evaluate(forward, x_test)
     with torch.no_grad():
-        forward(x_test, training=False)  # warm-up
-        start = time.perf_counter()
-        logits, _ = forward(x_test, training=False)
-        infer = time.perf_counter() - start
         dense = model.routing(x_test).double()
     share = dense.sum(0) / dense.sum()
     entropy = float(-(share * torch.log(share.clamp_min(1e-30))).sum()) / math.log(share.numel())
